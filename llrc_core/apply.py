@@ -1,0 +1,92 @@
+"""Apply a rank plan to a model and undo it exactly.
+
+Each compressed target becomes a ``LowRankLinear`` (two matmuls, bias kept); a dense layer
+(at or above break-even) keeps its original module. The originals are remembered on the
+model so ``restore_`` puts back the very same modules. Functions ending in ``_`` change the
+model in place.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .decompose import Factors
+from .models import weight_of
+from .plan import RankPlan
+
+_ORIGINALS = "_llrc_originals"
+
+
+class LowRankLinear(nn.Module):
+    """``y = A (B x) + bias`` with ``B (k x n)`` then ``A (m x k)``; drop-in for a linear layer."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 kept: list[int] | None = None, dtype=None, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.kept = list(range(rank)) if kept is None else list(kept)  # singular indices kept
+        self.B = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
+        self.A = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+
+    @classmethod
+    def from_factors(cls, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None,
+                     kept: list[int] | None = None) -> "LowRankLinear":
+        m, k = A.shape
+        layer = cls(B.shape[1], m, k, bias is not None, kept, A.dtype, A.device)
+        with torch.no_grad():
+            layer.A.weight.copy_(A)
+            layer.B.weight.copy_(B)
+            if bias is not None:
+                layer.A.bias.copy_(bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.A(self.B(x))   # (..., n) -> (..., k) -> (..., m)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
+
+
+def swap_module_(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Replace the submodule ``name``; return the old one."""
+    old = model.get_submodule(name)
+    model.set_submodule(name, new)
+    return old
+
+
+def low_rank_from(module: nn.Module, factors: Factors, kept: list[int]) -> LowRankLinear:
+    """A ``LowRankLinear`` in the module's dtype and device keeping indices ``kept``."""
+    w = weight_of(module)
+    A, B = factors.factors(kept)
+    A, B = A.to(w.device, w.dtype), B.to(w.device, w.dtype)
+    bias = getattr(module, "bias", None)
+    return LowRankLinear.from_factors(A, B, None if bias is None else bias.detach(), kept)
+
+
+def apply_plan_(model: nn.Module, plan: RankPlan, factors: dict[str, Factors]) -> nn.Module:
+    """Swap every non-dense planned layer for its low-rank form; remembers the originals."""
+    originals: dict[str, nn.Module] = getattr(model, _ORIGINALS, {})
+    missing = [n for n, lp in plan.layers.items() if not lp.dense and n not in factors]
+    if missing:
+        raise ValueError(f"no factors for planned layers {missing[:3]}...; decompose them first")
+    for name, lp in plan.layers.items():
+        if name in originals:
+            swap_module_(model, name, originals.pop(name))   # re-applying: start from dense
+        if lp.dense:
+            continue
+        old = model.get_submodule(name)
+        m, n = weight_of(old).shape
+        if (m, n) != (lp.m, lp.n):
+            raise ValueError(f"{name}: plan shape {(lp.m, lp.n)} != layer shape {(m, n)}")
+        swap_module_(model, name, low_rank_from(old, factors[name], lp.kept))
+        originals[name] = old
+    object.__setattr__(model, _ORIGINALS, originals)  # plain attribute, not a submodule
+    return model
+
+
+def restore_(model: nn.Module) -> nn.Module:
+    """Put every original module back; the model is exactly as before ``apply_plan_``."""
+    for name, old in getattr(model, _ORIGINALS, {}).items():
+        swap_module_(model, name, old)
+    object.__setattr__(model, _ORIGINALS, {})
+    return model

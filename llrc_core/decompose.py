@@ -1,0 +1,144 @@
+"""Decompositions: pure maths, tensors in and tensors out.
+
+Every decomposition returns ``Factors`` with ``W ~ U diag(S) V`` exactly at full rank, where
+``V`` already holds the inverse of the input transform (``D^-1`` for ASVD, ``L^-1`` for
+whitening). Keeping any subset ``idx`` of singular values gives
+``A = U[:, idx] S[idx]^(1/2)`` (m x k) and ``B = S[idx]^(1/2) V[idx]`` (k x n).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import DecompositionError
+
+
+@dataclass
+class Factors:
+    U: torch.Tensor   # (m, r)
+    S: torch.Tensor   # (r,) descending; the layer's spectrum in the chosen space
+    V: torch.Tensor   # (r, n)
+    damping: float = 0.0   # whitening: relative damping that made the Gram matrix PD
+
+    @property
+    def rank(self) -> int:
+        return self.S.numel()
+
+    def factors(self, idx: torch.Tensor | list[int] | None = None, dtype=None):
+        """``(A (m x k), B (k x n))`` for the kept indices (all when ``idx`` is None)."""
+        if idx is None:
+            idx = torch.arange(self.rank)
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.S.device)
+        root = self.S[idx].clamp_min(0).sqrt()                    # (k,)
+        A = self.U[:, idx] * root                                 # (m, k)
+        B = root[:, None] * self.V[idx]                           # (k, n)
+        return (A, B) if dtype is None else (A.to(dtype), B.to(dtype))
+
+    def reconstruct(self, idx=None) -> torch.Tensor:
+        A, B = self.factors(idx)
+        return A @ B                                              # (m, n)
+
+    def to(self, device=None, dtype=None) -> "Factors":
+        return Factors(self.U.to(device, dtype), self.S.to(device, dtype),
+                       self.V.to(device, dtype), self.damping)
+
+
+def _svd(M: torch.Tensor):
+    return torch.linalg.svd(M, full_matrices=False)
+
+
+def svd(W: torch.Tensor) -> Factors:
+    """Plain SVD of the weight: optimal for weight error."""
+    U, S, Vh = _svd(W.float())
+    return Factors(U, S, Vh)
+
+
+def asvd(W: torch.Tensor, abs_mean: torch.Tensor, alpha: float = 0.5) -> Factors:
+    """ASVD: SVD of ``W D`` with ``D = diag(s^alpha + 1e-6)``, ``s`` the mean |x| per channel.
+
+    Exact SVD (the official code uses randomised ``svd_lowrank``; exact is better and cheap).
+    """
+    d = abs_mean.float().clamp_min(0).pow(alpha) + 1e-6          # (n,)
+    U, S, Vh = _svd(W.float() * d)                               # W D
+    return Factors(U, S, Vh / d)                                 # V = Vh D^-1
+
+
+def cholesky_damped(G: torch.Tensor, eps: float = 1e-6, tries: int = 6
+                    ) -> tuple[torch.Tensor, float]:
+    """Lower Cholesky factor of ``G``, damping the diagonal when it is not positive definite.
+
+    First ``G`` as is; then ``G + (-lambda_min + eps * mean diag) I``, with ``eps`` grown tenfold
+    on each retry. Returns ``(L, damping relative to mean diag)``.
+    """
+    G = G.double()
+    if not torch.isfinite(G).all():
+        raise DecompositionError("the Gram matrix has NaN/Inf entries: the calibration "
+                                 "activations overflowed; use float32 or fewer/shorter samples")
+    scale = G.diagonal().mean().item()
+    if scale <= 0:
+        raise DecompositionError("the Gram matrix is zero: this layer saw no calibration "
+                                 "tokens; check the calibration source")
+    L, info = torch.linalg.cholesky_ex(G)
+    if info.item() == 0:
+        return L, 0.0
+    lam_min = torch.linalg.eigvalsh(G)[0].item()
+    shift = max(-lam_min, 0.0)
+    for _ in range(tries):
+        damp = shift + eps * scale
+        eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+        L, info = torch.linalg.cholesky_ex(G + damp * eye)
+        if info.item() == 0:
+            return L, damp / scale
+        eps *= 10
+    raise DecompositionError(
+        f"the Gram matrix is not positive definite even after damping by {damp / scale:.1e} x "
+        "its mean diagonal; give more calibration tokens (--n-calib/--seq-len) or use "
+        "--decomposition asvd")
+
+
+def whiten(W: torch.Tensor, gram: torch.Tensor, eps: float = 1e-6) -> Factors:
+    """SVD-LLM whitening: ``G = L L^T``; SVD of ``W L``; ``V = Vh L^-1`` by a triangular solve.
+
+    Then ``||W X - W' X||_F^2`` equals the sum of the dropped ``S_i^2``.
+    """
+    L, damp = cholesky_damped(gram, eps)                         # (n, n) lower, float64
+    Wd = W.double().to(L.device)
+    U, S, Vh = _svd(Wd @ L)
+    # V L = Vh  <=>  L^T V^T = Vh^T (upper-triangular solve; never invert L).
+    V = torch.linalg.solve_triangular(L.T, Vh.T, upper=True).T
+    return Factors(U.float(), S.float(), V.float(), damp)
+
+
+DECOMPOSITIONS: dict[str, Callable] = {}
+
+
+def register_decomposition(name: str, needs: tuple[str, ...]):
+    """Register ``fn(W, stats, **options) -> Factors``; ``needs`` names the statistics used."""
+    def deco(fn):
+        fn.needs = needs
+        DECOMPOSITIONS[name] = fn
+        return fn
+    return deco
+
+
+@register_decomposition("svd", needs=())
+def _svd_entry(W, stats=None, **_):
+    return svd(W)
+
+
+@register_decomposition("asvd", needs=("absmean",))
+def _asvd_entry(W, stats, alpha: float = 0.5, **_):
+    return asvd(W, stats.abs_mean.to(W.device), alpha)
+
+
+@register_decomposition("whiten", needs=("gram",))
+def _whiten_entry(W, stats, eps: float = 1e-6, **_):
+    return whiten(W, stats.gram, eps)
+
+
+def decompose(W: torch.Tensor, method: str, stats=None, **options) -> Factors:
+    if method not in DECOMPOSITIONS:
+        raise ValueError(f"decomposition must be one of {sorted(DECOMPOSITIONS)}, got {method!r}")
+    return DECOMPOSITIONS[method](W, stats, **options)

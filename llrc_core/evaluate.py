@@ -1,0 +1,49 @@
+"""Perplexity over a text: non-overlapping windows of ``seq_len`` tokens, mean token NLL."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .blocks import inference_mode
+from .calibration import read_local_text, tokenize
+
+
+def eval_windows(tokenizer, text_path: str | Path, seq_len: int,
+                 max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows (k, seq_len) of the text's tokens (the tail is dropped)."""
+    path = Path(text_path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"evaluation text not found: {str(path)!r}")
+    ids = tokenize(tokenizer, read_local_text(path))
+    k = ids.numel() // seq_len
+    if max_windows is not None:
+        k = min(k, max_windows)
+    if k == 0:
+        raise ValueError(f"{str(path)!r} has {ids.numel()} tokens, fewer than one window of "
+                         f"{seq_len}; use a longer text or a smaller --seq-len")
+    return ids[:k * seq_len].view(k, seq_len)
+
+
+def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress=lambda it: it
+               ) -> dict:
+    """``exp`` of the mean next-token NLL over the windows, with tokens per second."""
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    t0 = time.time()
+    with inference_mode(model):
+        for ids in progress(list(windows.split(batch_size))):
+            ids = ids.to(device)
+            logits = model(input_ids=ids).logits.float()                  # (B, T, V)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                   ids[:, 1:].reshape(-1), reduction="sum")
+            nll += loss.item()
+            count += ids[:, 1:].numel()
+    seconds = time.time() - t0
+    mean = nll / count
+    return {"ppl": math.exp(mean) if mean < 700 else float("inf"), "nll": mean,
+            "tokens": windows.numel(), "windows": windows.shape[0], "seconds": seconds,
+            "tokens_per_s": windows.numel() / max(seconds, 1e-9)}

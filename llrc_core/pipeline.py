@@ -1,0 +1,118 @@
+"""Orchestration shared by the CLI and the app: calibrate, decompose every target, select a
+plan, apply it, evaluate. Pure maths lives in ``decompose``/``selectors``; this module owns
+devices, hooks (through ``stats``) and progress."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from .apply import apply_plan_
+from .calibration import CalibConfig, load_calibration
+from .decompose import DECOMPOSITIONS, Factors, decompose
+from .models import LoadedModel, Target, count_params, find_targets, weight_of
+from .plan import RankPlan
+from .selectors import SelectionContext, get_selector
+from .stats import collect_stats
+
+Progress = Callable[[Iterable], Iterable]
+
+
+@dataclass
+class Decomposed:
+    """A model's targets with their factors in one decomposition."""
+    targets: list[Target]
+    factors: dict[str, Factors]
+    decomposition: str
+    seconds: float
+    stats: dict = field(default_factory=dict)   # kept only when asked (LLRC/ARS need none)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {t.name: (t.m, t.n) for t in self.targets}
+
+    @property
+    def spectra(self) -> dict[str, torch.Tensor]:
+        return {n: f.S for n, f in self.factors.items()}
+
+
+def decompose_model(model, decomposition: str = "svd", windows: torch.Tensor | None = None,
+                    *, alpha: float = 0.5, batch_size: int = 8, keep_stats: bool = False,
+                    targets: list[Target] | None = None, progress: Progress = lambda it: it
+                    ) -> Decomposed:
+    """Factors of every target layer. Data-aware decompositions collect statistics block by
+    block and decompose each block as soon as its statistics are complete."""
+    if decomposition not in DECOMPOSITIONS:
+        raise ValueError(f"decomposition must be one of {sorted(DECOMPOSITIONS)}, "
+                         f"got {decomposition!r}")
+    targets = targets or find_targets(model)
+    modules = dict(model.named_modules())
+    needs = DECOMPOSITIONS[decomposition].needs
+    factors, kept_stats = {}, {}
+    t0 = time.time()
+
+    def run(names, stats):
+        for name in names:
+            W = weight_of(modules[name]).detach()
+            factors[name] = decompose(W, decomposition, stats.get(name), alpha=alpha)
+            if keep_stats and name in stats:
+                kept_stats[name] = stats[name]
+
+    if not needs:
+        by_block: dict[int, list[str]] = {}
+        for t in targets:
+            by_block.setdefault(t.block, []).append(t.name)
+        for b in progress(sorted(by_block)):
+            run(by_block[b], {})
+    else:
+        if windows is None:
+            raise ValueError(f"decomposition {decomposition!r} needs calibration data (--calib)")
+        collect_stats(model, targets, windows, gram="gram" in needs,
+                      absmean="absmean" in needs, batch_size=batch_size,
+                      on_block=lambda b, stats: run(list(stats), stats), progress=progress)
+        missing = [t.name for t in targets if t.name not in factors]
+        if missing:
+            raise RuntimeError(f"no calibration statistics reached {missing[:3]}")
+    return Decomposed(targets, factors, decomposition, time.time() - t0, kept_stats)
+
+
+def make_context(model, dec: Decomposed, windows=None, **kw) -> SelectionContext:
+    return SelectionContext(dec.shapes, dec.spectra, count_params(model), dec.decomposition,
+                            dec.factors, model, windows, dec.stats, **kw)
+
+
+def select_plan(model, dec: Decomposed, method: str, windows=None, callback=None,
+                should_stop=lambda: False, cache_dir=None, **options) -> RankPlan:
+    """Run selector ``method`` with its config built from ``options`` (validated)."""
+    cfg_cls, fn = get_selector(method)
+    cfg = cfg_cls.from_dict(options)
+    ctx = make_context(model, dec, windows, callback=callback, should_stop=should_stop,
+                       cache_dir=cache_dir)
+    return fn(ctx, cfg)
+
+
+def calibrate(loaded: LoadedModel, source: str, n_samples: int = 32, seq_len: int = 256,
+              seed: int = 0) -> torch.Tensor:
+    from .models import context_length
+    seq_len = min(seq_len, context_length(loaded.model))
+    return load_calibration(loaded.tokenizer, CalibConfig(source, n_samples, seq_len, seed),
+                            loaded.model)
+
+
+def spectra_rows(dec: Decomposed) -> list[dict]:
+    """A row per layer per singular value: layer, module type, block, index, sigma, energy."""
+    rows = []
+    for t in dec.targets:
+        s = dec.factors[t.name].S.double().cpu()
+        energy = torch.cumsum(s ** 2, 0) / (s ** 2).sum()
+        rows.extend({"layer": t.name, "module_type": t.kind, "block": t.block, "index": i,
+                     "sigma": float(s[i]), "cumulative_energy": float(energy[i])}
+                    for i in range(s.numel()))
+    return rows
+
+
+def compress_(model, dec: Decomposed, plan: RankPlan):
+    """Apply ``plan`` with the factors of ``dec`` (in place; ``apply.restore_`` undoes it)."""
+    return apply_plan_(model, plan, dec.factors)

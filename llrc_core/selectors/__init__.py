@@ -1,0 +1,4 @@
+"""Rank selectors. Each module registers one method; importing this package loads them all."""
+from .base import (SELECTORS, SelectConfig, SelectionContext, get_selector,  # noqa: F401
+                   register_selector)
+from . import uniform, energy  # noqa: F401,E402

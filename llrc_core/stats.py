@@ -1,0 +1,127 @@
+"""Per-layer input statistics for the data-aware decompositions, collected with hooks.
+
+* ``abs_sum``: sum over calibration tokens of ``|x_j|`` per input channel (ASVD's scaling;
+  a sum is fine because the scaling is scale-free).
+* ``gram``: ``sum over tokens x x^T`` (n x n), accumulated in float64 (whitening). Each
+  batch's product runs in the activation dtype promoted to float32, then adds to the float64
+  total: exact enough for calibration sums, and fast on CPU and GPU.
+
+Collection runs block by block (``blocks.py``), so only one block's statistics and one set of
+hidden states are alive at a time when ``on_block`` consumes them. Layers fed the same
+tensor (q, k, v) share one Gram computation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .blocks import capture_block_inputs, inference_mode, run_block
+from .models import Target, find_blocks
+
+
+@dataclass
+class LayerStats:
+    abs_sum: torch.Tensor | None   # (n,) float64
+    gram: torch.Tensor | None      # (n, n) float64
+    tokens: int
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.tokens, 1)
+
+
+class _Accumulator:
+    """Owns the hooks of one block's target layers; always removed on exit."""
+
+    def __init__(self, modules: dict[str, nn.Module], gram: bool, absmean: bool):
+        self.gram, self.absmean = gram, absmean
+        self.stats: dict[str, LayerStats] = {}
+        self._memo: dict = {}
+        self._handles = [mod.register_forward_pre_hook(self._hook(name))
+                         for name, mod in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(_module, args):
+            x = args[0].detach()
+            prev = self._memo.get("x")
+            # The previous input is held, so its memory cannot be reused by another tensor:
+            # equal pointer and shape means the very same activation (q, k, v).
+            if prev is None or prev.data_ptr() != x.data_ptr() or prev.shape != x.shape:
+                flat = x.reshape(-1, x.shape[-1]).float()  # (T, n)
+                g = (flat.T @ flat).double() if self.gram else None
+                a = flat.abs().sum(0).double() if self.absmean else None
+                self._memo = {"x": x, "val": (g, a, flat.shape[0])}
+            g, a, t = self._memo["val"]
+            s = self.stats.get(name)
+            if s is None:
+                self.stats[name] = LayerStats(None if a is None else a.clone(),
+                                              None if g is None else g.clone(), t)
+            else:
+                if g is not None:
+                    s.gram += g
+                if a is not None:
+                    s.abs_sum += a
+                s.tokens += t
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._memo = {}
+
+
+def collect_stats(model: nn.Module, targets: list[Target], windows: torch.Tensor, *,
+                  gram: bool = True, absmean: bool = True, batch_size: int = 8,
+                  on_block: Callable[[int, dict[str, LayerStats]], None] | None = None,
+                  progress: Callable[[Iterable], Iterable] = lambda it: it,
+                  ) -> dict[str, LayerStats]:
+    """Statistics of every target's input over ``windows`` (n, L), block by block.
+
+    With ``on_block`` each block's statistics are handed over as soon as they are complete
+    and not kept (bounded memory); otherwise all are returned.
+    """
+    _, blocks = find_blocks(model)
+    modules = dict(model.named_modules())
+    by_block: dict[int, list[str]] = {}
+    for t in targets:
+        by_block.setdefault(t.block, []).append(t.name)
+    batches = list(windows.split(batch_size))
+    result: dict[str, LayerStats] = {}
+    with inference_mode(model):
+        states = capture_block_inputs(model, blocks, batches)
+        for b in progress(range(len(blocks))):
+            names = by_block.get(b, [])
+            acc = _Accumulator({n: modules[n] for n in names}, gram, absmean)
+            try:
+                states = [s.with_hidden(run_block(blocks[b], s)) for s in states]
+            finally:
+                acc.close()
+            if on_block is not None:
+                on_block(b, acc.stats)
+            else:
+                result.update(acc.stats)
+    return result
+
+
+def collect_stats_naive(model: nn.Module, targets: list[Target], windows: torch.Tensor, *,
+                        gram: bool = True, absmean: bool = True, batch_size: int = 8
+                        ) -> dict[str, LayerStats]:
+    """Reference: one full forward pass over the calibration set per target layer.
+
+    Kept for the benchmark (``bench/stats_decompose.py``) and as a cross-check in tests.
+    """
+    modules = dict(model.named_modules())
+    result = {}
+    with inference_mode(model):
+        for t in targets:
+            acc = _Accumulator({t.name: modules[t.name]}, gram, absmean)
+            try:
+                for ids in windows.split(batch_size):
+                    model(input_ids=ids.to(next(model.parameters()).device))
+            finally:
+                acc.close()
+            result.update(acc.stats)
+    return result
