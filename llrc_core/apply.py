@@ -63,9 +63,24 @@ def low_rank_from(module: nn.Module, factors: Factors, kept: list[int]) -> LowRa
     return LowRankLinear.from_factors(A, B, None if bias is None else bias.detach(), kept)
 
 
+def originals_of(model: nn.Module) -> dict[str, nn.Module]:
+    """The registry of original modules swapped out (shared by every wrapper kind)."""
+    if not hasattr(model, _ORIGINALS):
+        object.__setattr__(model, _ORIGINALS, {})  # plain attribute, not a submodule
+    return getattr(model, _ORIGINALS)
+
+
+def wrap_(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Swap ``name`` for ``new``, remembering the original module once."""
+    originals = originals_of(model)
+    old = swap_module_(model, name, new)
+    originals.setdefault(name, old)
+    return new
+
+
 def apply_plan_(model: nn.Module, plan: RankPlan, factors: dict[str, Factors]) -> nn.Module:
     """Swap every non-dense planned layer for its low-rank form; remembers the originals."""
-    originals: dict[str, nn.Module] = getattr(model, _ORIGINALS, {})
+    originals = originals_of(model)
     missing = [n for n, lp in plan.layers.items() if not lp.dense and n not in factors]
     if missing:
         raise ValueError(f"no factors for planned layers {missing[:3]}...; decompose them first")
@@ -80,13 +95,13 @@ def apply_plan_(model: nn.Module, plan: RankPlan, factors: dict[str, Factors]) -
             raise ValueError(f"{name}: plan shape {(lp.m, lp.n)} != layer shape {(m, n)}")
         swap_module_(model, name, low_rank_from(old, factors[name], lp.kept))
         originals[name] = old
-    object.__setattr__(model, _ORIGINALS, originals)  # plain attribute, not a submodule
     return model
 
 
 def restore_(model: nn.Module) -> nn.Module:
     """Put every original module back; the model is exactly as before ``apply_plan_``."""
-    for name, old in getattr(model, _ORIGINALS, {}).items():
+    originals = originals_of(model)
+    for name, old in originals.items():
         swap_module_(model, name, old)
-    object.__setattr__(model, _ORIGINALS, {})
+    originals.clear()
     return model

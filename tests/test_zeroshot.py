@@ -228,12 +228,13 @@ def make_bigram_llama(tokenizer):
 
     Blocks are switched off (o_proj = down_proj = 0, so the residual stream is the
     embedding), embeddings are one-hot, the final RMSNorm maps one-hot e_u to
-    sqrt(V) * e_u and lm_head = B^T / sqrt(V).
+    sqrt(H) * e_u and lm_head = B^T / sqrt(H) (H = hidden size >= V).
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     v = len(tokenizer)
-    cfg = LlamaConfig(vocab_size=v, hidden_size=v, intermediate_size=4, num_hidden_layers=1,
+    h = v + v % 2  # RoPE needs an even head dimension
+    cfg = LlamaConfig(vocab_size=v, hidden_size=h, intermediate_size=4, num_hidden_layers=1,
                       num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=64,
                       tie_word_embeddings=False, rms_norm_eps=1e-12,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -241,12 +242,13 @@ def make_bigram_llama(tokenizer):
     model = LlamaForCausalLM(cfg).eval()
     table = score_vector(tokenizer).repeat(v, 1)
     table[tokenizer.convert_tokens_to_ids("alice"), tokenizer.convert_tokens_to_ids("won")] = 10.0
-    model.model.embed_tokens.weight.copy_(torch.eye(v))
+    model.model.embed_tokens.weight.copy_(torch.eye(v, h))
     for layer in model.model.layers:
         layer.self_attn.o_proj.weight.zero_()
         layer.mlp.down_proj.weight.zero_()
     model.model.norm.weight.fill_(1.0)
-    model.lm_head.weight.copy_(table.T / v ** 0.5)
+    model.lm_head.weight.zero_()
+    model.lm_head.weight[:, :v] = table.T / h ** 0.5
     return model
 
 
