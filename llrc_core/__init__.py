@@ -8,6 +8,7 @@ from .counting import break_even, layer_cost
 from .decompose import Factors, decompose
 from .errors import LLRCError
 from .evaluate import eval_windows, perplexity
+from .export import export_model, load_compressed
 from .models import find_targets, load_model
 from .pipeline import calibrate, compress_, decompose_model, select_plan, spectra_rows
 from .plan import LayerPlan, RankPlan
@@ -15,6 +16,7 @@ from .selectors import SELECTORS, get_selector
 
 __all__ = ["LowRankLinear", "apply_plan_", "restore_", "CalibConfig", "load_calibration",
            "break_even", "layer_cost", "Factors", "decompose", "LLRCError", "eval_windows",
+           "export_model", "load_compressed",
            "perplexity", "find_targets", "load_model", "calibrate", "compress_",
            "decompose_model", "select_plan", "spectra_rows", "LayerPlan", "RankPlan",
            "SELECTORS", "get_selector"]

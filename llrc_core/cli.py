@@ -78,6 +78,32 @@ def _method_options(args) -> dict:
     return opts
 
 
+class _EventBar:
+    """Renders a selector's step events as a progress bar with ratio, loss and phase."""
+
+    def __init__(self, method: str):
+        self.method, self.bar = method, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+    def __call__(self, event: dict) -> None:
+        if event.get("type") != "step":
+            return
+        if self.bar is None:
+            self.bar = tqdm(desc=self.method, unit="step", leave=False)
+        self.bar.update(1)
+        post = {"ratio": f"{event.get('ratio_linear', float('nan')):.4f}",
+                "loss": f"{event.get('loss', float('nan')):.4f}"}
+        if "phase" in event:
+            post["phase"] = event["phase"]
+        self.bar.set_postfix(post, refresh=False)
+
+
 def cmd_compress(args) -> dict:
     from .evaluate import eval_windows, perplexity
     from .export import _prepare_destination, export_model
@@ -95,10 +121,16 @@ def cmd_compress(args) -> dict:
     report = {"model": args.model}
     ev = None
     if args.eval_text:
-        ev = eval_windows(loaded.tokenizer, args.eval_text, min(args.seq_len, 512),
-                          args.max_eval_windows)
+        from .models import context_length   # windows longer than the context crash
+        ev = eval_windows(loaded.tokenizer, args.eval_text,
+                          min(args.seq_len, context_length(loaded.model)), args.max_eval_windows)
         report["ppl_before"] = perplexity(loaded.model, ev, args.batch_size)["ppl"]
-    plan = select_plan(loaded.model, dec, args.method, windows, **_method_options(args))
+        report["eval_text"] = args.eval_text
+    opts = _method_options(args)
+    if args.log:
+        opts["log_path"] = args.log
+    with _EventBar(args.method) as bar:
+        plan = select_plan(loaded.model, dec, args.method, windows, callback=bar, **opts)
     compress_(loaded.model, dec, plan)
     if ev is not None:
         report["ppl_after"] = perplexity(loaded.model, ev, args.batch_size)["ppl"]
@@ -106,8 +138,41 @@ def cmd_compress(args) -> dict:
               "selection": args.selection, "target_ratio": args.ratio,
               "ratio_scope": args.ratio_scope, **plan.summary(), **report,
               "seconds": time.time() - t0}
-    export_model(loaded.model, loaded.tokenizer, plan, args.out, report=report, force=args.force)
+    export_model(loaded.model, loaded.tokenizer, plan, args.out, report=report, force=args.force,
+                 merged_dense=args.merged_dense)
     return {k: v for k, v in report.items() if k != "ranks"} | {"out": args.out}
+
+
+def cmd_export(args) -> dict:
+    """Re-export an LLRC folder (e.g. ``--merged-dense`` or another ``--dtype``), or compress
+    ``--model`` with a saved ``--plan`` (its decomposition) and export it."""
+    from .export import _prepare_destination, export_model, load_compressed
+    from .models import pick_dtype
+    from .pipeline import compress_
+    from .plan import RankPlan
+
+    _prepare_destination(Path(args.out), args.force)
+    src = Path(args.model)
+    if (src / "config.json").is_file() and "llrc" in json.loads((src / "config.json").read_text()):
+        model, tok, plan = load_compressed(src, args.device)
+        if args.dtype:
+            model.to(pick_dtype(args.dtype, model.device))
+        report = json.loads((src / "report.json").read_text()) \
+            if (src / "report.json").is_file() else None
+    else:
+        if not args.plan:
+            raise LLRCError(f"{args.model!r} is not an LLRC export folder: pass --plan "
+                            "rank_plan.json to compress it with a saved plan")
+        plan = RankPlan.load(args.plan)
+        args.decomposition = plan.decomposition
+        loaded = _load(args)
+        dec, _ = _decompose(args, loaded)
+        compress_(loaded.model, dec, plan)
+        model, tok, report = loaded.model, loaded.tokenizer, {"model": args.model, **plan.summary()}
+    export_model(model, tok, plan, args.out, report=report, force=args.force,
+                 merged_dense=args.merged_dense)
+    return {"out": args.out, "merged_dense": args.merged_dense,
+            "ratio_linear": plan.ratio("linear"), "ratio_model": plan.ratio("model")}
 
 
 def cmd_eval(args) -> dict:
@@ -120,8 +185,34 @@ def cmd_eval(args) -> dict:
     else:
         loaded = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
         model, tok = loaded.model, loaded.tokenizer
-    ev = eval_windows(tok, args.text, args.seq_len, args.max_windows)
+    from .models import context_length      # windows longer than the context crash
+    ev = eval_windows(tok, args.text, min(args.seq_len, context_length(model)), args.max_windows)
     return perplexity(model, ev, args.batch_size, progress=_bar("eval"))
+
+
+def cmd_compare(args) -> dict:
+    from .compare import CompareConfig, run_compare
+    options: dict = {}
+    for item in args.opt or []:
+        key, _, value = item.partition("=")
+        method, _, field = key.rpartition(".")
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+        options.setdefault(method or "*", {})[field.replace("-", "_")] = value
+    cfg = CompareConfig(
+        model=args.model, methods=args.methods or (), ratios=args.ratios,
+        selections=args.selection, decompositions=args.decomposition, scope=args.ratio_scope,
+        calib=args.calib, n_calib=args.n_calib, seq_len=args.seq_len, eval_text=args.eval_text,
+        eval_seq_len=args.eval_seq_len, max_eval_windows=args.max_eval_windows,
+        tasks=args.tasks or (), task_limit=args.limit, options=options,
+        batch_size=args.batch_size, device=args.device)
+    df = run_compare(cfg, args.out, log=lambda msg: print(msg, file=sys.stderr))
+    shown = [c for c in df.columns if c not in ("ranks", "error")]
+    print(df[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"), file=sys.stderr)
+    return {"cells": len(df), "errors": int(df["error"].notna().sum()),
+            "out": str(Path(args.out) / "results.csv")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,11 +234,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selection", default="top-k", choices=["top-k", "any-k"])
     p.add_argument("--opt", action="append", metavar="KEY=VALUE",
                    help="method hyperparameter, repeatable (e.g. --opt steps=300)")
+    p.add_argument("--log", help="JSONL file receiving the method's training events (llrc)")
     p.add_argument("--eval-text", help="text file for perplexity before and after")
     p.add_argument("--max-eval-windows", type=int, default=None)
     p.add_argument("--out", required=True, help="output folder (must be new or empty)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--merged-dense", action="store_true",
+                   help="export a plain model of the original architecture (A B multiplied back)")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("export", help="re-export an LLRC folder, or compress --model with --plan")
+    _common(p)
+    p.add_argument("--plan", help="rank_plan.json to apply when --model is not an LLRC folder")
+    p.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--merged-dense", action="store_true",
+                   help="export a plain model of the original architecture (A B multiplied back)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="perplexity of a model or an exported folder on a text")
     p.add_argument("--model", required=True)
@@ -159,6 +262,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None)
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    from .compare import CompareConfig
+    d = CompareConfig()
+    p = sub.add_parser("compare", help="grid of methods x ratios; resumable; tables and figures")
+    p.add_argument("--model", default=d.model, help="model folder, Hub id, or 'minilm'")
+    p.add_argument("--methods", help="comma list (default: every registered method)")
+    p.add_argument("--ratios", default="0.9,0.8,0.6", help="comma list of target ratios")
+    p.add_argument("--selection", default="top-k,any-k",
+                   help="top-k and/or any-k (any-k only where a method supports it)")
+    p.add_argument("--decomposition", default="auto", help="auto or comma list svd,asvd,whiten")
+    p.add_argument("--ratio-scope", default="linear", choices=["linear", "model"])
+    p.add_argument("--calib", default=d.calib, help="calibration text")
+    p.add_argument("--n-calib", type=int, default=d.n_calib)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--eval-text", default=d.eval_text)
+    p.add_argument("--eval-seq-len", type=int, default=d.eval_seq_len)
+    p.add_argument("--max-eval-windows", type=int, default=d.max_eval_windows)
+    p.add_argument("--tasks", help="comma list of zero-shot tasks (causal LMs)")
+    p.add_argument("--limit", type=int, default=None, help="docs per task")
+    p.add_argument("--opt", action="append", metavar="[METHOD.]KEY=VALUE",
+                   help="method hyperparameter, repeatable (e.g. --opt strs.candidates=[0.4,0.8])")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="results folder (re-running resumes)")
+    p.set_defaults(func=cmd_compare)
     return ap
 
 

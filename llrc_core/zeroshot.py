@@ -41,8 +41,6 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-log = logging.getLogger(__name__)
-
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
 
@@ -254,7 +252,17 @@ def build_lm_eval_task(task: str, docs: list[dict]):
         "metadata": {"version": 1.0, "source": "llrc_core.zeroshot (local files)"},
         **_task_functions(task),
     }
-    return ConfigurableTask(config=config)
+    task_logger = logging.getLogger("lm_eval.api.task")
+    task_logger.addFilter(_quiet_custom_dataset_hint)
+    try:
+        return ConfigurableTask(config=config)
+    finally:
+        task_logger.removeFilter(_quiet_custom_dataset_hint)
+
+
+def _quiet_custom_dataset_hint(record: logging.LogRecord) -> bool:
+    """Drop lm-eval's CLI ``--metadata`` hint, printed for every ``custom_dataset`` task."""
+    return "Custom kwargs can be passed" not in record.getMessage()
 
 
 # --------------------------------------------------------------------------- model wrapper
@@ -295,7 +303,8 @@ def evaluate_tasks(model, tokenizer, tasks, limit: int | None = None,
     """Zero-shot accuracy of ``model`` on ``tasks`` (names from :data:`TASKS`) via lm-eval.
 
     ``limit`` keeps the first ``limit`` docs of each task. ``device`` moves the model there
-    first (HFLM runs it where its weights are); the model is left in eval mode.
+    first (HFLM runs it where its weights are); the model is left in eval mode, and a
+    tokenizer without a pad token gets one from lm-eval (its unk or eos token).
     ``max_length`` defaults to the model config's ``n_positions``/``max_position_embeddings``
     (longer inputs are left-truncated by lm-eval).
 
@@ -310,8 +319,10 @@ def evaluate_tasks(model, tokenizer, tasks, limit: int | None = None,
         raise ValueError(f"no tasks given; supported tasks: {', '.join(TASKS)}")
     for name in names:
         _check_task(name)
-    if limit is not None and int(limit) < 1:
-        raise ValueError(f"limit must be a positive integer, got {limit!r}")
+    if limit is not None:
+        if int(limit) < 1:
+            raise ValueError(f"limit must be a positive integer, got {limit!r}")
+        limit = int(limit)
 
     task_objs = []
     for name in dict.fromkeys(names):
@@ -323,7 +334,9 @@ def evaluate_tasks(model, tokenizer, tasks, limit: int | None = None,
     lm = make_hflm(model, tokenizer, batch_size=batch_size, max_length=max_length)
     out = lm_eval.simple_evaluate(
         model=lm, tasks=task_objs, task_manager=TaskManager(include_defaults=False),
-        num_fewshot=0, batch_size=batch_size, log_samples=False, bootstrap_iters=1000)
+        num_fewshot=0, batch_size=batch_size, log_samples=False, bootstrap_iters=1000,
+        # scoring is deterministic: leave the caller's global RNG state alone
+        random_seed=None, numpy_random_seed=None, torch_random_seed=None)
 
     results = {}
     for task in task_objs:

@@ -63,3 +63,17 @@ def demo():
     """A fresh copy of the demo model (float32, CPU) with its tokenizer."""
     from llrc_core import load_model
     return load_model(DEMO, device="cpu", dtype="float32")
+
+
+def tiny_tokenizer(vocab: int = 128):
+    """A word-level fast tokenizer of ``vocab`` entries trained offline on WikiText-2 valid lines
+    (specials: <pad> 0, <unk> 1, <eos> 2); pairs with ``tiny_model`` for CLI and selfgen tests."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    lines = WIKI_VALID.read_text(encoding="utf-8").splitlines()[:400]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(lines, trainers.WordLevelTrainer(
+        vocab_size=vocab, special_tokens=["<pad>", "<unk>", "<eos>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="<eos>")

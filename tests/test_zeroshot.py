@@ -325,10 +325,14 @@ def test_known_answer_constant_models(style, toy_data):
         assert res[task]["acc"] == pytest.approx(EXPECTED[task], abs=1e-9), (style, task)
 
 
-def test_limit_caps_documents(toy_data):
+def test_limit_caps_documents_and_keeps_rng_state(toy_data):
     tok = make_tokenizer("llama")
-    res = evaluate_tasks(make_bigram_llama(tok), tok, "piqa", limit=2, data_dir=toy_data)
+    model = make_bigram_llama(tok)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    res = evaluate_tasks(model, tok, "piqa", limit=2, data_dir=toy_data)
     assert res["piqa"]["n"] == 2 and res["piqa"]["acc"] == 1.0  # the first two are right
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 @needs_shared

@@ -1,0 +1,328 @@
+"""The comparison runner: methods x ratios x selections x decompositions on one model.
+
+Every cell is selected with ``select_plan`` by method name (so any registered selector plugs
+in), applied, evaluated and undone; its result is written to ``OUT/cells/<cell>.json`` at
+once, so an interrupted run resumes where it stopped. A cached cell is reused only when its
+fingerprint (model, calibration, evaluation, tasks and that method's options) matches.
+At the end the cells are gathered into a tidy ``results.csv`` / ``results.json`` and two
+plotly figures: ``ppl_vs_ratio.html`` and ``ranks_heatmap.html`` (layers x methods).
+
+Axes that do not apply to a method are skipped, not faked:
+* selection: ``any-k`` only for methods that support it (a ``selections`` attribute on the
+  selector, else a config whose default selection is ``any-k``, i.e. LLRC); others top-k.
+* decomposition: ``auto`` runs each method on its own (``preferred_decomposition`` on the
+  selector, else ``asvd``); a method with a ``decompositions`` attribute (``svdllm``:
+  whitening only) is skipped on the others.
+Causal LMs are scored by perplexity (and zero-shot accuracy with ``tasks``); an encoder
+(MiniLM) by embedding fidelity (``fidelity.py``) in the ``fidelity`` column.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .counting import check_ratio, check_scope
+from .zeroshot import DEFAULT_DATA_DIR
+
+WIKI = DEFAULT_DATA_DIR / "wikitext-2"
+COLUMNS = ["method", "decomposition", "selection", "scope", "target_ratio",
+           "achieved_ratio_linear", "achieved_ratio_model", "ppl", "fidelity", "seconds",
+           "decompose_seconds", "eval_seconds", "dense_layers", "ranks", "error"]
+
+
+def _f(default, help_: str):
+    kw = {"default_factory": lambda: default} if isinstance(default, (dict, list)) else \
+         {"default": default}
+    return field(metadata={"help": help_}, **kw)
+
+
+@dataclass
+class CompareConfig:
+    model: str = _f("assets/demo-model", "model folder, Hub id, or 'minilm' (PyPI package)")
+    methods: tuple = _f((), "selector names; empty = every registered method")
+    ratios: tuple = _f((0.9, 0.8, 0.6), "target parameter ratios")
+    selections: tuple = _f(("top-k", "any-k"), "any-k is used only where a method supports it")
+    decompositions: tuple = _f(("auto",), "'auto' (each method's own) or svd/asvd/whiten")
+    scope: str = _f("linear", "ratio scope: linear (target layers) or model")
+    calib: str = _f(str(WIKI / "valid.txt"), "calibration text")
+    n_calib: int = _f(8, "calibration windows")
+    seq_len: int = _f(128, "tokens per calibration window")
+    eval_text: str = _f(str(WIKI / "test.txt"), "perplexity / fidelity text")
+    eval_seq_len: int = _f(256, "tokens per evaluation window")
+    max_eval_windows: int | None = _f(16, "evaluation windows (None: whole text)")
+    fidelity_lines: int = _f(256, "WikiText lines embedded for encoder fidelity")
+    tasks: tuple = _f((), "zero-shot tasks (zeroshot.TASKS); causal LMs only")
+    task_limit: int | None = _f(None, "docs per task (quick runs)")
+    options: dict = _f({}, "{method: {field: value}}; key '*' applies where the field exists")
+    batch_size: int = _f(8, "windows per forward pass")
+    device: str | None = _f(None, "cuda / cpu (default: cuda when present)")
+    seed: int = _f(0, "calibration seed")
+
+    def __post_init__(self):
+        for name in ("methods", "ratios", "selections", "decompositions", "tasks"):
+            v = getattr(self, name)
+            setattr(self, name, tuple(v.split(",")) if isinstance(v, str) else tuple(v))
+        self.ratios = tuple(check_ratio(float(r)) for r in self.ratios)
+        check_scope(self.scope)
+        bad = set(self.selections) - {"top-k", "any-k"}
+        if bad or not self.selections:
+            raise ValueError(f"selections must be top-k and/or any-k, got {self.selections}")
+        bad = set(self.decompositions) - {"auto", "svd", "asvd", "whiten"}
+        if bad or not self.decompositions:
+            raise ValueError(f"decompositions must be 'auto' or svd/asvd/whiten, got {bad}")
+        if not self.ratios:
+            raise ValueError("give at least one ratio, e.g. ratios=[0.8]")
+        if min(self.n_calib, self.seq_len, self.eval_seq_len, self.batch_size) < 1:
+            raise ValueError("n_calib, seq_len, eval_seq_len and batch_size must be >= 1")
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CompareConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(d) - names:
+            raise ValueError(f"unknown CompareConfig fields {sorted(set(d) - names)}")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------- the grid
+def method_axes(name: str, cfg: CompareConfig) -> list[tuple[str, str]]:
+    """``(decomposition, selection)`` pairs to run for method ``name``."""
+    from .selectors import get_selector
+    cfg_cls, fn = get_selector(name)
+    default_sel = next((f.default for f in dataclasses.fields(cfg_cls)
+                        if f.name == "selection"), "top-k")
+    supported = getattr(fn, "selections", None) or (
+        ("any-k", "top-k") if default_sel == "any-k" else ("top-k",))
+    sels = [s for s in cfg.selections if s in supported] or ["top-k"]
+    allowed = getattr(fn, "decompositions", None)
+    decs = []
+    for d in cfg.decompositions:
+        d = getattr(fn, "preferred_decomposition", "asvd") if d == "auto" else d
+        if (allowed is None or d in allowed) and d not in decs:
+            decs.append(d)
+    return [(d, s) for d in decs for s in sels]
+
+
+def method_options(name: str, cfg: CompareConfig) -> dict:
+    from .selectors import get_selector
+    names = {f.name for f in dataclasses.fields(get_selector(name)[0])}
+    opts = {k: v for k, v in cfg.options.get("*", {}).items() if k in names}
+    opts.update(cfg.options.get(name, {}))
+    return opts
+
+
+def grid(cfg: CompareConfig) -> list[dict]:
+    from .selectors import SELECTORS
+    methods = cfg.methods or tuple(sorted(SELECTORS))
+    cells = []
+    for m in methods:
+        for dec, sel in method_axes(m, cfg):
+            for r in cfg.ratios:
+                cells.append({"method": m, "decomposition": dec, "selection": sel,
+                              "target_ratio": r})
+    return cells
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cell_id(cell: dict) -> str:
+    return f"{cell['method']}__{cell['decomposition']}__{cell['selection']}__{cell['target_ratio']:g}"
+
+
+def fingerprint(cfg: CompareConfig, method: str) -> str:
+    common = {k: v for k, v in cfg.to_dict().items()
+              if k not in ("methods", "ratios", "selections", "decompositions", "options",
+                           "device", "batch_size")}
+    return _hash({"common": common, "options": method_options(method, cfg)
+                   if method != "dense" else {}})
+
+
+# --------------------------------------------------------------------------- running
+class _Session:
+    """The loaded model, its calibration, decompositions and evaluation data, made lazily."""
+
+    def __init__(self, cfg: CompareConfig, log: Callable[[str], None]):
+        from .fidelity import resolve_model
+        from .models import load_model
+        from .pipeline import calibrate
+        self.cfg, self.log = cfg, log
+        self.loaded = load_model(resolve_model(cfg.model), cfg.device)
+        self.windows = calibrate(self.loaded, cfg.calib, cfg.n_calib, cfg.seq_len, cfg.seed)
+        self.decs: dict = {}
+        self._eval = None
+
+    def dec(self, name: str):
+        from .pipeline import decompose_model
+        if name not in self.decs:
+            self.log(f"decomposing ({name})")
+            self.decs[name] = decompose_model(self.loaded.model, name, self.windows,
+                                              batch_size=self.cfg.batch_size)
+        return self.decs[name]
+
+    def evaluate(self) -> dict:
+        """ppl (+ task accuracies) for a causal LM, embedding fidelity for an encoder."""
+        from . import fidelity
+        cfg, model, tok = self.cfg, self.loaded.model, self.loaded.tokenizer
+        t0 = time.time()
+        if not self.loaded.causal:
+            if self._eval is None:
+                lines = fidelity.wiki_lines(cfg.eval_text, cfg.fidelity_lines)
+                self._eval = (lines, fidelity.embed(model, tok, lines))
+            lines, ref = self._eval
+            out = {"fidelity": fidelity.mean_cosine(ref, fidelity.embed(model, tok, lines))}
+        else:
+            from .evaluate import eval_windows, perplexity
+            if self._eval is None:
+                self._eval = eval_windows(tok, cfg.eval_text, cfg.eval_seq_len,
+                                          cfg.max_eval_windows)
+            out = {"ppl": perplexity(model, self._eval, cfg.batch_size)["ppl"]}
+            if cfg.tasks:
+                from .zeroshot import evaluate_tasks
+                res = evaluate_tasks(model, tok, cfg.tasks, limit=cfg.task_limit,
+                                     batch_size=cfg.batch_size)
+                out.update({f"acc_{t}": r["acc"] for t, r in res.items()})
+        out["eval_seconds"] = time.time() - t0
+        return out
+
+
+def run_cell(s: _Session, cell: dict) -> dict:
+    from .apply import restore_
+    from .pipeline import compress_, select_plan
+    cfg = s.cfg
+    dec = s.dec(cell["decomposition"])
+    opts = {**method_options(cell["method"], cfg), "ratio": cell["target_ratio"],
+            "scope": cfg.scope, "selection": cell["selection"]}
+    t0 = time.time()
+    plan = select_plan(s.loaded.model, dec, cell["method"], s.windows,
+                       cache_dir=str(Path(s.out) / "cache"), **opts)
+    seconds = time.time() - t0
+    try:
+        compress_(s.loaded.model, dec, plan)
+        ev = s.evaluate()
+    finally:
+        restore_(s.loaded.model)
+    return {**cell, "scope": cfg.scope, "achieved_ratio_linear": plan.ratio("linear"),
+            "achieved_ratio_model": plan.ratio("model"), **ev, "seconds": seconds,
+            "decompose_seconds": dec.seconds, "dense_layers": plan.summary()["dense_layers"],
+            "ranks": plan.ranks(), "shapes": {n: [lp.m, lp.n] for n, lp in plan.layers.items()}}
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.replace(path)
+
+
+def run_compare(cfg: CompareConfig, out: str | Path, log: Callable[[str], None] = print,
+                retry_errors: bool = True):
+    """Run (or resume) the grid into ``out``; returns the results ``DataFrame``."""
+    from .selectors import get_selector
+    for m in cfg.methods:
+        get_selector(m)                      # unknown names fail before any work
+    out = Path(out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    _write_json(out / "config.json", cfg.to_dict())
+    cells = [{"method": "dense", "decomposition": "-", "selection": "-", "target_ratio": 1.0}]
+    cells += grid(cfg)
+    session, rows = None, []
+    for cell in cells:
+        path = out / "cells" / f"{cell_id(cell)}.json"
+        fp = fingerprint(cfg, cell["method"])
+        if path.exists():
+            row = json.loads(path.read_text())
+            if row.get("fingerprint") == fp and not (retry_errors and row.get("error")):
+                rows.append(row)
+                continue
+        if session is None:
+            log(f"loading {cfg.model}")
+            session = _Session(cfg, log)
+            session.out = out
+        log(f"running {cell_id(cell)}")
+        try:
+            if cell["method"] == "dense":
+                row = {**cell, "scope": cfg.scope, "achieved_ratio_linear": 1.0,
+                       "achieved_ratio_model": 1.0, **session.evaluate(), "seconds": 0.0}
+            else:
+                row = run_cell(session, cell)
+        except Exception as exc:  # one failing method must not end the grid: record it
+            from .apply import restore_
+            restore_(session.loaded.model)
+            row = {**cell, "scope": cfg.scope, "error": f"{type(exc).__name__}: {exc}"}
+            log(f"  {cell_id(cell)} failed: {row['error']}")
+        row["fingerprint"] = fp
+        _write_json(path, row)
+        rows.append(row)
+    df = tidy(rows)
+    write_results(df, rows, out)
+    return df
+
+
+# --------------------------------------------------------------------------- outputs
+def tidy(rows: list[dict]):
+    import pandas as pd
+    df = pd.DataFrame(rows)
+    extra = sorted(c for c in df.columns if c.startswith("acc_"))
+    for c in COLUMNS:
+        if c not in df.columns:
+            df[c] = None
+    return df[COLUMNS[:8] + extra + COLUMNS[8:]]
+
+
+def write_results(df, rows: list[dict], out: Path) -> None:
+    csv_df = df.copy()
+    csv_df["ranks"] = [json.dumps(r) if isinstance(r, dict) else "" for r in csv_df["ranks"]]
+    tmp = out / ".results.csv.tmp"
+    csv_df.to_csv(tmp, index=False)
+    tmp.replace(out / "results.csv")
+    _write_json(out / "results.json", [{k: v for k, v in r.items() if k != "fingerprint"}
+                                       for r in rows])
+    figures(df, rows, out)
+
+
+def _label(r) -> str:
+    sel = "" if r["selection"] in ("top-k", "-") else f" {r['selection']}"
+    return f"{r['method']}{sel} ({r['decomposition']})"
+
+
+def figures(df, rows: list[dict], out: Path) -> None:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+    metric = "ppl" if df["ppl"].notna().any() else "fidelity"
+    ok = df[df["error"].isna() & (df["method"] != "dense") & df[metric].notna()].copy()
+    fig = go.Figure()
+    if len(ok):
+        ok["label"] = ok.apply(_label, axis=1)
+        for label, g in ok.groupby("label"):
+            g = g.sort_values("target_ratio")
+            fig.add_trace(go.Scatter(x=g["target_ratio"], y=g[metric], mode="lines+markers",
+                                     name=label))
+    dense = df[df["method"] == "dense"][metric].dropna()
+    if len(dense):
+        fig.add_hline(y=float(dense.iloc[0]), line_dash="dot", annotation_text="dense")
+    fig.update_layout(title=f"{metric} against target ratio", xaxis_title="target ratio",
+                      yaxis_title=metric, yaxis_type="log" if metric == "ppl" else "linear")
+    fig.write_html(out / "ppl_vs_ratio.html", include_plotlyjs=True)
+
+    good = [r for r in rows if not r.get("error") and isinstance(r.get("ranks"), dict)]
+    ratios = sorted({r["target_ratio"] for r in good}, reverse=True)
+    heat = make_subplots(rows=max(len(ratios), 1), cols=1,
+                         subplot_titles=[f"target ratio {r:g}" for r in ratios])
+    for i, ratio in enumerate(ratios, 1):
+        sel = [r for r in good if r["target_ratio"] == ratio]
+        layers = list(sel[0]["ranks"])
+        heat.add_trace(go.Heatmap(
+            z=[[r["ranks"].get(layer, math.nan) for r in sel] for layer in layers],
+            x=[_label(r) for r in sel], y=layers, coloraxis="coloraxis"), row=i, col=1)
+    heat.update_layout(title="kept ranks (layers x methods)", coloraxis={"colorscale": "Viridis"},
+                       height=max(400, 30 * 36 * max(len(ratios), 1) // 2))
+    heat.write_html(out / "ranks_heatmap.html", include_plotlyjs=True)

@@ -1,0 +1,49 @@
+"""Hidden-state distillation for learned rank selection.
+
+The distillation targets are hidden states of the frozen original model at the middle block
+and at the last (pre-logits) layer. They run through the model's base (``model.base_model``:
+``LlamaModel``, ``BertModel``, ...), so the vocabulary projection never runs while training.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .models import find_blocks
+
+
+def base_of(model: nn.Module) -> nn.Module:
+    """The transformer without its LM head, when the model has one."""
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, nn.Module) else model
+
+
+def distill_layers(model: nn.Module) -> tuple[int, int]:
+    """Indices into ``hidden_states`` (0 = embeddings): middle block output and last."""
+    _, blocks = find_blocks(model)
+    n = len(blocks)
+    return max(n // 2, 1), n
+
+
+def hidden_at(model: nn.Module, ids: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
+    """Hidden states ``(B, T, d)`` after the given layers (``output_hidden_states`` indices)."""
+    out = base_of(model)(input_ids=ids, output_hidden_states=True, use_cache=False)
+    return [out.hidden_states[i] for i in layers]
+
+
+@torch.no_grad()
+def precompute_targets(model: nn.Module, windows: torch.Tensor, layers: tuple[int, ...],
+                       batch_size: int) -> list[torch.Tensor]:
+    """Targets over all windows, one ``(N, T, d)`` tensor per layer (model device)."""
+    device = next(model.parameters()).device
+    parts = [hidden_at(model, ids.to(device), layers) for ids in windows.split(batch_size)]
+    return [torch.cat([p[i] for p in parts]) for i in range(len(layers))]
+
+
+def nmse(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Normalised MSE ``||h - t||^2 / ||t||^2`` (scale-free across layers and models)."""
+    return (h.float() - target.float()).pow(2).sum() / target.float().pow(2).sum().clamp_min(1e-12)
+
+
+def mse(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (h.float() - target.float()).pow(2).mean()

@@ -1,0 +1,76 @@
+"""Learned masks over singular values: pure maths, tensors in and tensors out.
+
+* Gumbel-Sigmoid gate ``y = sigmoid((theta + g) / tau)``, ``g`` logistic noise; the forward
+  pass uses the hard gate ``y > 0.5`` with straight-through gradients (``hard - sg(y) + y``).
+  ``P(gate open) = sigmoid(theta)`` exactly, since ``theta + g > 0`` has that probability.
+* **any-k**: every singular value has its own gate.
+* **top-k**: the mask is the cumulative product of the gates, so the kept set is the prefix
+  before the first closed gate (monotone in the index; straight-through through the product).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def init_logits(r: int, high: float = 6.0, low: float = 3.0) -> torch.Tensor:
+    """One logit per singular value, descending with the index: ``linspace(high, low, r)``."""
+    return torch.linspace(high, low, r)
+
+
+def logistic_noise(shape, generator: torch.Generator | None = None) -> torch.Tensor:
+    u = torch.rand(shape, generator=generator).clamp(1e-6, 1 - 1e-6)
+    return torch.log(u) - torch.log1p(-u)
+
+
+def gate(theta: torch.Tensor, tau: float, noise: torch.Tensor | None, selection: str
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask, soft)``: the straight-through hard mask and the soft sample, both (r,).
+
+    ``noise=None`` gives the deterministic gate ``theta > 0`` (used to read off the plan).
+    """
+    z = theta if noise is None else theta + noise.to(theta.device, theta.dtype)
+    soft = torch.sigmoid(z / tau)                                   # (r,)
+    hard = (soft > 0.5).to(soft.dtype)
+    st = hard - soft.detach() + soft                                 # value hard, grad soft
+    if selection == "top-k":
+        st = torch.cumprod(st, 0)                                    # prefix before 1st 0
+    return st, soft
+
+
+def expected_kept(theta: torch.Tensor, selection: str) -> torch.Tensor:
+    """Expected number of kept singular values (differentiable)."""
+    p = torch.sigmoid(theta)
+    return torch.cumprod(p, 0).sum() if selection == "top-k" else p.sum()
+
+
+def kept_indices(theta: torch.Tensor, selection: str) -> list[int]:
+    """Indices the deterministic gates keep (never empty: the top logit is kept)."""
+    open_ = theta > 0
+    if selection == "top-k":
+        closed = (~open_).nonzero()
+        k = int(closed[0]) if len(closed) else theta.numel()
+        idx = list(range(max(k, 1)))
+    else:
+        idx = open_.nonzero().flatten().tolist()
+    return idx or [int(theta.argmax())]
+
+
+def total_variation(y: torch.Tensor) -> torch.Tensor:
+    """``sum_i |y_{i+1} - y_i|`` along the singular index, per unit length."""
+    return (y[1:] - y[:-1]).abs().sum() / max(y.numel() - 1, 1)
+
+
+def transitions(idx: list[int], r: int) -> int:
+    """Number of 0/1 changes along a mask of length ``r`` keeping ``idx``."""
+    m = torch.zeros(r, dtype=torch.int8)
+    m[idx] = 1
+    return int((m[1:] != m[:-1]).sum())
+
+
+def cosine_alpha(step: int, period: int, low: float, high: float) -> float:
+    """Cyclical weight: ``high`` at the start of each period, ``low`` half-way."""
+    if period <= 0:
+        return high
+    return low + (high - low) * 0.5 * (1 + math.cos(2 * math.pi * (step % period) / period))

@@ -1,0 +1,256 @@
+"""LLRC low-rank export: load with stock transformers and ``trust_remote_code=True``.
+
+This file is copied into every LLRC export folder and is named by the ``auto_map`` of its
+``config.json``. It is self-contained (torch, transformers, safetensors only) so that
+
+    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+
+rebuilds the original architecture (``config.llrc["base_class"]``, a transformers class),
+swaps every factorised layer for a ``LowRankLinear`` (``y = A (B x) + bias``) and lets
+transformers load ``model.safetensors`` as usual. Before any weight is read the folder is
+checked: every file the export wrote is present with its size, each planned layer exists with
+the planned shape, each tensor in the weights file has the shape its layer's rank implies, and
+the kept singular-value indices in ``config.json`` are the ones the weights were written for.
+Any mismatch raises ``LLRCExportError`` naming the layer and the problem.
+
+The ``llrc_core`` package reuses the checks here for its own loader (without remote code).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+from torch import nn
+
+FORMAT = 1                      # version of the ``llrc`` section in config.json
+WEIGHTS = "model.safetensors"
+
+
+class LLRCExportError(ValueError):
+    """The export folder is incomplete or does not match its config."""
+
+
+class LowRankLinear(nn.Module):
+    """``y = A (B x) + bias`` with ``B (k x n)`` then ``A (m x k)``; same state-dict layout
+    as ``llrc_core.apply.LowRankLinear`` (``A.weight``, ``A.bias``, ``B.weight``)."""
+
+    def __init__(self, in_features, out_features, rank, bias=True, kept=None, dtype=None,
+                 device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.kept = list(range(rank)) if kept is None else list(kept)
+        self.B = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
+        self.A = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+
+    def forward(self, x):
+        return self.A(self.B(x))   # (..., n) -> (..., k) -> (..., m)
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
+
+
+# --- checks shared with llrc_core.export -------------------------------------------------------
+
+def llrc_section(config) -> dict:
+    """The ``llrc`` section of a config (object or dict), validated for format."""
+    sec = config.get("llrc") if isinstance(config, dict) else getattr(config, "llrc", None)
+    if not isinstance(sec, dict) or "plan" not in sec:
+        raise LLRCExportError("config.json has no 'llrc' section with a 'plan': this folder is "
+                              "not an LLRC low-rank export")
+    if sec.get("format") != FORMAT:
+        raise LLRCExportError(f"config.json llrc format {sec.get('format')!r} is not supported "
+                              f"(this loader reads format {FORMAT}); re-export with this version")
+    return sec
+
+
+def layer_specs(sec: dict) -> dict:
+    """``{name: (m, n, kept or None)}`` from the llrc section, each entry checked."""
+    specs = {}
+    for name, lp in sec["plan"].get("layers", {}).items():
+        try:
+            m, n = (int(v) for v in lp["shape"])
+            kept = lp.get("kept")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LLRCExportError(f"layer {name!r}: malformed entry in config.json ({exc})")
+        if kept is not None:
+            kept = [int(i) for i in kept]
+            full, even = min(m, n), math.ceil(m * n / (m + n))
+            if not kept or kept != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= full:
+                raise LLRCExportError(f"layer {name!r}: kept indices must be a sorted, non-empty "
+                                      f"list of distinct values in [0, {full}); config.json was "
+                                      "edited or is corrupt")
+            if "rank" in lp and int(lp["rank"]) != len(kept):
+                raise LLRCExportError(f"layer {name!r}: config.json says rank {lp['rank']} but "
+                                      f"lists {len(kept)} kept indices; the config was edited")
+            if len(kept) >= even:
+                raise LLRCExportError(f"layer {name!r}: rank {len(kept)} is at or above the "
+                                      f"break-even rank {even}; such a layer is stored dense, so "
+                                      "config.json was edited")
+        specs[name] = (m, n, kept)
+    return specs
+
+
+def check_files(folder: str, sec: dict) -> None:
+    """Every file the export wrote exists with the size it had when written."""
+    for fname, size in sec.get("files", {}).items():
+        path = os.path.join(folder, fname)
+        if not os.path.isfile(path):
+            raise LLRCExportError(f"{fname} is missing from {folder!r}: the export is incomplete; "
+                                  "copy the whole folder or export again")
+        if os.path.getsize(path) != size:
+            raise LLRCExportError(f"{fname} in {folder!r} has {os.path.getsize(path)} bytes but "
+                                  f"the export wrote {size}: truncated or replaced; export again")
+
+
+def _module_shape(mod) -> tuple[int, int] | None:
+    """``(m, n)`` of a linear layer (``Conv1D`` stores its weight transposed) else None."""
+    if isinstance(mod, nn.Linear):
+        return mod.out_features, mod.in_features
+    if type(mod).__name__ == "Conv1D":
+        n, m = mod.weight.shape
+        return m, n
+    return None
+
+
+def swap_low_rank_(model: nn.Module, specs: dict, make_layer=LowRankLinear) -> nn.Module:
+    """Replace every factorised layer of ``specs`` by ``make_layer(n, m, k, bias, kept, ...)``
+    in the dtype and device of the layer it replaces; dense layers are only checked."""
+    arch = type(model).__name__
+    for name, (m, n, kept) in specs.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise LLRCExportError(f"layer {name!r} named in config.json does not exist in {arch}; "
+                                  "the config was edited or belongs to another model") from None
+        shape = _module_shape(old)
+        if shape is None:
+            raise LLRCExportError(f"layer {name!r} is a {type(old).__name__} in {arch}, not a "
+                                  "linear layer; the config belongs to another model")
+        if shape != (m, n):
+            raise LLRCExportError(f"layer {name!r}: config.json gives shape {(m, n)} but {arch} "
+                                  f"has {shape}; the config was edited or belongs to another model")
+        if kept is None:
+            continue
+        w = old.weight
+        new = make_layer(n, m, len(kept), getattr(old, "bias", None) is not None, kept,
+                         dtype=w.dtype, device=w.device)
+        model.set_submodule(name, new)
+    return model
+
+
+def check_weights(path: str, specs: dict, model: nn.Module) -> None:
+    """Shapes in the safetensors header agree with ``specs``; the kept indices the weights were
+    written for (file metadata) agree with config.json. Reads the header only."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+        meta = f.metadata() or {}
+    written = json.loads(meta.get("llrc_layers", "null"))
+    if written is None:
+        raise LLRCExportError(f"{os.path.basename(path)} carries no LLRC metadata: it was not "
+                              "written by the LLRC exporter (or was replaced); export again")
+    for name, (m, n, kept) in specs.items():
+        if kept is None:
+            old = model.get_submodule(name)
+            want = {f"{name}.weight": tuple(old.weight.shape)}
+        else:
+            k = len(kept)
+            want = {f"{name}.A.weight": (m, k), f"{name}.B.weight": (k, n)}
+            if getattr(model.get_submodule(name).A, "bias", None) is not None:
+                want[f"{name}.A.bias"] = (m,)
+        for key, shape in want.items():
+            if key not in keys:
+                raise LLRCExportError(f"layer {name!r}: {key} is missing from the weights file; "
+                                      "the config does not match the weights (export again)")
+            if shapes[key] != shape:
+                raise LLRCExportError(f"layer {name!r}: config.json implies {key} of shape {shape} "
+                                      f"but the weights file holds {shapes[key]}; the rank in the "
+                                      "config was changed or the files come from different exports")
+        if name not in written or written[name] != kept:
+            raise LLRCExportError(f"layer {name!r}: the kept indices in config.json differ from "
+                                  "the ones the weights were written for; the config was edited")
+    extra = sorted(set(written) - set(specs))
+    if extra:
+        raise LLRCExportError(f"layer {extra[0]!r} is in the weights but not in config.json; "
+                              "the config was edited")
+
+
+def check_folder(folder: str, sec: dict) -> dict:
+    """Files present and specs valid; returns the specs."""
+    check_files(folder, sec)
+    if not os.path.isfile(os.path.join(folder, WEIGHTS)):
+        raise LLRCExportError(f"{WEIGHTS} is missing from {folder!r}: export again")
+    return layer_specs(sec)
+
+
+# --- the class auto_map points to ---------------------------------------------------------------
+
+_CLASSES: dict = {}
+
+
+def _low_rank_class(config):
+    """A subclass of the base architecture that swaps in the planned low-rank layers."""
+    import transformers
+
+    sec = llrc_section(config)
+    base_name = sec.get("base_class")
+    base = getattr(transformers, str(base_name), None)
+    if base is None:
+        raise LLRCExportError(f"base architecture {base_name!r} is not in transformers "
+                              f"{transformers.__version__}; upgrade transformers")
+    if base_name not in _CLASSES:
+        def __init__(self, config, *args, **kwargs):
+            base.__init__(self, config, *args, **kwargs)
+            swap_low_rank_(self, layer_specs(llrc_section(config)))
+
+        _CLASSES[base_name] = type(f"LLRC{base_name}", (base,), {
+            "__init__": __init__, "__module__": __name__,
+            "__doc__": f"{base_name} with LLRC low-rank layers."})
+    return _CLASSES[base_name]
+
+
+class LLRCModel:
+    """Entry point for ``auto_map``: builds ``LLRC<BaseClass>`` for the config it is given and
+    delegates to its (stock) ``from_pretrained`` / ``_from_config``."""
+
+    _auto_class = None
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModel"):
+        cls._auto_class = auto_class if isinstance(auto_class, str) else auto_class.__name__
+
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        return _low_rank_class(config)._from_config(config, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, folder, *args, config=None, **kwargs):
+        if config is None:
+            from transformers import AutoConfig
+            config = AutoConfig.from_pretrained(folder)
+        folder = str(folder)
+        if not os.path.isdir(folder):
+            raise LLRCExportError(f"{folder!r} is not a folder; LLRC exports load from a local "
+                                  "folder (download the repository first)")
+        sec = llrc_section(config)
+        specs = check_folder(folder, sec)
+        klass = _low_rank_class(config)
+        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+            kwargs["dtype"] = getattr(torch, sec.get("dtype", "float32"))
+        want_info = kwargs.pop("output_loading_info", False)
+        # check the header before transformers reads a tensor, on a skeleton without weights
+        with torch.device("meta"):
+            skeleton = klass._from_config(config, dtype=kwargs["dtype"])
+        check_weights(os.path.join(folder, WEIGHTS), specs, skeleton)
+        model, info = klass.from_pretrained(folder, *args, config=config,
+                                            output_loading_info=True, **kwargs)
+        bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys",
+                                                       "mismatched_keys") and v}
+        if bad:
+            raise LLRCExportError(f"weights do not match the model: {bad}")
+        model._auto_class = cls._auto_class
+        return (model, info) if want_info else model

@@ -1,0 +1,119 @@
+"""Background jobs: run a long function off the caller's thread and watch it from outside.
+
+UI-agnostic (the app polls a ``Job``; a script could too). The function receives an ``emit``
+callback that appends dict events to the job and a ``should_stop`` callable it checks
+cooperatively; its return value becomes ``job.result``. Everything a reader sees goes through
+one lock, so a poller on another thread reads consistent snapshots.
+
+    job = start_job(lambda emit, should_stop: select_plan(..., callback=emit,
+                                                          should_stop=should_stop))
+    job.status, job.events_since(0), job.latest("masks"), job.stop()
+"""
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+from .errors import LLRCError
+
+STATUSES = ("pending", "running", "done", "stopped", "error")
+JobFn = Callable[[Callable[[dict], None], Callable[[], bool]], Any]
+
+
+class Job:
+    """A function running on a worker thread, with its events, result and error."""
+
+    def __init__(self, fn: JobFn, name: str = "job"):
+        self.name = name
+        self._fn = fn
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._events: list[dict] = []
+        self._latest: dict[str, dict] = {}          # event type -> newest event of that type
+        self._status = "pending"
+        self.result: Any = None
+        self.error: str | None = None               # one-line message for the user
+        self.traceback: str | None = None           # full traceback for logs (unexpected errors)
+        self.started: float | None = None
+        self.finished: float | None = None
+        self._thread = threading.Thread(target=self._run, name=f"llrc-{name}", daemon=True)
+
+    # --- worker side --------------------------------------------------------------------------
+    def emit(self, event: dict) -> None:
+        """Append an event (a dict with a ``"type"``); called from the worker."""
+        event = {**event, "time": time.time()}
+        with self._lock:
+            self._events.append(event)
+            self._latest[event.get("type", "")] = event
+
+    def should_stop(self) -> bool:
+        return self._stop.is_set()
+
+    def _run(self) -> None:
+        with self._lock:
+            self._status, self.started = "running", time.time()
+        try:
+            result = self._fn(self.emit, self.should_stop)
+            status, error, tb = ("stopped" if self._stop.is_set() else "done"), None, None
+        except (LLRCError, ValueError, FileNotFoundError, FileExistsError) as exc:
+            result, status, error, tb = None, "error", str(exc), traceback.format_exc()
+        except Exception as exc:  # noqa: BLE001 -- report any failure to the watcher
+            result, status, tb = None, "error", traceback.format_exc()
+            error = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self.result, self.error, self.traceback = result, error, tb
+            self._status, self.finished = status, time.time()
+
+    # --- watcher side -------------------------------------------------------------------------
+    def start(self) -> "Job":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Ask the function to stop at its next check; it still returns what it has."""
+        self._stop.set()
+
+    @property
+    def status(self) -> str:
+        with self._lock:
+            return self._status
+
+    @property
+    def running(self) -> bool:
+        return self.status in ("pending", "running")
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def events_since(self, index: int = 0, type: str | None = None) -> list[dict]:
+        """Events from position ``index`` on (optionally of one type), a snapshot copy."""
+        with self._lock:
+            events = self._events[index:]
+        return [e for e in events if type is None or e.get("type") == type]
+
+    def latest(self, type: str) -> dict | None:
+        with self._lock:
+            return self._latest.get(type)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._events)
+
+    @property
+    def seconds(self) -> float:
+        if self.started is None:
+            return 0.0
+        return (self.finished or time.time()) - self.started
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job ends (True) or ``timeout`` passes (False)."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+def start_job(fn: JobFn, name: str = "job") -> Job:
+    """Create a ``Job`` for ``fn(emit, should_stop)`` and start its worker thread."""
+    return Job(fn, name).start()

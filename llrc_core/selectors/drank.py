@@ -1,0 +1,144 @@
+"""D-Rank (arXiv 2509.25622): effective-rank allocation with a Lagrange solution per matrix type.
+
+* Effective rank of each layer, ``R = exp(-sum p_i log p_i)`` with ``p_i = S_i^2 / sum S_j^2``,
+  on the decomposition's singular values (whitened in the paper: use ``whiten``).
+* Each matrix type (``Target.kind``: q, k, v, o, gate, up, down, ...) gets the share of the
+  budget it has of the dense weights, ``T_g = budget * dense_g / dense_linear``. Within a
+  type, minimising ``sum R_l / k_l`` subject to ``sum k_l w_l = T_g`` (``w = m + n``, the
+  cost of one rank) gives ``k_l = T_g sqrt(R_l / w_l) / sum_j sqrt(R_j w_j)``; ranks are
+  rounded and clipped to ``[1, break-even)``.
+* Attention rebalance: in every block a fraction ``beta`` of the Q and K ranks moves to V,
+  in parameter units (``floor(freed / w_v)`` ranks), so it also holds with grouped-query
+  attention where K/V are narrower than Q. Blocks without separate q/k/v layers (GPT-2's
+  fused ``c_attn``) are left alone. Default ``beta = 0.3`` (paper: 0.3-0.4 best; its code
+  uses 0.2).
+* Greedy fix-up to the exact budget, one rank at a time by the same objective: remove the
+  rank whose loss ``R / (k (k - 1))`` per parameter is smallest while over budget, then add
+  the rank with the largest gain ``R / (k (k + 1))`` per parameter while it fits.
+Cross-layer basis sharing (group size > 1) is not implemented (n = 1, as for GQA models).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from ..counting import break_even, layer_cost
+from .base import (SelectConfig, SelectionContext, check_reachable, fill_budget, ranks_cost,
+                   register_selector)
+
+_ROLE = {"q": re.compile(r"(^|\.)(q_proj|query|q|wq|q_lin)$"),
+         "k": re.compile(r"(^|\.)(k_proj|key|k|wk|k_lin)$"),
+         "v": re.compile(r"(^|\.)(v_proj|value|v|wv|v_lin)$")}
+
+
+@dataclass
+class DRankConfig(SelectConfig):
+    beta: float = field(default=0.3, metadata={
+        "help": "fraction of Q and K rank moved to V (parameter units); 0 turns it off"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {self.beta}; the paper uses 0.3")
+
+
+def effective_rank(s: torch.Tensor) -> float:
+    """``exp`` of the Shannon entropy of the normalised energies ``S_i^2``."""
+    e = s.double() ** 2
+    p = e / e.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def lagrange_ranks(reff: dict[str, float], w: dict[str, int], T: float) -> dict[str, float]:
+    """Real-valued minimiser of ``sum R/k`` subject to ``sum k w = T``."""
+    denom = sum(math.sqrt(reff[n] * w[n]) for n in reff)
+    return {n: T * math.sqrt(reff[n] / w[n]) / denom for n in reff}
+
+
+def _role(kind: str) -> str | None:
+    return next((r for r, pat in _ROLE.items() if pat.search(kind)), None)
+
+
+def rebalance_qk_to_v(ranks: dict[str, int], roles: dict[str, tuple[int, str]],
+                      shapes: dict[str, tuple[int, int]], beta: float) -> dict[str, int]:
+    """Move ``beta`` of each block's Q and K ranks to its V, counted in parameters."""
+    ranks = dict(ranks)
+    blocks: dict[int, dict[str, str]] = {}
+    for name, (block, role) in roles.items():
+        blocks.setdefault(block, {})[role] = name
+    for layers in blocks.values():
+        if set(layers) != {"q", "k", "v"}:
+            continue
+        q, k, v = layers["q"], layers["k"], layers["v"]
+        w = {n: sum(shapes[n]) for n in (q, k, v)}
+        dq, dk = math.floor(beta * ranks[q]), math.floor(beta * ranks[k])
+        dq, dk = min(dq, ranks[q] - 1), min(dk, ranks[k] - 1)
+        room = break_even(*shapes[v]) - 1 - ranks[v]
+        dv = min((dq * w[q] + dk * w[k]) // w[v], max(room, 0))
+        ranks[q], ranks[k], ranks[v] = ranks[q] - dq, ranks[k] - dk, ranks[v] + dv
+    return ranks
+
+
+def trim_to_budget(ranks: dict[str, int], shapes, reff, budget: int) -> dict[str, int]:
+    """Remove single ranks, cheapest objective increase per parameter first, until it fits."""
+    ranks = dict(ranks)
+    spent = ranks_cost(ranks, shapes)
+    heap = [(reff[n] / (k * (k - 1)) / sum(shapes[n]), n) for n, k in ranks.items() if k > 1]
+    heapq.heapify(heap)
+    while spent > budget and heap:
+        _, n = heapq.heappop(heap)
+        k = ranks[n]
+        spent -= layer_cost(*shapes[n], k) - layer_cost(*shapes[n], k - 1)
+        ranks[n] = k - 1
+        if k - 1 > 1:
+            heapq.heappush(heap, (reff[n] / ((k - 1) * (k - 2)) / sum(shapes[n]), n))
+    return ranks
+
+
+@register_selector("drank", DRankConfig)
+def select_drank(ctx: SelectionContext, cfg: DRankConfig):
+    budget = ctx.budget(cfg.ratio, cfg.scope)
+    check_reachable(ctx, budget)
+    kinds = _kinds(ctx)
+    reff = {n: effective_rank(s) for n, s in ctx.spectra.items()}
+    w = {n: m + k for n, (m, k) in ctx.shapes.items()}
+    groups: dict[str, list[str]] = {}
+    for n in ctx.shapes:
+        groups.setdefault(kinds[n][1], []).append(n)
+    ranks = {}
+    for names in groups.values():
+        T = budget * sum(ctx.shapes[n][0] * ctx.shapes[n][1] for n in names) / ctx.dense_linear
+        ideal = lagrange_ranks({n: reff[n] for n in names}, {n: w[n] for n in names}, T)
+        for n in names:
+            ranks[n] = int(min(max(round(ideal[n]), 1), break_even(*ctx.shapes[n]) - 1))
+    roles = {n: (b, r) for n, (b, kind) in kinds.items() if (r := _role(kind)) is not None}
+    if cfg.beta > 0:
+        ranks = rebalance_qk_to_v(ranks, roles, ctx.shapes, cfg.beta)
+    ranks = trim_to_budget(ranks, ctx.shapes, reff, budget)
+    ranks = fill_budget(ranks, ctx.shapes, budget,
+                        lambda n, k: reff[n] / (max(k, 1) * (k + 1)) / w[n])
+    return ctx.prefix_plan(ranks, "drank", cfg, effective_rank=reff,
+                           groups={g: len(v) for g, v in groups.items()})
+
+
+def _kinds(ctx: SelectionContext) -> dict[str, tuple[int, str]]:
+    """``name -> (block, kind)``: from the model's targets, else parsed from the names
+    (``...layers.3.self_attn.q_proj`` -> ``(3, "self_attn.q_proj")``)."""
+    if ctx.model is not None:
+        from ..models import find_targets
+        found = {t.name: (t.block, t.kind) for t in find_targets(ctx.model)}
+        if set(ctx.shapes) <= set(found):
+            return {n: found[n] for n in ctx.shapes}
+    out = {}
+    for n in ctx.shapes:
+        mt = re.search(r"\.(\d+)\.(.+)$", n)
+        out[n] = (int(mt.group(1)), re.sub(r"\.\d+\.", ".", mt.group(2))) if mt else (0, n)
+    return out
+
+
+select_drank.preferred_decomposition = "whiten"

@@ -1,0 +1,123 @@
+"""Plotly figures for the pages: data in, ``go.Figure`` out (no Streamlit here, so tests can
+build and inspect them directly). Every axis has a title with its unit."""
+from __future__ import annotations
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+LOSS_TERMS = ("loss", "loss_compression", "loss_distill", "loss_tv")
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str, **kw) -> go.Figure:
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, height=kw.pop("height", 380),
+                      margin=dict(l=60, r=20, t=50, b=50), legend_title_text=kw.pop("legend", ""),
+                      **kw)
+    return fig
+
+
+def spectra(lines: dict[str, list[float]], log: bool = True) -> go.Figure:
+    fig = go.Figure([go.Scatter(y=s, mode="lines", name=n) for n, s in lines.items()])
+    fig.update_yaxes(type="log" if log else "linear")
+    return _layout(fig, "Singular value spectra", "singular index i (count)",
+                   "singular value σ_i (weight units, log scale)" if log else
+                   "singular value σ_i (weight units)", legend="layer")
+
+
+def cumulative_energy(lines: dict[str, list[float]], energy: float | None = None) -> go.Figure:
+    fig = go.Figure([go.Scatter(y=c, mode="lines", name=n) for n, c in lines.items()])
+    if energy is not None:
+        fig.add_hline(y=energy, line_dash="dot", annotation_text=f"{energy:.0%} energy")
+    return _layout(fig, "Cumulative energy", "kept rank k (singular values)",
+                   "energy kept Σσ²_{<k} / Σσ² (fraction)", legend="layer")
+
+
+def layer_bars(names: list[str], values: list[float], title: str, y: str) -> go.Figure:
+    fig = go.Figure([go.Bar(x=names, y=values,
+                            hovertemplate="%{x}<br>%{y:.1f}<extra></extra>")])
+    return _layout(fig, title, "target layer (block.module)", y)
+
+
+def block_heatmap(blocks: list[int], kinds: list[str], z: list[list], title: str,
+                  z_title: str) -> go.Figure:
+    fig = go.Figure(go.Heatmap(z=z, x=kinds, y=[f"block {b}" for b in blocks],
+                               colorscale="Viridis", colorbar_title=z_title,
+                               hovertemplate="%{y} %{x}: %{z:.1f}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, title, "module type", "transformer block (index)")
+
+
+def mask_heatmap(names: list[str], z: list[list], step: int | None) -> go.Figure:
+    fig = go.Figure(go.Heatmap(z=z, y=names, zmin=0, zmax=1, colorscale="Blues",
+                               colorbar_title="P(kept)",
+                               hovertemplate="%{y}<br>index %{x}: %{z:.2f}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", showticklabels=len(names) <= 40, tickfont_size=8)
+    title = "Mask: kept probability per singular value" + (f" (step {step})" if step else "")
+    return _layout(fig, title, "singular index i (count)", "target layer", height=520)
+
+
+def loss_curves(steps: list[dict]) -> go.Figure:
+    """Each loss term against the step, and alpha(t) on a secondary axis."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    x = [e["step"] for e in steps]
+    for term in LOSS_TERMS:
+        if steps and term in steps[0]:
+            fig.add_trace(go.Scatter(x=x, y=[e[term] for e in steps], name=term, mode="lines"))
+    if steps and "alpha" in steps[0]:
+        fig.add_trace(go.Scatter(x=x, y=[e["alpha"] for e in steps], name="alpha(t)",
+                                 mode="lines", line_dash="dot"), secondary_y=True)
+    fig.update_yaxes(title_text="loss (nats / normalised MSE)", secondary_y=False)
+    fig.update_yaxes(title_text="alpha(t) (weight, 0-1)", secondary_y=True, range=[0, 1.05])
+    fig.update_layout(legend=dict(orientation="h", y=-0.3))   # clear of the right axis
+    return _layout(fig, "Loss terms and distillation weight alpha(t)", "training step (count)",
+                   "loss (nats / normalised MSE)")
+
+
+def ratio_curve(steps: list[dict], scope: str, target: float) -> go.Figure:
+    key = f"ratio_{scope}"
+    fig = go.Figure([go.Scatter(x=[e["step"] for e in steps], y=[e.get(key) for e in steps],
+                                mode="lines", name=f"ratio ({scope})")])
+    fig.add_hline(y=target, line_dash="dash", line_color="red",
+                  annotation_text=f"target {target:.2f}")
+    return _layout(fig, "Parameter ratio against the target", "training step (count)",
+                   f"kept / original parameters ({scope} scope, fraction)")
+
+
+def grouped_ranks(ranks: dict[str, dict[str, int]]) -> go.Figure:
+    """``ranks``: series label -> {layer: kept rank}; one bar group per layer."""
+    fig = go.Figure([go.Bar(x=list(r), y=list(r.values()), name=label)
+                     for label, r in ranks.items()])
+    fig.update_layout(barmode="group")
+    return _layout(fig, "Kept rank per layer", "target layer (block.module)",
+                   "kept rank (singular values)", legend="method")
+
+
+def rank_heatmap(ranks: dict[str, dict[str, int]]) -> go.Figure:
+    labels = list(ranks)
+    layers = list(next(iter(ranks.values()))) if ranks else []
+    fig = go.Figure(go.Heatmap(z=[[ranks[lb].get(ly) for ly in layers] for lb in labels],
+                               x=layers, y=labels, colorscale="Viridis",
+                               colorbar_title="kept rank"))
+    return _layout(fig, "Kept rank per layer and method", "target layer (block.module)",
+                   "method", height=120 + 40 * max(1, len(labels)))
+
+
+def ppl_vs_ratio(rows: list[dict], scope: str) -> go.Figure:
+    """``rows``: label, ratio, ppl; one line per label."""
+    fig = go.Figure()
+    for label in dict.fromkeys(r["label"] for r in rows):
+        pts = sorted((r["ratio"], r["ppl"]) for r in rows if r["label"] == label)
+        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts],
+                                 mode="lines+markers", name=label))
+    fig.update_yaxes(type="log")
+    return _layout(fig, "Perplexity against parameter ratio",
+                   f"target parameter ratio ({scope} scope, fraction)",
+                   "WikiText-2 test perplexity (log scale)", legend="method")
+
+
+def short(name: str) -> str:
+    """``bert.encoder.layer.3.attention.self.query`` -> ``3.attention.self.query``."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[i:])
+    return name

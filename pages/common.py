@@ -1,0 +1,151 @@
+"""What every page shares: paths, the cached base model and decompositions, per-session state,
+and an error box that turns exceptions into messages.
+
+Rules: ``st.cache_resource`` objects are shared by every browser session and are never
+mutated (compressions work on deep copies, see ``llrc_core.workflow``); everything a session
+owns (calibration windows, jobs, results) lives in ``st.session_state``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import tempfile
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+import streamlit as st
+import torch
+
+from llrc_core import calibrate, find_targets
+from llrc_core.models import count_params, load_model
+from llrc_core.workflow import decompose_copy
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "assets" / "demo-model"
+DATA = ROOT.parent / "shared" / "data"
+WIKI_VALID = DATA / "wikitext-2" / "valid.txt"
+WIKI_TEST = DATA / "wikitext-2" / "test.txt"
+DEFAULT_CALIB = dict(kind="file" if WIKI_VALID.exists() else "selfgen", path=str(WIKI_VALID),
+                     n_samples=16, seq_len=128)
+log = logging.getLogger("llrc_studio")
+
+
+@contextmanager
+def error_box():
+    """Show an exception as ``st.error`` (message only; the traceback goes to the log)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 -- Streamlit's rerun/stop are BaseException
+        log.error("page error:\n%s", traceback.format_exc())
+        st.error(f"{type(exc).__name__}: {exc}" if not _user_error(exc) else str(exc))
+
+
+def _user_error(exc: Exception) -> bool:
+    from llrc_core.errors import LLRCError
+    return isinstance(exc, (LLRCError, ValueError, FileNotFoundError, FileExistsError))
+
+
+# --- shared, read-only resources -----------------------------------------------------------------
+@st.cache_resource(show_spinner=False, max_entries=2)
+def base_model(source: str, device: str, dtype: str):
+    """The loaded model for (source, device, dtype), shared by all sessions: never mutate it."""
+    return load_model(source, device=device, dtype=dtype)
+
+
+@st.cache_resource(show_spinner=False, max_entries=6)
+def decomposition(model_key: tuple, calib_key: str, method: str, _base, _windows):
+    """Factors of every target (read-only, shared); hooks run on a copy of the base model."""
+    return decompose_copy(_base, method, None if method == "svd" else _windows)
+
+
+# --- per-session state ---------------------------------------------------------------------------
+def model_key() -> tuple | None:
+    return st.session_state.get("model_key")
+
+
+def load_into_session(source: str, device: str = "auto", dtype: str = "auto",
+                      calib: dict | None = None) -> None:
+    """Load (or reuse) a base model and calibrate it for this session."""
+    loaded = base_model(source, device, dtype)
+    st.session_state["model_key"] = (source, device, dtype)
+    st.session_state["calib"] = None
+    set_calibration(calib or DEFAULT_CALIB)
+
+
+def set_calibration(calib: dict) -> None:
+    """Token windows for this session from ``calib`` = kind (file/upload/hub/selfgen), path or
+    dataset name, n_samples, seq_len."""
+    loaded = current()
+    src = {"file": calib.get("path"), "upload": calib.get("path"), "hub": calib.get("dataset"),
+           "selfgen": "selfgen"}[calib["kind"]]
+    if calib["kind"] == "selfgen":   # generation touches config flags: use a copy
+        loaded = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+    windows = calibrate(loaded, src, int(calib["n_samples"]), int(calib["seq_len"]))
+    key = f"{calib['kind']}:{src}:{tuple(windows.shape)}:{int(windows.sum())}"
+    st.session_state["calib"] = {**calib, "source": src, "key": key}
+    st.session_state["windows"] = windows
+
+
+def current():
+    """The session's ``LoadedModel``; loads the demo model with default calibration if none."""
+    if model_key() is None:
+        with st.spinner("Loading the demo model ..."):
+            load_into_session(str(DEMO))
+    return base_model(*model_key())
+
+
+def windows() -> torch.Tensor:
+    current()
+    return st.session_state["windows"]
+
+
+def decomposed(method: str):
+    loaded = current()
+    return decomposition(model_key(), st.session_state["calib"]["key"], method, loaded.model,
+                         windows())
+
+
+def targets():
+    return find_targets(current().model)
+
+
+def param_summary() -> dict:
+    loaded = current()
+    ts = targets()
+    linear = sum(t.m * t.n for t in ts)
+    total = count_params(loaded.model)
+    return {"total": total, "linear": linear, "other": total - linear, "layers": len(ts)}
+
+
+def results() -> dict:
+    """Compressions this session made, by label: ``CompressionResult`` or plan-only dicts."""
+    return st.session_state.setdefault("results", {})
+
+
+def upload_path(uploaded) -> str:
+    """Write an uploaded calibration file to a per-session temporary folder; return its path."""
+    folder = st.session_state.setdefault("upload_dir", tempfile.mkdtemp(prefix="llrc-upload-"))
+    suffix = Path(uploaded.name).suffix or ".txt"
+    path = Path(folder) / f"calibration{suffix}"
+    path.write_bytes(uploaded.getvalue())
+    return str(path)
+
+
+def device_options() -> list[str]:
+    return ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _eval_ids(model_key: tuple, n_windows: int, seq_len: int, _tokenizer):
+    from llrc_core import eval_windows
+    return eval_windows(_tokenizer, WIKI_TEST, seq_len, n_windows)
+
+
+def eval_ids(n_windows: int, seq_len: int = 128) -> torch.Tensor:
+    """The first ``n_windows`` WikiText-2 test windows (read-only, shared)."""
+    if not WIKI_TEST.exists():
+        raise FileNotFoundError(f"WikiText-2 test text not found at {WIKI_TEST}; set the "
+                                "perplexity windows to 0 to skip the evaluation")
+    return _eval_ids(model_key(), n_windows, seq_len, current().tokenizer)

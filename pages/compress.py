@@ -1,0 +1,119 @@
+"""Compress page: configure a rank selector (LLRC when registered), run it on a worker thread,
+watch masks, losses, ratio and ranks live; perplexity before and after at the end."""
+import streamlit as st
+
+from llrc_core import SELECTORS, analysis, get_selector
+from llrc_core.jobs import start_job
+from llrc_core.workflow import compress_copy
+from pages import charts, common, forms
+
+st.title("Compress")
+
+def live_panel():
+    with common.error_box():
+        _live_panel()
+
+
+def _live_panel():
+    job = st.session_state.get("compress_job")
+    if job is None:
+        st.info("Set the options below and press **Start compression**.")
+        return
+    options = st.session_state["compress_options"]
+    steps = job.events_since(0, "step")
+    phase = job.latest("phase") or {"phase": "starting"}
+    total = int(options.get("steps", 0) or 0)
+    done_steps = steps[-1]["step"] if steps else 0
+    top = st.columns([4, 1])
+    if job.running:
+        frac = min(1.0, done_steps / total) if total else 0.0
+        top[0].progress(frac, text=f"{phase['phase']}: step {done_steps}"
+                        + (f" of {total}" if total else "") + f" - {job.seconds:.0f} s")
+        if top[1].button("Stop", key="stop", type="secondary", disabled=job.stop_requested):
+            job.stop()
+            st.toast("Stopping after the current step ...")
+    elif job.status == "error":
+        st.error(job.error)
+    else:
+        top[0].success(f"{job.status.capitalize()} after {job.seconds:.0f} s "
+                       f"({done_steps} steps).")
+
+    masks = job.latest("masks")
+    if steps or masks:
+        left, right = st.columns(2)
+        if masks:
+            names, z = analysis.mask_matrix(masks["probs"])
+            left.plotly_chart(charts.mask_heatmap([charts.short(n) for n in names], z,
+                                                  masks["step"]), key="fig_masks")
+        right.plotly_chart(charts.loss_curves(steps), key="fig_loss")
+        right.plotly_chart(charts.ratio_curve(steps, options["scope"], options["ratio"]),
+                           key="fig_ratio")
+    elif job.running:
+        st.caption("This method has no training loop to watch; it reports when it is done.")
+
+    result = job.result
+    ranks = (result.plan.ranks() if result is not None
+             else steps[-1].get("ranks") if steps else None)
+    if ranks:
+        st.plotly_chart(charts.layer_bars([charts.short(n) for n in ranks], list(ranks.values()),
+                                          "Kept rank per layer", "kept rank (singular values)"),
+                        key="fig_ranks")
+    if result is not None:
+        m = st.columns(4)
+        m[0].metric("Ratio (target layers)", f"{result.plan.ratio('linear'):.4f}")
+        m[1].metric("Ratio (whole model)", f"{result.plan.ratio('model'):.4f}")
+        if result.ppl_before is not None:
+            m[2].metric("Perplexity before", f"{result.ppl_before:.2f}")
+            m[3].metric("Perplexity after", f"{result.ppl_after:.2f}",
+                        f"{result.ppl_after - result.ppl_before:+.2f}", delta_color="inverse")
+        st.page_link("pages/export.py", label="Next: export this model", icon=":material/east:")
+
+    if not job.running and st.session_state.get("compress_finalised") is not job:
+        st.session_state["compress_finalised"] = job
+        if result is not None:
+            common.results()[st.session_state["compress_label"]] = result
+        st.rerun()   # the whole page once more, now without the timer
+
+
+job = st.session_state.get("compress_job")
+st.fragment(live_panel, run_every=1.0 if job is not None and job.running else None)()
+
+
+with common.error_box():
+    loaded = common.current()
+    methods = sorted(SELECTORS, key=lambda m: (m != "llrc", m))
+    job = st.session_state.get("compress_job")
+    busy = job is not None and job.running
+    if "llrc" not in SELECTORS:
+        st.info("LLRC is not registered in this installation: the registered baselines run "
+                "instead (no live training charts).")
+    st.subheader("New run" if job is not None else "Configure a run")
+    c1, c2 = st.columns(2)
+    method = c1.selectbox("Method", methods, key="compress_method", disabled=busy)
+    cfg_cls, select_fn = get_selector(method)
+    allowed = list(getattr(select_fn, "decompositions", ("asvd", "whiten", "svd")))
+    preferred = getattr(select_fn, "preferred_decomposition", allowed[0])
+    decomp = c2.selectbox("Decomposition", allowed, index=allowed.index(preferred),
+                          key=f"compress_decomp_{method}", disabled=busy,
+                          help="each method starts on the decomposition its paper uses")
+    with st.form("compress_form"):
+        options = forms.selector_options(cfg_cls, prefix=f"cfg_{method}")
+        n_eval = st.number_input("Perplexity windows (WikiText-2 test, 128 tokens each; "
+                                 "0 skips)", 0, 256, 4, key="n_eval")
+        start = st.form_submit_button("Start compression", type="primary", disabled=busy)
+
+    if start:
+        cfg_cls.from_dict(options)   # validate in the script thread: errors show here
+        with st.status("Preparing the decomposition ...") as status:
+            dec = common.decomposed(decomp)
+            eval_ids = common.eval_ids(int(n_eval), 128) if n_eval else None
+            status.update(label="Decomposition ready", state="complete")
+        base, windows = loaded.model, common.windows()
+        job = start_job(lambda emit, stop: compress_copy(
+            base, dec, method, windows, eval_ids, emit=emit, should_stop=stop, **options),
+            name=f"compress-{method}")
+        label = (f"{method} {options.get('selection', '')} {options['ratio']:.2f} "
+                 f"{options['scope']} ({decomp})")
+        st.session_state.update(compress_job=job, compress_label=label,
+                                compress_options=options, compress_finalised=None)
+        st.rerun()   # show the new run's live panel at the top

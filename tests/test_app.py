@@ -1,0 +1,310 @@
+"""The Streamlit app through ``streamlit.testing.v1.AppTest``: widgets drive every page on the
+demo model; the plotly figures are read back from the chart protos and checked against numbers
+computed with the library. Also the UI-agnostic helpers the app uses (jobs, analysis).
+
+The page tests share one app session (module fixture) and run in page order, like a user:
+model -> spectra -> compress (LLRC, stopped early) -> compare -> export.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+import threading
+import time
+import zipfile
+
+import pytest
+import torch
+
+from conftest import DEMO, ROOT, WIKI_TEST, WIKI_VALID
+from llrc_core import analysis
+from llrc_core.jobs import start_job
+
+sys.path.insert(0, str(ROOT))   # the app's pages/ package
+pytestmark = pytest.mark.skipif(not WIKI_TEST.exists(), reason="needs ../shared/data")
+
+
+# --- UI-agnostic helpers ----------------------------------------------------------------------------
+def test_job_collects_events_from_worker_and_stops_on_request():
+    def work(emit, should_stop):
+        i = 0
+        while not should_stop():
+            emit({"type": "step", "step": i})
+            i += 1
+            time.sleep(0.002)
+        return i
+
+    job = start_job(work)
+    while len(job) < 5:
+        time.sleep(0.01)
+    assert job.status == "running" and job.running
+    job.stop()
+    assert job.wait(5)
+    assert job.status == "stopped" and job.error is None
+    steps = [e["step"] for e in job.events_since(0, "step")]
+    assert steps == list(range(job.result)) and job.latest("step")["step"] == job.result - 1
+    assert job.events_since(3)[0]["step"] == 3
+
+
+@pytest.mark.parametrize("exc, status, message", [
+    (ValueError("ratio must be in (0, 1]"), "error", "ratio must be in (0, 1]"),
+    (RuntimeError("boom"), "error", "RuntimeError: boom"),
+])
+def test_job_reports_errors_as_messages(exc, status, message):
+    def work(emit, should_stop):
+        emit({"type": "phase"})
+        raise exc
+
+    job = start_job(work)
+    assert job.wait(5)
+    assert (job.status, job.error, job.result) == (status, message, None)
+    assert "Traceback" in job.traceback and len(job) == 1
+
+
+def test_job_events_are_consistent_under_concurrent_readers():
+    job = start_job(lambda emit, stop: [emit({"type": "x", "i": i}) for i in range(3000)])
+    seen = []
+    reader = threading.Thread(target=lambda: [seen.append(len(job.events_since(0)))
+                                               for _ in range(200)])
+    reader.start()
+    job.wait(10)
+    reader.join()
+    assert job.status == "done" and len(job) == 3000
+    assert seen == sorted(seen)   # snapshots only grow
+
+
+@pytest.mark.parametrize("S, energy, eff, k", [
+    ([1.0] * 8, 0.5, 8.0, 4),                      # flat: effective rank = r
+    ([3.0, 0.0, 0.0], 0.99, 1.0, 1),               # one direction
+    ([2.0, 1.0, 1.0, 1.0, 1.0], 0.5, None, 1),      # 4 / 8 of the energy in the first
+    ([2.0, 1.0, 1.0, 1.0, 1.0], 0.75, None, 3),     # 4 + 1 + 1 = 6 of 8
+])
+def test_effective_rank_and_rank_for_energy(S, energy, eff, k):
+    S = torch.tensor(S)
+    if eff is not None:
+        assert analysis.effective_rank(S) == pytest.approx(eff)
+    assert analysis.rank_for_energy(S, energy) == k
+    assert analysis.cumulative_energy(S)[-1].item() == pytest.approx(1.0)
+
+
+def test_block_grid_and_mask_matrix_shapes():
+    rows = [{"block": b, "module_type": m, "v": 10 * b + i}
+            for b in (0, 1) for i, m in enumerate(("q", "k", "v"))]
+    blocks, kinds, z = analysis.block_grid(rows[:-1], "v")
+    assert (blocks, kinds) == ([0, 1], ["q", "k", "v"]) and z == [[0, 1, 2], [10, 11, None]]
+    names, z = analysis.mask_matrix({"a": [0.5, 1.0, 0.25], "b": [1.0]})
+    assert names == ["a", "b"] and z == [[0.5, 1.0, 0.25], [1.0, None, None]]
+
+
+# --- the app ----------------------------------------------------------------------------------------
+def figures(at) -> dict[str, dict]:
+    """Every plotly chart on the page as its figure JSON, by widget key."""
+    return {el.key: json.loads(el.proto.spec) for el in at.get("plotly_chart")}
+
+
+def no_errors(at):
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+
+
+def wait_job(at, key, until=lambda job: not job.running, timeout=240):
+    job = at.session_state[key]
+    t0 = time.time()
+    while not until(job):
+        assert time.time() - t0 < timeout, f"{key} still {job.status} after {timeout} s"
+        time.sleep(0.5)
+    return job
+
+
+def base_checksum():
+    from pages import common
+    model = common.base_model(str(DEMO), "auto", "auto").model
+    return sum(float(p.detach().double().abs().sum()) for p in model.parameters()), \
+        {type(m).__name__ for m in model.modules()}
+
+
+@pytest.fixture(scope="module")
+def at():
+    from streamlit.testing.v1 import AppTest
+    app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    app.run()
+    return app
+
+
+def test_model_page_loads_demo_and_shows_parameters(at):
+    no_errors(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Parameters"] == "22.74 M" and metrics["Target layers"] == "36"
+    assert metrics["In target layers"] == "10.62 M"
+    table = at.dataframe[0].value
+    assert len(table) == 36 and set(table["module type"]) == {
+        "attention.self.query", "attention.self.key", "attention.self.value",
+        "attention.output.dense", "intermediate.dense", "output.dense"}
+    assert at.session_state["windows"].shape == (16, 128)
+    assert at.session_state["calib"]["source"] == str(WIKI_VALID)
+
+
+def test_model_page_bad_folder_is_an_error_message(at):
+    at.radio(key="model_source").set_value("Local folder")
+    at.text_input(key="model_path").set_value("/no/such/model")
+    at.button(key="FormSubmitter:load-Load model").click().run()
+    assert not at.exception
+    assert "not found" in at.error[0].value and "/no/such/model" in at.error[0].value
+    at.radio(key="model_source").set_value("Demo model (MiniLM-L6 decoder, WikiText-2)")
+    at.button(key="FormSubmitter:load-Load model").click().run()
+    no_errors(at)
+
+
+def test_spectra_page_figures_match_the_decomposition(at):
+    at.switch_page("pages/spectra.py").run()
+    no_errors(at)
+    figs = figures(at)
+    assert set(figs) == {"fig_spectra", "fig_energy", "fig_heat", "fig_eff"}
+    spec = figs["fig_spectra"]
+    # Default: one module type (the first, query) in each of the 6 blocks, 384 values each.
+    assert len(spec["data"]) == 6 and all(len(t["y"]) == 384 for t in spec["data"])
+    assert spec["layout"]["yaxis"]["type"] == "log"
+    assert "singular value" in spec["layout"]["yaxis"]["title"]["text"]
+    energy = figs["fig_energy"]
+    assert all(t["y"][-1] == pytest.approx(1.0) for t in energy["data"])
+    assert energy["layout"]["shapes"][0]["y0"] == pytest.approx(0.9)   # the energy level line
+    heat = figs["fig_heat"]["data"][0]
+    assert heat["type"] == "heatmap" and len(heat["z"]) == 6 and len(heat["z"][0]) == 6
+    table = at.dataframe[0].value
+    q0 = table[table["layer"] == "bert.encoder.layer.0.attention.self.query"].iloc[0]
+    assert heat["z"][0][0] == pytest.approx(q0["effective_rank"])
+    assert 1 < q0["effective_rank"] < 384
+    assert len(figs["fig_eff"]["data"][0]["y"]) == 36
+
+    # Rank needed for 99 % energy: more than for 90 %, at most full rank.
+    at.radio(key="spectra_heat_value").set_value(at.radio(key="spectra_heat_value").options[1])
+    at.run()
+    z90 = figures(at)["fig_heat"]["data"][0]["z"]
+    at.slider(key="spectra_energy").set_value(0.99).run()
+    at.radio(key="spectra_heat_value").set_value(at.radio(key="spectra_heat_value").options[1])
+    at.run()
+    no_errors(at)
+    z99 = figures(at)["fig_heat"]["data"][0]["z"]
+    flat90, flat99 = sum(z90, []), sum(z99, [])
+    assert all(a <= b <= 384 for a, b in zip(flat90, flat99)) and sum(flat99) > sum(flat90)
+    assert z90[0][0] == q0["rank_for_0.9"]
+    assert len(at.get("download_button")) == 2
+
+
+def test_compress_page_runs_llrc_live_and_stops(at):
+    before = base_checksum()
+    at.switch_page("pages/compress.py").run()
+    no_errors(at)
+    assert at.selectbox(key="compress_method").value == "llrc"
+    # Invalid config: a message, no job.
+    at.number_input(key="cfg_llrc_tau").set_value(0.0)
+    at.button(key="FormSubmitter:compress_form-Start compression").click().run()
+    assert not at.exception and "tau must be > 0" in at.error[0].value
+    assert "compress_job" not in at.session_state
+    at.number_input(key="cfg_llrc_tau").set_value(0.3)
+    at.number_input(key="cfg_llrc_steps").set_value(400)
+    at.number_input(key="cfg_llrc_mask_every").set_value(2)
+    at.number_input(key="cfg_llrc_batch_size").set_value(2)
+    at.number_input(key="n_eval").set_value(2)
+    at.button(key="FormSubmitter:compress_form-Start compression").click().run()
+    no_errors(at)
+    job = wait_job(at, "compress_job", lambda j: len(j.events_since(0, "masks")) >= 2
+                   or not j.running)
+    assert job.running, job.error
+    at.run()                              # a page refresh while it runs: live charts
+    no_errors(at)
+    figs = figures(at)
+    assert {"fig_masks", "fig_loss", "fig_ratio", "fig_ranks"} <= set(figs)
+    masks = figs["fig_masks"]["data"][0]
+    assert masks["type"] == "heatmap" and len(masks["z"]) == 36 and len(masks["z"][0]) == 384
+    assert all(0.0 <= v <= 1.0 for row in masks["z"] for v in row)
+    loss = figs["fig_loss"]
+    names = [t["name"] for t in loss["data"]]
+    assert names == ["loss", "loss_compression", "loss_distill", "loss_tv", "alpha(t)"]
+    assert loss["data"][-1]["yaxis"] == "y2" and "alpha" in loss["layout"]["yaxis2"]["title"]["text"]
+    assert figs["fig_ratio"]["layout"]["shapes"][0]["y0"] == pytest.approx(0.8)
+    at.button(key="stop").click().run()
+    job = wait_job(at, "compress_job")
+    assert job.status == "stopped", job.error
+    done = job.latest("done")
+    assert done["stopped"] is True and 0 < done["step"] < 400
+    at.run()
+    no_errors(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert float(metrics["Ratio (target layers)"]) <= 0.8 + 1e-9
+    ppl_b, ppl_a = float(metrics["Perplexity before"]), float(metrics["Perplexity after"])
+    assert 20 < ppl_b < 100 and ppl_a > ppl_b and math.isfinite(ppl_a)
+    ranks = figures(at)["fig_ranks"]["data"][0]
+    assert len(ranks["y"]) == 36 and ranks["y"] == list(job.result.plan.ranks().values())
+    assert base_checksum() == before          # the shared base model was never touched
+
+
+def test_compare_page_grid_and_cache(at):
+    at.switch_page("pages/compare.py").run()
+    no_errors(at)
+    at.multiselect(key="cmp_methods").set_value(["uniform", "energy"])
+    at.multiselect(key="cmp_ratios").set_value([0.8, 0.6])
+    at.number_input(key="cmp_eval").set_value(2)
+    at.button(key="FormSubmitter:compare_form-Run comparison").click().run()
+    no_errors(at)
+    job = wait_job(at, "compare_job")
+    assert job.status == "done", job.error
+    at.run()
+    no_errors(at)
+    figs = figures(at)
+    bars = figs["fig_cmp_bars"]
+    assert [t["name"] for t in bars["data"]] == ["uniform", "energy"]
+    assert all(len(t["y"]) == 36 for t in bars["data"]) and bars["layout"]["barmode"] == "group"
+    assert len(figs["fig_cmp_heat"]["data"][0]["z"]) == 2
+    ppl = {t["name"]: t for t in figs["fig_cmp_ppl"]["data"]}
+    for t in ppl.values():   # trained weights: fewer parameters, higher perplexity
+        assert t["x"] == [0.6, 0.8] and t["y"][0] > t["y"][1]
+    table = at.dataframe[0].value
+    assert len(table) == 4 and (table["ratio_linear"] <= table["target_ratio"] + 1e-9).all()
+    # Same grid again: every cell comes from the cache.
+    t0 = time.time()
+    at.button(key="FormSubmitter:compare_form-Run comparison").click().run()
+    job = wait_job(at, "compare_job")
+    assert job.status == "done" and time.time() - t0 < 20
+    at.run()
+    assert at.dataframe[0].value["seconds"].tolist() == table["seconds"].tolist()
+
+
+def test_export_page_saves_zips_and_reloads(at, tmp_path):
+    at.switch_page("pages/export.py").run()
+    no_errors(at)
+    label = at.session_state["compress_label"]
+    assert at.selectbox(key="export_choice").value == label
+    out = tmp_path / "exported"
+    at.text_input(key="export_folder").set_value(str(out))
+    at.button(key="FormSubmitter:export_form-Save to folder").click().run()
+    no_errors(at)
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "rank_plan.json", "rank_plan.csv",
+            "README.md"} <= names
+    plan = json.loads((out / "rank_plan.json").read_text())
+    assert plan["method"] == "llrc" and plan["selection"] == "any-k"
+    assert "dl_zip" in [b.key for b in at.get("download_button")]   # built on click by:
+    from llrc_core.workflow import zip_folder
+    with zipfile.ZipFile(io.BytesIO(zip_folder(out))) as zf:
+        assert {f"exported/{n}" for n in names} == set(zf.namelist())
+    at.button(key="reload_check").click().run()
+    no_errors(at)
+    diff = float(at.metric[0].value)
+    assert diff <= 1e-5 and "same outputs" in at.success[-1].value
+    # Saving again into the now non-empty folder without "replace": a message, files intact.
+    at.button(key="FormSubmitter:export_form-Save to folder").click().run()
+    assert not at.exception and "not empty" in at.error[0].value
+    assert {p.name for p in out.iterdir()} == names
+
+
+def test_sessions_do_not_share_jobs_or_results(at):
+    from streamlit.testing.v1 import AppTest
+    other = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    other.run()
+    other.switch_page("pages/export.py").run()
+    no_errors(other)
+    assert "compress_job" not in other.session_state and not other.session_state["results"]
+    assert "Nothing to export yet" in other.info[0].value

@@ -1,0 +1,205 @@
+"""End to end in headless Debian Chromium (Python Playwright): start the app on a free port,
+load the demo model, open the spectra, run a short LLRC compression from the browser, see the
+mask heatmap and the loss chart change between two moments, stop it, export and reload.
+Screenshots of every page go to ``test-artifacts/``.
+
+Needs ``/usr/bin/chromium`` (apt ``chromium``) and ``pip install playwright``; never
+``playwright install``. Skips only when one of the two is missing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, WIKI_TEST
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts"
+ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:   # pragma: no cover - the CI script installs it
+    sync_playwright = None
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing (apt chromium)"),
+    pytest.mark.skipif(sync_playwright is None, reason="playwright missing (pip install)"),
+]
+
+# Plotly keeps each chart's data on its div: read titles, trace names and sizes, and a digest
+# of the mask probabilities.
+FIGURES_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(gd => ({
+  title: ((gd.layout.title && gd.layout.title.text) || '').replace(/<[^>]+>/g, ''),
+  traces: gd.data.map(t => ({name: t.name || '', type: t.type,
+                             n: (t.x || t.y || []).length,
+                             z: t.z ? JSON.stringify(t.z) : null}))}))"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    if not WIKI_TEST.exists():
+        pytest.fail("shared data missing: ../shared/data/wikitext-2")
+    port = free_port()
+    # One intra-op thread: predictable on a shared 2-core runner (threads thrash under load).
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = open(ARTIFACTS / "streamlit.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
+                             "--server.headless", "true", "--server.port", str(port),
+                             "--browser.gatherUsageStats", "false"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("streamlit did not start; see test-artifacts/streamlit.log")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def figures(page) -> dict[str, dict]:
+    return {f["title"]: f for f in page.evaluate(FIGURES_JS)}
+
+
+def find(figs: dict, prefix: str) -> dict | None:
+    return next((f for t, f in figs.items() if t.startswith(prefix)), None)
+
+
+def wait_for(page, predicate, timeout=120.0, what="condition"):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        value = predicate()
+        if value:
+            return value
+        page.wait_for_timeout(500)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def shot(page, name: str) -> bytes:
+    page.wait_for_timeout(300)
+    return page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def nav(page, title: str):
+    page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
+
+
+def set_number(page, label: str, value):
+    box = page.get_by_label(label, exact=True)
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def test_browser_end_to_end(server, tmp_path):
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1500, "height": 1800})
+        page.set_default_timeout(180_000)
+        expect.set_options(timeout=180_000)    # first loads and decompositions are slow on CPU
+        try:
+            run_flow(page, server, tmp_path)
+        finally:
+            shot(page, "last")
+            browser.close()
+
+
+def run_flow(page, url: str, tmp_path: Path):
+    # Model: the demo model loads by default.
+    page.goto(url)
+    expect(page.get_by_text("Target layers", exact=True)).to_be_visible()
+    expect(page.get_by_test_id("stMetricValue").nth(2)).to_have_text("36")
+    shot(page, "1-model")
+
+    # Spectra: four charts with titled axes.
+    nav(page, "Spectra")
+    figs = wait_for(page, lambda: len(figures(page)) >= 4 and figures(page), what="4 charts")
+    spec = find(figs, "Singular value spectra")
+    assert spec, list(figs)
+    assert len(spec["traces"]) == 6 and all(t["n"] == 384 for t in spec["traces"])
+    assert find(figs, "Effective rank by block")["traces"][0]["type"] == "heatmap"
+    shot(page, "2-spectra")
+
+    # Compress: a short LLRC run started from the browser.
+    nav(page, "Compress")
+    expect(page.get_by_label("steps", exact=True)).to_be_visible()
+    set_number(page, "steps", 400)
+    page.get_by_text("More options", exact=True).click()     # expander with the rest
+    set_number(page, "mask_every", 2)
+    set_number(page, "batch_size", 2)
+    set_number(page, "Perplexity windows (WikiText-2 test, 128 tokens each; 0 skips)", 2)
+    page.get_by_role("button", name="Start compression").click()
+
+    def moment():
+        figs = figures(page)
+        masks, loss = find(figs, "Mask"), find(figs, "Loss terms")
+        if masks and loss and loss["traces"][0]["n"] >= 2:
+            return masks, loss
+        return None
+
+    masks1, loss1 = wait_for(page, moment, 240, "mask heatmap and loss chart")
+    png1 = shot(page, "3-compress-early")
+    masks2, loss2 = wait_for(page, lambda: (m := moment()) and m[0]["title"] != masks1["title"]
+                             and m[1]["traces"][0]["n"] > loss1["traces"][0]["n"] and m,
+                             180, "the charts to change")
+    png2 = shot(page, "4-compress-later")
+    step = lambda m: int(m["title"].rsplit("step ", 1)[1].rstrip(")"))  # noqa: E731
+    assert step(masks2) > step(masks1)
+    assert masks2["traces"][0]["z"] != masks1["traces"][0]["z"]      # probabilities moved
+    assert [t["name"] for t in loss2["traces"]] == ["loss", "loss_compression", "loss_distill",
+                                                   "loss_tv", "alpha(t)"]
+    assert hashlib.sha256(png1).digest() != hashlib.sha256(png2).digest()
+
+    page.get_by_role("button", name="Stop").click()
+    expect(page.get_by_text("Stopped after")).to_be_visible(timeout=180_000)
+    expect(page.get_by_text("Perplexity after")).to_be_visible()
+    shot(page, "5-compress-stopped")
+
+    # Compare: the page and its form (the grid itself is covered by test_app).
+    nav(page, "Compare")
+    expect(page.get_by_role("button", name="Run comparison")).to_be_visible()
+    shot(page, "6-compare")
+
+    # Export: save, zip, reload and check.
+    nav(page, "Export")
+    out = tmp_path / "export"
+    box = page.get_by_label("Folder", exact=True)
+    box.fill(str(out))
+    box.press("Tab")
+    page.get_by_role("button", name="Save to folder").click()
+    expect(page.get_by_role("button", name="Download folder (zip)")).to_be_visible()
+    assert (out / "model.safetensors").exists() and (out / "README.md").exists()
+    plan = json.loads((out / "rank_plan.json").read_text())
+    assert plan["method"] == "llrc" and plan["meta"]
+    page.get_by_role("button", name="Reload and check outputs").click()
+    expect(page.get_by_text("The reloaded model gives the same outputs.")).to_be_visible()
+    shot(page, "7-export")

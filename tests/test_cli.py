@@ -1,0 +1,198 @@
+"""The command line: ``spectra`` on a tiny saved model, bad input (exit 2, a clear message,
+nothing written), and one real ``python -m llrc_core compress`` run on the demo model."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import transformers
+
+from conftest import DEMO, ROOT, WIKI_TEST, WIKI_VALID, _COMMON, tiny_model, tiny_tokenizer
+from llrc_core.cli import main
+from llrc_core.models import find_targets
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama with a word-level tokenizer saved like a Hub checkpoint."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib_txt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n".join(WIKI_VALID.read_text(encoding="utf-8").splitlines()[:1500]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def odd_models(tmp_path_factory):
+    """Folders no pipeline can compress: an unknown model type, and a Llama without blocks."""
+    root = tmp_path_factory.mktemp("odd")
+    (root / "unknown").mkdir()
+    (root / "unknown" / "config.json").write_text(json.dumps({"model_type": "frobnicator"}))
+    cfg = transformers.LlamaConfig(**{**_COMMON, "num_hidden_layers": 0})
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "no-blocks")
+    tiny_tokenizer().save_pretrained(root / "no-blocks")
+    return root
+
+
+@pytest.mark.parametrize("decomposition", ["svd", "whiten"])
+def test_spectra_has_a_row_per_singular_value(decomposition, tiny_dir, calib_txt, tmp_path,
+                                              capsys):
+    out = tmp_path / "spectra.csv"
+    argv = ["spectra", "--model", str(tiny_dir), "--out", str(out),
+            "--decomposition", decomposition]
+    if decomposition != "svd":
+        argv += ["--calib", str(calib_txt), "--n-calib", "8"]
+    assert main(argv) == 0
+    targets = find_targets(tiny_model("llama"))
+    expected = sum(min(t.m, t.n) for t in targets)                   # 2 x 192 = 384
+    df = pd.read_csv(out)
+    assert len(df) == expected == json.loads(capsys.readouterr().out)["rows"]
+    assert list(df.columns) == ["layer", "module_type", "block", "index", "sigma",
+                                "cumulative_energy"]
+    for t in targets:
+        rows = df[df.layer == t.name]
+        assert rows["index"].tolist() == list(range(min(t.m, t.n)))
+        assert (rows.module_type == t.kind).all() and (rows.block == t.block).all()
+        assert rows.sigma.is_monotonic_decreasing and rows.sigma.iloc[-1] >= 0
+        assert rows.cumulative_energy.is_monotonic_increasing
+        assert rows.cumulative_energy.iloc[-1] == pytest.approx(1.0, abs=1e-9)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spectra.csv"]   # no temp file left
+
+
+def _compress(model, out, calib, *extra):
+    return ["compress", "--model", str(model), "--method", "uniform", "--calib", str(calib),
+            "--n-calib", "4", "--seq-len", "32", "--out", str(out), *extra]
+
+
+# (case, argv(tiny_dir, odd_models, calib, empty, tmp) -> list, message pattern)
+BAD_INPUT = [
+    ("missing-model", lambda d, o, c, e, t: _compress(t / "nope" / "model", t / "out", c,
+                                                      "--ratio", "0.8"),
+     "model folder not found"),
+    ("missing-model-spectra", lambda d, o, c, e, t: ["spectra", "--model", str(t / "nope" / "m"),
+                                                     "--out", str(t / "out")],
+     "model folder not found"),
+    ("ratio-0", lambda d, o, c, e, t: _compress(d, t / "out", c, "--ratio", "0"),
+     r"ratio must be in \(0, 1\]"),
+    ("ratio-1.5", lambda d, o, c, e, t: _compress(d, t / "out", c, "--ratio", "1.5"),
+     r"ratio must be in \(0, 1\]"),
+    ("empty-calib", lambda d, o, c, e, t: _compress(d, t / "out", e, "--ratio", "0.8"),
+     "calibration source .* is empty"),
+    ("unknown-model-type", lambda d, o, c, e, t: _compress(o / "unknown", t / "out", c,
+                                                           "--ratio", "0.8"),
+     "frobnicator.*does not recognize"),
+    ("no-target-layers", lambda d, o, c, e, t: _compress(o / "no-blocks", t / "out", c,
+                                                         "--ratio", "0.8"),
+     r"no transformer blocks found.*module types present: \['Embedding'"),
+    ("unreachable-model-ratio", lambda d, o, c, e, t: _compress(
+        d, t / "out", c, "--ratio", "0.2", "--ratio-scope", "model"), "unreachable"),
+    ("unknown-method", lambda d, o, c, e, t: _compress(d, t / "out", c, "--ratio", "0.8",
+                                                       "--method", "magic"),
+     "unknown method 'magic'"),
+    ("missing-eval-text", lambda d, o, c, e, t: _compress(d, t / "out", c, "--ratio", "0.8",
+                                                          "--eval-text", str(t / "no.txt")),
+     "--eval-text not found"),
+]
+
+
+@pytest.mark.parametrize("case,argv,message", BAD_INPUT, ids=[row[0] for row in BAD_INPUT])
+def test_bad_input_exits_2_and_writes_nothing(case, argv, message, tiny_dir, odd_models,
+                                              calib_txt, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(argv(tiny_dir, odd_models, calib_txt, empty, tmp_path)) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err[captured.err.index("error: "):]              # after any progress bar
+    assert re.search(message, err, re.S), err
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before      # no temp folder left
+
+
+@pytest.mark.parametrize("command", ["compress", "spectra"])
+def test_existing_output_is_kept_without_force(command, tiny_dir, calib_txt, tmp_path, capsys):
+    if command == "compress":
+        out = tmp_path / "out"
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        argv = _compress(tiny_dir, out, calib_txt, "--ratio", "0.8")
+        message, keep = "exists and is not empty.*--force", out / "keep.txt"
+    else:
+        out = keep = tmp_path / "spectra.csv"
+        out.write_text("mine")
+        argv = ["spectra", "--model", str(tiny_dir), "--out", str(out)]
+        message = "exists.*--force"
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert main(argv) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert keep.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    assert main(argv + ["--force"]) == 0                               # and --force replaces it
+    assert not keep.exists() or keep.read_text() != "mine"
+
+
+def test_compress_end_to_end_on_the_demo_model(tmp_path, shared_data, capsys):
+    """One real ``python -m llrc_core compress`` run, then ``eval`` on the exported folder."""
+    out = tmp_path / "demo-0.8"
+    argv = ["compress", "--model", str(DEMO), "--method", "uniform", "--ratio", "0.8",
+            "--decomposition", "asvd", "--calib", str(WIKI_VALID), "--n-calib", "8",
+            "--seq-len", "128", "--eval-text", str(WIKI_TEST), "--max-eval-windows", "4",
+            "--out", str(out)]
+    # One thread: MKL's threaded SVD is ~10x slower than serial on a busy 2-core machine.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "llrc_core", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    for key in ("method", "decomposition", "selection", "target_ratio", "ratio_scope",
+                "achieved_ratio_linear", "achieved_ratio_model", "ranks", "ppl_before",
+                "ppl_after", "seconds"):
+        assert key in report, key
+    assert (report["method"], report["decomposition"], report["selection"]) == \
+        ("uniform", "asvd", "top-k")
+    assert (report["target_ratio"], report["ratio_scope"]) == (0.8, "linear")
+    assert abs(report["achieved_ratio_linear"] - 0.8) <= 0.005
+    assert report["achieved_ratio_linear"] < report["achieved_ratio_model"] < 1.0
+    assert len(report["ranks"]) == 36 and all(isinstance(k, int) and k > 0
+                                              for k in report["ranks"].values())
+    assert 1 < report["ppl_before"] < report["ppl_after"] < 3 * report["ppl_before"]
+    assert report["seconds"] > 0
+    assert json.loads(proc.stdout)["out"] == str(out)
+    # the exported folder reproduces the perplexity measured in memory
+    assert main(["eval", "--model", str(out), "--text", str(WIKI_TEST), "--seq-len", "128",
+                 "--max-windows", "4"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["windows"] == 4
+    assert ev["ppl"] == pytest.approx(report["ppl_after"], rel=1e-4)
+
+
+def test_windows_longer_than_the_context_are_clamped(calib_txt, tmp_path, capsys):
+    """Regression: --seq-len above the model's context (GPT-2 tiny: 64 positions) used to crash
+    the evaluation with an IndexError; calibration and evaluation both clamp to the context."""
+    model_dir, out = tmp_path / "gpt2", tmp_path / "out"
+    tiny_model("gpt2").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    assert main(["compress", "--model", str(model_dir), "--ratio", "0.8", "--calib",
+                 str(calib_txt), "--n-calib", "4", "--seq-len", "128", "--eval-text",
+                 str(calib_txt), "--max-eval-windows", "2", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert abs(report["achieved_ratio_linear"] - 0.8) <= 0.005
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--text", str(calib_txt), "--seq-len", "128",
+                 "--max-windows", "2"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["tokens"] == 2 * 64
+    assert ev["ppl"] == pytest.approx(report["ppl_after"], rel=1e-4)

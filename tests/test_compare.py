@@ -1,0 +1,114 @@
+"""The comparison runner: grid axes, a real run on the demo model, resuming from cached
+cells, failing methods recorded, MiniLM embedding fidelity."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import DEMO, WIKI_TEST
+from llrc_core import compare
+from llrc_core.compare import CompareConfig, grid, method_axes, run_compare
+from llrc_core.selectors import SELECTORS, SelectConfig
+from llrc_core.selectors.uniform import select_uniform
+
+SMALL = dict(n_calib=2, seq_len=64, eval_seq_len=64, max_eval_windows=2, fidelity_lines=16)
+
+
+@pytest.mark.parametrize("decompositions,method,expected", [
+    (("auto",), "svdllm", [("whiten", "top-k")]),
+    (("asvd",), "svdllm", []),                       # whitening only: skipped
+    (("auto",), "strs", [("asvd", "top-k")]),
+    (("auto",), "drank", [("whiten", "top-k")]),
+    (("svd", "asvd"), "uniform", [("svd", "top-k"), ("asvd", "top-k")]),
+])
+def test_method_axes(decompositions, method, expected):
+    cfg = CompareConfig(methods=(method,), decompositions=decompositions)
+    assert method_axes(method, cfg) == expected
+
+
+def test_any_k_only_for_methods_that_support_it(monkeypatch):
+    from dataclasses import dataclass
+
+    @dataclass
+    class AnyKConfig(SelectConfig):
+        selection: str = "any-k"
+    monkeypatch.setitem(SELECTORS, "fake_anyk", (AnyKConfig, select_uniform))
+    cfg = CompareConfig(methods=("fake_anyk", "uniform"), ratios=(0.8, 0.6))
+    cells = grid(cfg)
+    assert {(c["method"], c["selection"]) for c in cells} == {
+        ("fake_anyk", "top-k"), ("fake_anyk", "any-k"), ("uniform", "top-k")}
+    assert len(cells) == 6
+
+
+@pytest.mark.parametrize("bad", [{"ratios": (1.5,)}, {"selections": ("some-k",)},
+                                 {"decompositions": ("qr",)}, {"scope": "all"}])
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        CompareConfig(**bad)
+
+
+def test_config_round_trip():
+    cfg = CompareConfig(methods=("uniform",), options={"strs": {"candidates": [0.5]}})
+    assert CompareConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_demo_grid_resumes_and_writes_tidy_results(tmp_path, monkeypatch):
+    def boom(ctx, cfg):
+        raise RuntimeError("broken method")
+    monkeypatch.setitem(SELECTORS, "broken", (SelectConfig, boom))
+    cfg = CompareConfig(model=str(DEMO), methods=("uniform", "svdllm", "broken"),
+                        ratios=(0.8, 0.6), **SMALL)
+    df = run_compare(cfg, tmp_path, log=lambda _: None)
+    assert len(df) == 1 + 2 * 3
+    ok = df[df["error"].isna() & (df["method"] != "dense")]
+    assert len(ok) == 4
+    for _, row in ok.iterrows():
+        assert abs(row["achieved_ratio_linear"] - row["target_ratio"]) <= 0.005
+        assert row["achieved_ratio_model"] > row["achieved_ratio_linear"]
+        assert len(row["ranks"]) == 36
+    dense = df[df["method"] == "dense"]["ppl"].item()
+    ppl = ok.set_index(["method", "target_ratio"])["ppl"]
+    assert dense < ppl[("svdllm", 0.8)] < ppl[("svdllm", 0.6)]
+    assert ppl[("svdllm", 0.8)] < ppl[("uniform", 0.8)]        # whitening beats ASVD here
+    assert df[df["method"] == "broken"]["error"].str.contains("broken method").all()
+
+    csv = pd.read_csv(tmp_path / "results.csv")
+    for col in ("method", "decomposition", "selection", "target_ratio", "achieved_ratio_linear",
+                "achieved_ratio_model", "ppl", "seconds", "ranks"):
+        assert col in csv.columns
+    assert json.loads(csv["ranks"].iloc[1])                     # ranks per layer as JSON
+    assert len(json.loads((tmp_path / "results.json").read_text())) == 7
+    for fig in ("ppl_vs_ratio.html", "ranks_heatmap.html"):
+        assert (tmp_path / fig).stat().st_size > 10_000
+
+    # Second run: every good cell is read back; nothing loads the model.
+    class NoSession:
+        def __init__(self, *a, **k):
+            raise AssertionError("the model was loaded although every cell is cached")
+    monkeypatch.delitem(SELECTORS, "broken")
+    monkeypatch.setattr(compare, "_Session", NoSession)
+    again = run_compare(CompareConfig.from_dict({**cfg.to_dict(),
+                                                 "methods": ["uniform", "svdllm"]}),
+                        tmp_path, log=lambda _: None)
+    assert again["ppl"].tolist() == df[df["method"] != "broken"]["ppl"].tolist()
+
+
+def test_fidelity_helpers():
+    from llrc_core.fidelity import mean_cosine, wiki_lines
+    a = torch.randn(5, 8)
+    assert mean_cosine(a, a) == pytest.approx(1.0)
+    assert mean_cosine(a, -a) == pytest.approx(-1.0)
+    lines = wiki_lines(WIKI_TEST, 10)
+    assert len(lines) == 10 and not any(ln.startswith("=") for ln in lines)
+
+
+def test_minilm_fidelity_through_compare(tmp_path):
+    cfg = CompareConfig(model="minilm", methods=("svdllm",), ratios=(0.8, 0.4), **SMALL)
+    df = run_compare(cfg, tmp_path, log=lambda _: None)
+    fid = df.set_index("target_ratio")["fidelity"]
+    assert fid[1.0] == pytest.approx(1.0, abs=1e-6)             # dense against itself
+    assert 0.2 < fid[0.4] < fid[0.8] < 0.999 and fid[0.8] > 0.5   # 128 calibration tokens
+    assert df["ppl"].isna().all()

@@ -1,0 +1,151 @@
+"""LLRC: learned any-k / top-k masks (issue 3). Tiny models test the mechanics; the demo
+model (trained weights) tests quality."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import DEMO, WIKI_TEST, WIKI_VALID, tiny_ids, tiny_model
+from llrc_core import restore_
+from llrc_core.apply import LowRankLinear
+from llrc_core.errors import TrainingError
+from llrc_core.gates import kept_indices, transitions
+from llrc_core.pipeline import compress_, decompose_model, select_plan
+from llrc_core.selectors.llrc import LLRCConfig
+
+STEP_FIELDS = {"type", "step", "loss", "loss_compression", "loss_distill", "loss_tv", "alpha",
+               "tau", "ratio_linear", "ratio_model", "target_ratio", "phase", "ranks", "seconds"}
+FAST = dict(steps=40, lr=0.2, batch_size=4, train_seq_len=0, hold_steps=5, mask_every=5)
+
+
+@pytest.fixture()
+def tiny():
+    model = tiny_model("llama")
+    windows = tiny_ids(16, 24, seed=1)
+    return model, decompose_model(model, "svd"), windows
+
+
+def run(tiny, **kw):
+    model, dec, windows = tiny
+    events = []
+    plan = select_plan(model, dec, "llrc", windows, callback=events.append, **{**FAST, **kw})
+    return plan, events
+
+
+@pytest.mark.parametrize("scope", ["linear", "model"])
+def test_target_met_in_both_scopes_and_model_untouched(tiny, scope):
+    model, _, windows = tiny
+    with torch.no_grad():
+        before = model(input_ids=windows[:2]).logits
+    plan, _ = run(tiny, ratio=0.6, scope=scope)
+    assert abs(plan.ratio(scope) - 0.6) <= 0.005
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=windows[:2]).logits, before)
+    assert not any(p.requires_grad is False for p in model.parameters())
+
+
+def test_any_k_keeps_exact_indices_and_top_k_keeps_prefixes(tiny):
+    model, dec, windows = tiny
+    plan, _ = run(tiny, ratio=0.5, selection="any-k", tau=1.0)
+    non_prefix = [n for n, lp in plan.layers.items() if not lp.is_prefix]
+    assert non_prefix, "any-k on random weights should open some non-prefix gate"
+    compress_(model, dec, plan)
+    for name in non_prefix:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, LowRankLinear) and layer.kept == plan.layers[name].kept
+        A, B = dec.factors[name].factors(plan.layers[name].kept)
+        assert torch.allclose(layer.A.weight @ layer.B.weight, A @ B, atol=1e-6)
+    restore_(model)
+    top, _ = run(tiny, ratio=0.5, selection="top-k")
+    assert all(lp.is_prefix for lp in top.layers.values())
+    assert abs(top.ratio("linear") - 0.5) <= 0.005
+
+
+def test_total_variation_reduces_transitions(tiny):
+    def count(plan):
+        return sum(transitions(lp.kept, min(lp.m, lp.n)) for lp in plan.layers.values()
+                   if lp.kept is not None)
+    without, _ = run(tiny, ratio=0.5, beta_tv=0.0, tau=1.0)
+    with_tv, _ = run(tiny, ratio=0.5, beta_tv=5.0, tau=1.0)
+    assert count(with_tv) < count(without)
+
+
+def test_stop_and_resume_gives_the_same_plan(tiny, tmp_path):
+    model, dec, windows = tiny
+    full, _ = run(tiny, ratio=0.6)
+    ckpt = str(tmp_path / "mask.pt")
+    seen = []
+
+    def stop_after_12():
+        return len([e for e in seen if e["type"] == "step"]) >= 12
+
+    stopped = select_plan(model, dec, "llrc", windows, callback=seen.append,
+                          should_stop=stop_after_12, ratio=0.6, checkpoint=ckpt, **FAST)
+    assert stopped.meta["stopped"] and stopped.meta["steps"] == 12
+    assert abs(stopped.ratio("linear") - 0.6) <= 0.005      # a consistent plan even when stopped
+    resumed = select_plan(model, dec, "llrc", windows, ratio=0.6, checkpoint=ckpt, **FAST)
+    assert resumed.to_dict()["layers"] == full.to_dict()["layers"]
+
+
+def test_events_carry_every_field_and_log_replays(tiny, tmp_path):
+    log = tmp_path / "events.jsonl"
+    plan, events = run(tiny, ratio=0.6, log_path=str(log))
+    steps = [e for e in events if e["type"] == "step"]
+    assert steps and all(STEP_FIELDS <= set(e) for e in steps)
+    assert set(steps[-1]["ranks"]) == set(plan.layers)
+    assert [e["step"] for e in steps] == list(range(1, len(steps) + 1))
+    masks = [e for e in events if e["type"] == "masks"]
+    assert masks and all(len(p) == min(plan.layers[n].m, plan.layers[n].n)
+                         for n, p in masks[0]["probs"].items())
+    assert events[-1]["type"] == "done" and events[-1]["plan"] == plan.to_dict()
+    assert [json.loads(line) for line in log.read_text().splitlines()] == events
+    alphas = {round(e["alpha"], 6) for e in steps}
+    assert len(alphas) > 3                                  # alpha(t) oscillates
+
+
+def test_nan_loss_stops_with_clear_error(tiny):
+    model, dec, windows = tiny
+    name = next(iter(dec.factors))
+    dec.factors[name].S[0] = float("nan")
+    with torch.no_grad():
+        before = model(input_ids=windows[:2]).logits
+    with pytest.raises(TrainingError, match="became nan.*lower lr"):
+        select_plan(model, dec, "llrc", windows, ratio=0.6, **FAST)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=windows[:2]).logits, before)   # restored
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="ratio must be in"):
+        LLRCConfig(ratio=1.5)
+    with pytest.raises(ValueError, match="tau"):
+        LLRCConfig(tau=0)
+    assert LLRCConfig.from_dict(LLRCConfig(steps=7).to_dict()).steps == 7
+
+
+def test_deterministic_gates_read_off_the_plan():
+    theta = torch.tensor([2.0, -1.0, 3.0, -0.5, 1.0])
+    assert kept_indices(theta, "any-k") == [0, 2, 4]
+    assert kept_indices(theta, "top-k") == [0]
+
+
+@pytest.mark.slow
+def test_demo_llrc_beats_uniform_at_same_ratio(demo):
+    from llrc_core.evaluate import eval_windows, perplexity
+    from llrc_core.pipeline import calibrate
+    windows = calibrate(demo, str(WIKI_VALID), 64, 128)
+    dec = decompose_model(demo.model, "asvd", windows)
+    plan = select_plan(demo.model, dec, "llrc", windows, ratio=0.8)
+    assert abs(plan.ratio("linear") - 0.8) <= 0.005
+    ev = eval_windows(demo.tokenizer, WIKI_TEST, 256, 16)
+    compress_(demo.model, dec, plan)
+    ppl_llrc = perplexity(demo.model, ev)["ppl"]
+    restore_(demo.model)
+    uni = select_plan(demo.model, dec, "uniform", ratio=plan.ratio("linear"))
+    assert abs(uni.ratio("linear") - plan.ratio("linear")) <= 0.002
+    compress_(demo.model, dec, uni)
+    ppl_uniform = perplexity(demo.model, ev)["ppl"]
+    print(f"demo asvd rho {plan.ratio('linear'):.4f}: llrc {ppl_llrc:.2f} uniform {ppl_uniform:.2f}")
+    assert ppl_llrc < ppl_uniform
