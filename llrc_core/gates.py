@@ -4,8 +4,9 @@
   pass uses the hard gate ``y > 0.5`` with straight-through gradients (``hard - sg(y) + y``).
   ``P(gate open) = sigmoid(theta)`` exactly, since ``theta + g > 0`` has that probability.
 * **any-k**: every singular value has its own gate.
-* **top-k**: the mask is the cumulative product of the gates, so the kept set is the prefix
-  before the first closed gate (monotone in the index; straight-through through the product).
+* **top-k**: the mask keeps a prefix as long as the number of open gates (monotone in the
+  index; the gradient reaches every gate through the count). A cumulative product of the
+  gates was tried first: one noisy early gate then cut the whole tail and training collapsed.
 """
 from __future__ import annotations
 
@@ -33,25 +34,27 @@ def gate(theta: torch.Tensor, tau: float, noise: torch.Tensor | None, selection:
     z = theta if noise is None else theta + noise.to(theta.device, theta.dtype)
     soft = torch.sigmoid(z / tau)                                   # (r,)
     hard = (soft > 0.5).to(soft.dtype)
-    st = hard - soft.detach() + soft                                 # value hard, grad soft
     if selection == "top-k":
-        st = torch.cumprod(st, 0)                                    # prefix before 1st 0
-    return st, soft
+        # Keep the prefix as long as the number of open gates; its soft edge
+        # sigmoid(k_soft - i - 1/2) passes the gradient to every gate through the count.
+        i = torch.arange(theta.numel(), device=theta.device, dtype=soft.dtype)
+        soft_prefix = torch.sigmoid(soft.sum() - i - 0.5)
+        hard_prefix = (i < hard.sum()).to(soft.dtype)
+        return hard_prefix - soft_prefix.detach() + soft_prefix, soft
+    return hard - soft.detach() + soft, soft                         # value hard, grad soft
 
 
 def expected_kept(theta: torch.Tensor, selection: str) -> torch.Tensor:
-    """Expected number of kept singular values (differentiable)."""
-    p = torch.sigmoid(theta)
-    return torch.cumprod(p, 0).sum() if selection == "top-k" else p.sum()
+    """Expected number of kept singular values (differentiable); the same in both modes,
+    since top-k keeps as many as there are open gates."""
+    return torch.sigmoid(theta).sum()
 
 
 def kept_indices(theta: torch.Tensor, selection: str) -> list[int]:
     """Indices the deterministic gates keep (never empty: the top logit is kept)."""
     open_ = theta > 0
     if selection == "top-k":
-        closed = (~open_).nonzero()
-        k = int(closed[0]) if len(closed) else theta.numel()
-        idx = list(range(max(k, 1)))
+        idx = list(range(max(int(open_.sum()), 1)))
     else:
         idx = open_.nonzero().flatten().tolist()
     return idx or [int(theta.argmax())]

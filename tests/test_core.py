@@ -15,7 +15,7 @@ from conftest import DEMO, WIKI_TEST, WIKI_VALID, tiny_ids, tiny_model, tiny_tok
 from llrc_core.apply import restore_
 from llrc_core.calibration import CalibConfig, load_calibration, read_local_text, tokenize
 from llrc_core.counting import break_even, check_ratio, layer_cost, linear_budget, ratios
-from llrc_core.decompose import Factors, asvd, cholesky_damped, decompose, svd, whiten
+from llrc_core.decompose import asvd, cholesky_damped, decompose, svd, whiten
 from llrc_core.errors import CalibrationError, DecompositionError
 from llrc_core.evaluate import eval_windows, perplexity
 from llrc_core.models import find_targets, load_model

@@ -128,7 +128,7 @@ def test_config_validation():
 def test_deterministic_gates_read_off_the_plan():
     theta = torch.tensor([2.0, -1.0, 3.0, -0.5, 1.0])
     assert kept_indices(theta, "any-k") == [0, 2, 4]
-    assert kept_indices(theta, "top-k") == [0]
+    assert kept_indices(theta, "top-k") == [0, 1, 2]
 
 
 @pytest.mark.slow

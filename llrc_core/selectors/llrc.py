@@ -52,7 +52,8 @@ def _f(default, help_):
 
 @dataclass
 class LLRCConfig(SelectConfig):
-    selection: str = _f("any-k", "any-k (each singular value its own gate) or top-k (prefix)")
+    selection: str = _f("top-k", "top-k (a learned prefix per layer) or any-k (each singular "
+                        "value its own gate)")
     steps: int = _f(400, "maximum training steps")
     lr: float = _f(0.1, "AdamW learning rate on the mask logits")
     lr_final: float = _f(0.01, "learning rate reached, by a cosine, at the end of holding")
@@ -307,6 +308,7 @@ class LLRCRun:
         while over budget, then open the strongest closed ones while they fit."""
         shapes = self.ctx.shapes
         theta = {n: t.detach().cpu() for n, t in zip(self.names, self.theta)}
+        ranked = {n: t.sort(descending=True).values for n, t in theta.items()}
         kept = {n: sorted(k) for n, k in kept.items()}
         top = self.cfg.selection == "top-k"
         cost = {n: layer_cost(*shapes[n], len(k)) for n, k in kept.items()}
@@ -314,9 +316,9 @@ class LLRCRun:
 
         def candidates(n, drop):   # (priority, index) of the next gate to drop / to open
             k, t = kept[n], theta[n]
-            if top:
+            if top:   # a prefix as long as the open gates: the k-th largest logit decides
                 i = len(k) - 1 if drop else len(k)
-                return None if i < (1 if drop else 0) or i >= t.numel() else (t[i].item(), i)
+                return None if i < (1 if drop else 0) or i >= t.numel() else (ranked[n][i].item(), i)
             pool = k if drop else sorted(set(range(t.numel())) - set(k))
             if drop and len(k) <= 1 or not pool:
                 return None
