@@ -8,8 +8,8 @@ At the end the cells are gathered into a tidy ``results.csv`` / ``results.json``
 plotly figures: ``ppl_vs_ratio.html`` and ``ranks_heatmap.html`` (layers x methods).
 
 Axes that do not apply to a method are skipped, not faked:
-* selection: ``any-k`` only for methods that support it (a ``selections`` attribute on the
-  selector, else a config whose default selection is ``any-k``, i.e. LLRC); others top-k.
+* selection: ``any-k`` only for methods that offer it (``supported_selections`` on the
+  method's config: LLRC); others top-k.
 * decomposition: ``auto`` runs each method on its own (``preferred_decomposition`` on the
   selector, else ``asvd``); a method with a ``decompositions`` attribute (``svdllm``:
   whitening only) is skipped on the others.
@@ -97,10 +97,7 @@ def method_axes(name: str, cfg: CompareConfig) -> list[tuple[str, str]]:
     """``(decomposition, selection)`` pairs to run for method ``name``."""
     from .selectors import get_selector
     cfg_cls, fn = get_selector(name)
-    default_sel = next((f.default for f in dataclasses.fields(cfg_cls)
-                        if f.name == "selection"), "top-k")
-    supported = getattr(fn, "selections", None) or (
-        ("any-k", "top-k") if default_sel == "any-k" else ("top-k",))
+    supported = cfg_cls.supported_selections
     sels = [s for s in cfg.selections if s in supported] or ["top-k"]
     allowed = getattr(fn, "decompositions", None)
     decs = []

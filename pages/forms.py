@@ -31,9 +31,8 @@ def field_names(cfg_cls) -> set[str]:
 
 
 def selections(cfg_cls) -> list[str]:
-    """Methods whose config defaults to any-k learn either kind; the rest are top-k only."""
-    default = next(f.default for f in dataclasses.fields(cfg_cls) if f.name == "selection")
-    return ["any-k", "top-k"] if default == "any-k" else ["top-k"]
+    """The selections a method offers (learned any-k methods: both)."""
+    return list(cfg_cls.supported_selections)
 
 
 def selector_options(cfg_cls, prefix: str) -> dict:

@@ -34,7 +34,7 @@ def test_any_k_only_for_methods_that_support_it(monkeypatch):
 
     @dataclass
     class AnyKConfig(SelectConfig):
-        selection: str = "any-k"
+        supported_selections = ("top-k", "any-k")
     monkeypatch.setitem(SELECTORS, "fake_anyk", (AnyKConfig, select_uniform))
     cfg = CompareConfig(methods=("fake_anyk", "uniform"), ratios=(0.8, 0.6))
     cells = grid(cfg)

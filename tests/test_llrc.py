@@ -67,9 +67,9 @@ def test_total_variation_reduces_transitions(tiny):
     def count(plan):
         return sum(transitions(lp.kept, min(lp.m, lp.n)) for lp in plan.layers.values()
                    if lp.kept is not None)
-    without, _ = run(tiny, ratio=0.5, beta_tv=0.0, tau=1.0)
-    with_tv, _ = run(tiny, ratio=0.5, beta_tv=5.0, tau=1.0)
-    assert count(with_tv) < count(without)
+    without, _ = run(tiny, ratio=0.5, selection="any-k", beta_tv=0.0, tau=1.0)
+    with_tv, _ = run(tiny, ratio=0.5, selection="any-k", beta_tv=0.5, tau=1.0)
+    assert count(with_tv) < 0.75 * count(without)   # measured 44 -> 22 on this seed
 
 
 def test_stop_and_resume_gives_the_same_plan(tiny, tmp_path):

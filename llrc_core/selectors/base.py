@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -21,6 +21,9 @@ SELECTIONS = ("top-k", "any-k")
 @dataclass
 class SelectConfig:
     """Fields every method takes; methods subclass it with their own hyperparameters."""
+    # Selections a grid or the app offers for this method (learned any-k methods add "any-k").
+    supported_selections: ClassVar[tuple[str, ...]] = ("top-k",)
+
     ratio: float = 0.8          # target parameter ratio (kept / original), in (0, 1]
     scope: str = "linear"       # "linear" (target layers) or "model" (whole model)
     selection: str = "top-k"    # "top-k" (prefix) or "any-k" (any subset; learned methods)

@@ -13,7 +13,9 @@ gradients; ``gates.py``) and minimises
   the middle block and the last layer; targets precomputed once (``distill.py``). The paper
   does not say MSE or normalised MSE: ``distill_loss`` picks. ``objective="lm"`` swaps in the
   next-token loss (the paper's ablation).
-* ``L_TV``: total variation of the soft gates along the singular index (contiguous selections).
+* ``L_TV``: total variation along the singular index of the expected mask ``sigmoid(theta)``
+  (contiguous selections). On the noisy soft samples it mostly pushed logits to extremes and
+  did not reduce the number of 0/1 transitions; on the expected mask it does.
 * ``alpha(t)``: cosine cyclical schedule between ``alpha_low`` and ``alpha_high``.
 
 Once the deterministic ratio (gates ``theta > 0``, break-even rule applied) reaches the target,
@@ -52,6 +54,8 @@ def _f(default, help_):
 
 @dataclass
 class LLRCConfig(SelectConfig):
+    supported_selections = ("top-k", "any-k")
+
     selection: str = _f("top-k", "top-k (a learned prefix per layer) or any-k (each singular "
                         "value its own gate)")
     steps: int = _f(400, "maximum training steps")
@@ -59,7 +63,7 @@ class LLRCConfig(SelectConfig):
     lr_final: float = _f(0.01, "learning rate reached, by a cosine, at the end of holding")
     tau: float = _f(0.3, "Gumbel-Sigmoid temperature")
     beta_c: float = _f(1.0, "weight of the compression term")
-    beta_tv: float = _f(0.05, "weight of the total-variation term (0 disables)")
+    beta_tv: float = _f(0.5, "weight of the total-variation term (0 disables)")
     alpha_low: float = _f(0.2, "distillation weight at the trough of the cosine cycle")
     alpha_high: float = _f(1.0, "distillation weight at the crest of the cosine cycle")
     alpha_period: int = _f(50, "steps per cosine cycle of alpha(t) (0: constant alpha_high)")
@@ -193,9 +197,9 @@ class LLRCRun:
         ids = ids.to(self.device)
         tv = 0.0
         for n, t in zip(self.names, self.theta):
-            mask, soft = gates.gate(t, cfg.tau, gates.logistic_noise(t.shape, gen), cfg.selection)
+            mask, _ = gates.gate(t, cfg.tau, gates.logistic_noise(t.shape, gen), cfg.selection)
             layers[n].mask = mask
-            tv = tv + gates.total_variation(soft)
+            tv = tv + gates.total_variation(torch.sigmoid(t))    # of the expected mask
         auto = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if cfg.bf16 and self.device.type == "cuda" else nullcontext())
         with auto:
