@@ -132,12 +132,13 @@ def test_deterministic_gates_read_off_the_plan():
 
 
 @pytest.mark.slow
-def test_demo_llrc_beats_uniform_at_same_ratio(demo):
+@pytest.mark.parametrize("selection", ["top-k", "any-k"])
+def test_demo_llrc_beats_uniform_at_same_ratio(demo, selection):
     from llrc_core.evaluate import eval_windows, perplexity
     from llrc_core.pipeline import calibrate
     windows = calibrate(demo, str(WIKI_VALID), 64, 128)
     dec = decompose_model(demo.model, "asvd", windows)
-    plan = select_plan(demo.model, dec, "llrc", windows, ratio=0.8)
+    plan = select_plan(demo.model, dec, "llrc", windows, ratio=0.8, selection=selection)
     assert abs(plan.ratio("linear") - 0.8) <= 0.005
     ev = eval_windows(demo.tokenizer, WIKI_TEST, 256, 16)
     compress_(demo.model, dec, plan)
@@ -147,5 +148,7 @@ def test_demo_llrc_beats_uniform_at_same_ratio(demo):
     assert abs(uni.ratio("linear") - plan.ratio("linear")) <= 0.002
     compress_(demo.model, dec, uni)
     ppl_uniform = perplexity(demo.model, ev)["ppl"]
-    print(f"demo asvd rho {plan.ratio('linear'):.4f}: llrc {ppl_llrc:.2f} uniform {ppl_uniform:.2f}")
+    # Measured (2-core CPU): top-k 104.2, any-k 105.9, uniform 110.3 (dense 93.4).
+    print(f"demo asvd rho {plan.ratio('linear'):.4f} {selection}: llrc {ppl_llrc:.2f} "
+          f"uniform {ppl_uniform:.2f}")
     assert ppl_llrc < ppl_uniform

@@ -1,0 +1,53 @@
+"""Markdown tables from a ``llrc compare`` output folder (its cached cells), for the READMEs.
+
+    python bench/compare_table.py OUT_DIR [--metric ppl|fidelity]
+
+One row per method (and selection), one column per target ratio: the metric, then the
+selection seconds. Reads ``OUT_DIR/cells/*.json``, so it also works on a grid still running.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+
+def cells(out: Path) -> pd.DataFrame:
+    rows = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    df = pd.DataFrame(rows)
+    df["label"] = df["method"] + df["selection"].map(lambda s: f" ({s})" if s in ("any-k", "top-k") else "")
+    return df[~df.get("error", pd.Series(index=df.index, dtype=object)).notna()] \
+        if "error" in df else df
+
+
+def table(df: pd.DataFrame, metric: str) -> str:
+    body = df[df["method"] != "dense"]
+    ratios = sorted(body["target_ratio"].unique(), reverse=True)
+    lines = ["| method | decomposition | " + " | ".join(f"{metric} @ {r}" for r in ratios)
+             + " | " + " | ".join(f"s @ {r}" for r in ratios) + " | max abs(achieved - target) |",
+             "|---|---|" + "---|" * (2 * len(ratios) + 1)]
+    for (label, dec), g in body.groupby(["label", "decomposition"], sort=False):
+        by = g.set_index("target_ratio")
+        vals = [f"{by.loc[r, metric]:.2f}" if r in by.index else "—" for r in ratios]
+        secs = [f"{by.loc[r, 'seconds']:.0f}" if r in by.index else "—" for r in ratios]
+        gap = (g["achieved_ratio_linear"] - g["target_ratio"]).abs().max()
+        lines.append(f"| {label} | {dec} | " + " | ".join(vals) + " | " + " | ".join(secs)
+                     + f" | {gap:.4f} |")
+    dense = df[df["method"] == "dense"]
+    if len(dense):
+        lines.append(f"\nDense: {metric} {dense.iloc[0][metric]:.2f}.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--metric", default="ppl")
+    args = ap.parse_args()
+    print(table(cells(args.out), args.metric))
+
+
+if __name__ == "__main__":
+    main()
