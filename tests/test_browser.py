@@ -179,7 +179,8 @@ def run_flow(page, url: str, tmp_path: Path):
                                                    "loss_tv", "alpha(t)"]
     assert hashlib.sha256(png1).digest() != hashlib.sha256(png2).digest()
 
-    page.get_by_role("button", name="Stop").click()
+    # The app's Stop button, not the one Streamlit's status widget shows while a rerun is slow.
+    page.locator('button[kind="secondary"]', has_text="Stop").click()
     expect(page.get_by_text("Stopped after")).to_be_visible(timeout=180_000)
     expect(page.get_by_text("Perplexity after")).to_be_visible()
     shot(page, "5-compress-stopped")
