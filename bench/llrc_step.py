@@ -61,7 +61,6 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--path", default="auto", choices=["auto", "dense", "factorised"])
     ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
 
@@ -88,7 +87,7 @@ def main() -> None:
 
     # LLRC step: the selector's own loss and update on masked layers.
     cfg = LLRCConfig(ratio=0.8, batch_size=args.batch, train_seq_len=0, path=args.path,
-                     bf16=args.bf16, activation_checkpointing=args.checkpointing)
+                     bf16=args.bf16)
     run = LLRCRun(make_context(model, dec, ids), cfg)
     run.layers = layers_idx
 

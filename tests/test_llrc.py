@@ -152,3 +152,14 @@ def test_demo_llrc_beats_uniform_at_same_ratio(demo, selection):
     print(f"demo asvd rho {plan.ratio('linear'):.4f} {selection}: llrc {ppl_llrc:.2f} "
           f"uniform {ppl_uniform:.2f}")
     assert ppl_llrc < ppl_uniform
+
+
+def test_activation_checkpointing_and_matmul_paths_give_the_same_plan(tiny):
+    model, _, windows = tiny
+    base, _ = run(tiny, ratio=0.6)
+    ckpt, _ = run(tiny, ratio=0.6, activation_checkpointing=True)
+    assert ckpt.to_dict()["layers"] == base.to_dict()["layers"]
+    assert type(model.model.layers[0]).__name__ == "LlamaDecoderLayer"   # blocks put back
+    for path in ("dense", "factorised"):
+        other, _ = run(tiny, ratio=0.6, path=path)
+        assert abs(other.ratio("linear") - 0.6) <= 0.005

@@ -233,11 +233,11 @@ class LLRCRun:
             stack.callback(lambda: [p.requires_grad_(g) for p, g in frozen])
             for p, _ in frozen:
                 p.requires_grad_(False)
+            _, blocks = find_blocks(model)      # before the swap: blocks hold nn.Linear
             layers = install_masked_(model, {n: ctx.factors[n] for n in self.names})
             for layer in layers.values():
                 layer.path = cfg.path
             if cfg.activation_checkpointing:
-                _, blocks = find_blocks(model)
                 originals = list(blocks)
                 for i, b in enumerate(originals):
                     blocks[i] = _Checkpointed(b)
