@@ -30,6 +30,10 @@ def field_names(cfg_cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cfg_cls)}
 
 
+def _default_index(options: list[str], default: str) -> int:
+    return options.index(default) if default in options else 0
+
+
 def selections(cfg_cls) -> list[str]:
     """The selections a method offers (learned any-k methods: both)."""
     return list(cfg_cls.supported_selections)
@@ -47,6 +51,8 @@ def selector_options(cfg_cls, prefix: str) -> dict:
                               key=f"{prefix}_scope",
                               help="linear: target layers only; model: whole model"),
             "selection": c3.radio("Selection", selections(cfg_cls), horizontal=True,
+                                  index=_default_index(selections(cfg_cls),
+                                                       fields["selection"].default),
                                   key=f"{prefix}_selection",
                                   help="any-k keeps any subset of singular values; top-k a "
                                        "prefix")}

@@ -285,7 +285,7 @@ def test_export_page_saves_zips_and_reloads(at, tmp_path):
     assert {"model.safetensors", "config.json", "rank_plan.json", "rank_plan.csv",
             "README.md"} <= names
     plan = json.loads((out / "rank_plan.json").read_text())
-    assert plan["method"] == "llrc" and plan["selection"] == "top-k"   # LLRC's default
+    assert plan["method"] == "llrc" and plan["selection"] == "any-k"   # LLRC's default
     assert "dl_zip" in [b.key for b in at.get("download_button")]   # built on click by:
     from llrc_core.workflow import zip_folder
     with zipfile.ZipFile(io.BytesIO(zip_folder(out))) as zf:

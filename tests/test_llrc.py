@@ -148,7 +148,7 @@ def test_demo_llrc_beats_uniform_at_same_ratio(demo, selection):
     assert abs(uni.ratio("linear") - plan.ratio("linear")) <= 0.002
     compress_(demo.model, dec, uni)
     ppl_uniform = perplexity(demo.model, ev)["ppl"]
-    # Measured (2-core CPU): top-k 104.2, any-k 105.9, uniform 110.3 (dense 93.4).
+    # Measured (2-core CPU), two single runs: top-k 104.2, any-k 105.9, uniform 110.3 (dense 93.4).
     print(f"demo asvd rho {plan.ratio('linear'):.4f} {selection}: llrc {ppl_llrc:.2f} "
           f"uniform {ppl_uniform:.2f}")
     assert ppl_llrc < ppl_uniform

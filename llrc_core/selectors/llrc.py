@@ -56,8 +56,8 @@ def _f(default, help_):
 class LLRCConfig(SelectConfig):
     supported_selections = ("top-k", "any-k")
 
-    selection: str = _f("top-k", "top-k (a learned prefix per layer) or any-k (each singular "
-                        "value its own gate)")
+    selection: str = _f("any-k", "any-k (each singular value its own gate) or top-k (a "
+                        "learned prefix per layer)")
     steps: int = _f(400, "maximum training steps")
     lr: float = _f(0.1, "AdamW learning rate on the mask logits")
     lr_final: float = _f(0.01, "learning rate reached, by a cosine, at the end of holding")
