@@ -1,4 +1,4 @@
-"""Plumbing shared by the learned selectors (ARS, ARA): a masked-model session that always
+"""Plumbing shared by the learned selectors (LLRC, ARS, ARA): a masked-model session that always
 restores the model, the training objective, seeded batches, progress events and the
 achieved ratio of a set of kept counts.
 

@@ -40,12 +40,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import distill, gates
-from ..apply import restore_
-from ..counting import layer_cost, ratios
+from ..counting import layer_cost
 from ..errors import TrainingError
-from ..masked import install_masked_
 from ..models import find_blocks
 from .base import SelectConfig, SelectionContext, register_selector
+from .learned import achieved, masked_session
 
 
 def _f(default, help_):
@@ -138,8 +137,7 @@ class LLRCRun:
                 for n, t in zip(self.names, self.theta)}
 
     def hard_ratios(self, kept: dict[str, list[int]]) -> dict[str, float]:
-        cost = sum(layer_cost(*self.ctx.shapes[n], len(k)) for n, k in kept.items())
-        return ratios(cost, self.ctx.dense_linear, self.ctx.total_params)
+        return achieved(self.ctx, {n: len(k) for n, k in kept.items()})
 
     def expected_ratio(self) -> torch.Tensor:
         cost = 0.0
@@ -227,14 +225,11 @@ class LLRCRun:
         if cfg.objective == "distill":
             tgt_ids = ids_all[:, :cfg.train_seq_len] if cfg.train_seq_len else ids_all
             targets = distill.precompute_targets(model, tgt_ids, self.layers, cfg.batch_size)
-        frozen = [(p, p.requires_grad) for p in model.parameters()]
+        _, blocks = find_blocks(model)          # before the swap: blocks hold nn.Linear
         with ExitStack() as stack:
-            stack.callback(restore_, model)
-            stack.callback(lambda: [p.requires_grad_(g) for p, g in frozen])
-            for p, _ in frozen:
-                p.requires_grad_(False)
-            _, blocks = find_blocks(model)      # before the swap: blocks hold nn.Linear
-            layers = install_masked_(model, {n: ctx.factors[n] for n in self.names})
+            # Frozen weights, eval mode, no KV cache; the model is restored on any exit.
+            layers = stack.enter_context(
+                masked_session(model, {n: ctx.factors[n] for n in self.names}))
             for layer in layers.values():
                 layer.path = cfg.path
             if cfg.activation_checkpointing:
@@ -242,7 +237,6 @@ class LLRCRun:
                 for i, b in enumerate(originals):
                     blocks[i] = _Checkpointed(b)
                 stack.callback(lambda: [blocks.__setitem__(i, b) for i, b in enumerate(originals)])
-            model.eval()
             self._train(layers, targets, ids_all)
         return self.finalise(self.kept())
 
