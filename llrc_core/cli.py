@@ -208,7 +208,19 @@ def cmd_compare(args) -> dict:
         eval_seq_len=args.eval_seq_len, max_eval_windows=args.max_eval_windows,
         tasks=args.tasks or (), task_limit=args.limit, options=options,
         batch_size=args.batch_size, device=args.device)
-    df = run_compare(cfg, args.out, log=lambda msg: print(msg, file=sys.stderr))
+    bar, cell = tqdm(desc="compare", unit="cell", leave=False), [""]
+
+    def progress(e: dict) -> None:   # cells done, the running cell and its training step
+        if e["type"] == "grid":
+            bar.total, bar.n, cell[0] = e["total"], e["done"], e.get("cell", "")
+            bar.set_postfix_str(cell[0])
+        elif e["type"] == "step":
+            bar.set_postfix_str(f"{cell[0]} step {e['step']}")
+    try:
+        df = run_compare(cfg, args.out, log=lambda msg: tqdm.write(msg, file=sys.stderr),
+                         emit=progress)
+    finally:
+        bar.close()
     shown = [c for c in df.columns if c not in ("ranks", "error")]
     print(df[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"), file=sys.stderr)
     return {"cells": len(df), "errors": int(df["error"].notna().sum()),

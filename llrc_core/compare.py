@@ -145,18 +145,39 @@ def fingerprint(cfg: CompareConfig, method: str) -> str:
 
 
 # --------------------------------------------------------------------------- running
-class _Session:
-    """The loaded model, its calibration, decompositions and evaluation data, made lazily."""
+class Session:
+    """The loaded model, its calibration, decompositions and evaluation data, made lazily.
 
-    def __init__(self, cfg: CompareConfig, log: Callable[[str], None]):
+    A caller that already holds these (the app: a copy of its cached model, the session's
+    calibration windows and decompositions) passes them in; cells then compress ``loaded``
+    in place and restore it after each cell, so pass a model nobody else is using.
+    """
+
+    def __init__(self, cfg: CompareConfig, log: Callable[[str], None], loaded=None,
+                 windows=None, decs: dict | None = None):
         from .fidelity import resolve_model
         from .models import load_model
         from .pipeline import calibrate
         self.cfg, self.log = cfg, log
-        self.loaded = load_model(resolve_model(cfg.model), cfg.device)
-        self.windows = calibrate(self.loaded, cfg.calib, cfg.n_calib, cfg.seq_len, cfg.seed)
-        self.decs: dict = {}
-        self._eval = None
+        self.loaded = loaded if loaded is not None else load_model(resolve_model(cfg.model),
+                                                                   cfg.device)
+        self.windows = windows if windows is not None else calibrate(
+            self.loaded, cfg.calib, cfg.n_calib, cfg.seq_len, cfg.seed)
+        self.decs: dict = dict(decs or {})
+        self.out: Path | None = None
+        self._eval = self._eval_data()      # now, while the model is still dense
+
+    def _eval_data(self):
+        """Perplexity windows (causal LM), or the lines and their reference embeddings from
+        the dense model (encoder): made before any cell compresses the model, so a resumed
+        run (dense cell cached) still compares against the original."""
+        from . import fidelity
+        from .evaluate import eval_windows
+        cfg, model, tok = self.cfg, self.loaded.model, self.loaded.tokenizer
+        if self.loaded.causal:
+            return eval_windows(tok, cfg.eval_text, cfg.eval_seq_len, cfg.max_eval_windows)
+        lines = fidelity.wiki_lines(cfg.eval_text, cfg.fidelity_lines)
+        return lines, fidelity.embed(model, tok, lines)
 
     def dec(self, name: str):
         from .pipeline import decompose_model
@@ -172,16 +193,10 @@ class _Session:
         cfg, model, tok = self.cfg, self.loaded.model, self.loaded.tokenizer
         t0 = time.time()
         if not self.loaded.causal:
-            if self._eval is None:
-                lines = fidelity.wiki_lines(cfg.eval_text, cfg.fidelity_lines)
-                self._eval = (lines, fidelity.embed(model, tok, lines))
             lines, ref = self._eval
             out = {"fidelity": fidelity.mean_cosine(ref, fidelity.embed(model, tok, lines))}
         else:
-            from .evaluate import eval_windows, perplexity
-            if self._eval is None:
-                self._eval = eval_windows(tok, cfg.eval_text, cfg.eval_seq_len,
-                                          cfg.max_eval_windows)
+            from .evaluate import perplexity
             out = {"ppl": perplexity(model, self._eval, cfg.batch_size)["ppl"]}
             if cfg.tasks:
                 from .zeroshot import evaluate_tasks
@@ -192,7 +207,12 @@ class _Session:
         return out
 
 
-def run_cell(s: _Session, cell: dict) -> dict:
+class Stopped(Exception):
+    """The caller asked to stop during a cell: its partial result is not a result."""
+
+
+def run_cell(s: Session, cell: dict, emit: Callable[[dict], None] | None = None,
+             should_stop: Callable[[], bool] = lambda: False) -> dict:
     from .apply import restore_
     from .pipeline import compress_, select_plan
     cfg = s.cfg
@@ -200,9 +220,11 @@ def run_cell(s: _Session, cell: dict) -> dict:
     opts = {**method_options(cell["method"], cfg), "ratio": cell["target_ratio"],
             "scope": cfg.scope, "selection": cell["selection"]}
     t0 = time.time()
-    plan = select_plan(s.loaded.model, dec, cell["method"], s.windows,
-                       cache_dir=str(Path(s.out) / "cache"), **opts)
+    plan = select_plan(s.loaded.model, dec, cell["method"], s.windows, callback=emit,
+                       should_stop=should_stop, cache_dir=str(Path(s.out) / "cache"), **opts)
     seconds = time.time() - t0
+    if should_stop():
+        raise Stopped(cell_id(cell))
     try:
         compress_(s.loaded.model, dec, plan)
         ev = s.evaluate()
@@ -211,7 +233,8 @@ def run_cell(s: _Session, cell: dict) -> dict:
     return {**cell, "scope": cfg.scope, "achieved_ratio_linear": plan.ratio("linear"),
             "achieved_ratio_model": plan.ratio("model"), **ev, "seconds": seconds,
             "decompose_seconds": dec.seconds, "dense_layers": plan.summary()["dense_layers"],
-            "ranks": plan.ranks(), "shapes": {n: [lp.m, lp.n] for n, lp in plan.layers.items()}}
+            "ranks": plan.ranks(), "shapes": {n: [lp.m, lp.n] for n, lp in plan.layers.items()},
+            "plan": plan.to_dict()}
 
 
 def _write_json(path: Path, obj) -> None:
@@ -220,37 +243,55 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
-def run_compare(cfg: CompareConfig, out: str | Path, log: Callable[[str], None] = print,
-                retry_errors: bool = True):
-    """Run (or resume) the grid into ``out``; returns the results ``DataFrame``."""
+def run_cells(cfg: CompareConfig, out: str | Path, log: Callable[[str], None] = print,
+              retry_errors: bool = True, *,
+              make_session: Callable[[], Session] | None = None,
+              emit: Callable[[dict], None] | None = None,
+              should_stop: Callable[[], bool] = lambda: False) -> list[dict]:
+    """Run (or resume) the grid into ``out/cells``; returns one row per cell, dense first.
+
+    ``emit`` receives ``{"type": "grid", "done", "total", "cell"}`` before each cell, the
+    selector's own events during it, and ``{"type": "cell", "row"}`` after it. When
+    ``should_stop()`` turns true the grid ends after (or inside) the current cell; a cell cut
+    short is not written, so a later run redoes it. ``make_session`` builds the
+    ``Session`` (default: load ``cfg.model`` and calibrate); it is called only when a cell is
+    not cached.
+    """
     from .selectors import get_selector
     for m in cfg.methods:
         get_selector(m)                      # unknown names fail before any work
     out = Path(out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", cfg.to_dict())
+    emit = emit or (lambda e: None)
     cells = [{"method": "dense", "decomposition": "-", "selection": "-", "target_ratio": 1.0}]
     cells += grid(cfg)
-    session, rows = None, []
-    for cell in cells:
+    rows, session = [], None
+    for i, cell in enumerate(cells):
+        if should_stop():
+            break
+        emit({"type": "grid", "done": i, "total": len(cells), "cell": cell_id(cell)})
         path = out / "cells" / f"{cell_id(cell)}.json"
         fp = fingerprint(cfg, cell["method"])
         if path.exists():
             row = json.loads(path.read_text())
             if row.get("fingerprint") == fp and not (retry_errors and row.get("error")):
                 rows.append(row)
+                emit({"type": "cell", "row": row, "cached": True})
                 continue
         if session is None:
             log(f"loading {cfg.model}")
-            session = _Session(cfg, log)
-            session.out = out
+            session = make_session() if make_session else Session(cfg, log)
+        session.out = out
         log(f"running {cell_id(cell)}")
         try:
             if cell["method"] == "dense":
                 row = {**cell, "scope": cfg.scope, "achieved_ratio_linear": 1.0,
                        "achieved_ratio_model": 1.0, **session.evaluate(), "seconds": 0.0}
             else:
-                row = run_cell(session, cell)
+                row = run_cell(session, cell, emit, should_stop)
+        except Stopped:
+            break
         except Exception as exc:  # one failing method must not end the grid: record it
             from .apply import restore_
             restore_(session.loaded.model)
@@ -259,8 +300,18 @@ def run_compare(cfg: CompareConfig, out: str | Path, log: Callable[[str], None] 
         row["fingerprint"] = fp
         _write_json(path, row)
         rows.append(row)
+        emit({"type": "cell", "row": row, "cached": False})
+    emit({"type": "grid", "done": len(rows), "total": len(cells)})
+    return rows
+
+
+def run_compare(cfg: CompareConfig, out: str | Path, log: Callable[[str], None] = print,
+                retry_errors: bool = True, **kw):
+    """Run (or resume) the grid into ``out`` and write the tables and figures; returns the
+    tidy results ``DataFrame``. ``kw``: ``make_session``, ``emit``, ``should_stop`` (``run_cells``)."""
+    rows = run_cells(cfg, out, log, retry_errors, **kw)
     df = tidy(rows)
-    write_results(df, rows, out)
+    write_results(df, rows, Path(out))
     return df
 
 
@@ -281,8 +332,8 @@ def write_results(df, rows: list[dict], out: Path) -> None:
     tmp = out / ".results.csv.tmp"
     csv_df.to_csv(tmp, index=False)
     tmp.replace(out / "results.csv")
-    _write_json(out / "results.json", [{k: v for k, v in r.items() if k != "fingerprint"}
-                                       for r in rows])
+    _write_json(out / "results.json", [{k: v for k, v in r.items()
+                                        if k not in ("fingerprint", "plan")} for r in rows])
     figures(df, rows, out)
 
 

@@ -19,7 +19,6 @@ from typing import Callable
 
 import torch
 
-from .errors import LLRCError
 from .evaluate import perplexity
 from .pipeline import Decomposed, compress_, decompose_model, select_plan
 from .plan import RankPlan
@@ -127,49 +126,3 @@ def model_card(plan: RankPlan, report: dict, base: str) -> str:
               "", "```python", "from llrc_core.export import load_compressed",
               "model, tokenizer, plan = load_compressed('path/to/this/folder')", "```", ""]
     return "\n".join(lines)
-
-
-def grid_key(model_key, calib_key: str, decomposition: str, method: str, selection: str,
-             ratio: float, scope: str, n_eval: int, options: dict) -> str:
-    """A stable text key for one comparison cell (reused across reruns)."""
-    opts = ",".join(f"{k}={options[k]}" for k in sorted(options))
-    return (f"{model_key}|{calib_key}|{decomposition}|{method}|{selection}|{ratio:.4f}|{scope}|"
-            f"{n_eval}|{opts}")
-
-
-def run_grid(base_model, decs: dict[str, Decomposed], windows, eval_ids, cells: list[dict],
-             cache: dict, *, emit: Emit = lambda e: None,
-             should_stop: Callable[[], bool] = lambda: False) -> list[dict]:
-    """Compress a copy for every cell (``key``, ``decomposition``, ``method``, ``selection``,
-    ``ratio``, ``scope``, ``options``) not already in ``cache`` (key -> row); returns the rows.
-
-    A row: method, decomposition, selection, target ratio, achieved ratios in both scopes,
-    perplexity (when ``eval_ids``), seconds, kept ranks per layer and the plan dict.
-    """
-    rows = []
-    for i, cell in enumerate(cells):
-        if should_stop():
-            break
-        emit({"type": "grid", "done": i, "total": len(cells), "cell": cell["key"]})
-        if cell["key"] not in cache:
-            opts = {"ratio": cell["ratio"], "scope": cell["scope"], **cell.get("options", {})}
-            if cell["selection"]:
-                opts["selection"] = cell["selection"]
-            try:
-                res = compress_copy(base_model, decs[cell["decomposition"]], cell["method"],
-                                    windows, None, should_stop=should_stop, **opts)
-            except (ValueError, LLRCError) as exc:   # one bad cell does not end the grid
-                emit({"type": "cell_error", "cell": cell["key"], "error": str(exc)})
-                continue
-            if res.stopped:    # a partial run is not a result: never cache it
-                break
-            ppl = perplexity(res.model, eval_ids)["ppl"] if eval_ids is not None else None
-            cache[cell["key"]] = {
-                "method": cell["method"], "decomposition": cell["decomposition"],
-                "selection": res.plan.selection, "target_ratio": cell["ratio"],
-                "scope": cell["scope"], "ratio_linear": res.plan.ratio("linear"),
-                "ratio_model": res.plan.ratio("model"), "ppl": ppl, "seconds": res.seconds,
-                "ranks": res.plan.ranks(), "plan": res.plan.to_dict()}
-        rows.append(cache[cell["key"]])
-    emit({"type": "grid", "done": len(rows), "total": len(cells)})
-    return rows

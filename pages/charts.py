@@ -101,9 +101,11 @@ def rank_heatmap(ranks: dict[str, dict[str, int]]) -> go.Figure:
                    "method", height=120 + 40 * max(1, len(labels)))
 
 
-def ppl_vs_ratio(rows: list[dict], scope: str) -> go.Figure:
-    """``rows``: label, ratio, ppl; one line per label."""
+def ppl_vs_ratio(rows: list[dict], scope: str, dense: float | None = None) -> go.Figure:
+    """``rows``: label, ratio, ppl; one line per label; ``dense``: the uncompressed model."""
     fig = go.Figure()
+    if dense is not None:
+        fig.add_hline(y=dense, line_dash="dot", annotation_text=f"dense {dense:.2f}")
     for label in dict.fromkeys(r["label"] for r in rows):
         pts = sorted((r["ratio"], r["ppl"]) for r in rows if r["label"] == label)
         fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts],
@@ -112,6 +114,16 @@ def ppl_vs_ratio(rows: list[dict], scope: str) -> go.Figure:
     return _layout(fig, "Perplexity against parameter ratio",
                    f"target parameter ratio ({scope} scope, fraction)",
                    "WikiText-2 test perplexity (log scale)", legend="method")
+
+
+def task_accuracy(acc: dict[str, dict[str, float]]) -> go.Figure:
+    """``acc``: series label -> {task: accuracy}; one bar group per task."""
+    fig = go.Figure([go.Bar(x=list(a), y=list(a.values()), name=label)
+                     for label, a in acc.items()])
+    fig.update_layout(barmode="group")
+    fig.update_yaxes(range=[0, 1])
+    return _layout(fig, "Zero-shot accuracy", "task (lm-eval, 0-shot)", "accuracy (fraction)",
+                   legend="method")
 
 
 def short(name: str) -> str:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
+import os
+import re
 import tempfile
 import traceback
 from contextlib import contextmanager
@@ -29,6 +32,8 @@ WIKI_VALID = DATA / "wikitext-2" / "valid.txt"
 WIKI_TEST = DATA / "wikitext-2" / "test.txt"
 DEFAULT_CALIB = dict(kind="file" if WIKI_VALID.exists() else "selfgen", path=str(WIKI_VALID),
                      n_samples=16, seq_len=128)
+#: Where the Compare page keeps its grids (one folder per model and calibration).
+RUNS = Path(os.environ.get("LLRC_STUDIO_RUNS") or ROOT / "out" / "compare")
 log = logging.getLogger("llrc_studio")
 
 
@@ -149,3 +154,11 @@ def eval_ids(n_windows: int, seq_len: int = 128) -> torch.Tensor:
         raise FileNotFoundError(f"WikiText-2 test text not found at {WIKI_TEST}; set the "
                                 "perplexity windows to 0 to skip the evaluation")
     return _eval_ids(model_key(), n_windows, seq_len, current().tokenizer)
+
+
+def compare_dir(cfg) -> Path:
+    """The Compare page's run folder for this session's model and calibration: cells cached
+    there are reused by every later grid (and session) on the same model and calibration."""
+    key = hashlib.sha256(repr((model_key(), st.session_state["calib"]["key"])).encode())
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", Path(cfg.model).name).strip("-") or "model"
+    return RUNS / f"{slug}-{key.hexdigest()[:10]}"

@@ -1,32 +1,75 @@
-"""Compare page: any-k against top-k and LLRC against the registered baselines at chosen ratios.
-Kept ranks per layer (grouped bars, heatmap), perplexity against ratio, and the table. Results
-are cached per session and reused; only methods registered in this installation are shown."""
-import pandas as pd
+"""Compare page: any-k against top-k and LLRC against the registered baselines at chosen ratios,
+through the same runner as ``llrc compare`` (``llrc_core.compare``): every cell is cached on disk,
+so a grid run again (or grown by a method or a ratio) only computes what is new. Kept ranks per
+layer (grouped bars, heatmap), perplexity against ratio, zero-shot accuracy, and the table."""
+import copy
+import dataclasses
+
 import streamlit as st
 
-from llrc_core import SELECTORS, get_selector
+from llrc_core import SELECTORS, compare, get_selector
 from llrc_core.jobs import start_job
-from llrc_core.workflow import grid_key, run_grid
+from llrc_core.zeroshot import TASKS
 from pages import charts, common, forms
 
 st.title("Compare")
-st.caption("Every cell compresses its own copy of the model; finished cells are cached and "
+st.caption("The grid runs on a private copy of the model; finished cells are cached on disk and "
            "reused when you run a grid again.")
-DECOMPS = ["per method (its paper's)", "asvd", "whiten", "svd"]
+DECOMPS = {"per method (its paper's)": "auto", "asvd": "asvd", "whiten": "whiten", "svd": "svd"}
+ANY_K = {m for m in SELECTORS if "any-k" in forms.selections(get_selector(m)[0])}
 
 
 def label(row: dict) -> str:
     return f"{row['method']} {row['selection']}" if row["method"] in ANY_K else row["method"]
 
 
-ANY_K = {m for m in SELECTORS if "any-k" in forms.selections(get_selector(m)[0])}
+def make_config(methods, ratios, both, scope, decomp, steps, n_eval, tasks, limit):
+    """The ``CompareConfig`` of this session's model and calibration."""
+    loaded, calib, windows = common.current(), st.session_state["calib"], common.windows()
+    return compare.CompareConfig(
+        model=loaded.source, methods=tuple(methods), ratios=tuple(sorted(ratios, reverse=True)),
+        selections=("any-k", "top-k") if both else ("any-k",),
+        decompositions=(DECOMPS[decomp],), scope=scope, calib=calib["key"],
+        n_calib=int(windows.shape[0]), seq_len=int(windows.shape[1]),
+        eval_text=str(common.WIKI_TEST), eval_seq_len=128, max_eval_windows=int(n_eval),
+        tasks=tuple(tasks), task_limit=int(limit) if tasks else None,
+        options={"*": {"steps": int(steps)}})
+
+
+def start_grid(cfg: compare.CompareConfig):
+    cells = compare.grid(cfg)
+    skipped = [m for m in cfg.methods if not any(c["method"] == m for c in cells)]
+    if skipped:
+        st.warning(f"Skipped {', '.join(skipped)}: not available on the "
+                   f"{cfg.decompositions[0]} decomposition (pick 'per method').")
+    if not cells:
+        raise ValueError("nothing to run: pick methods that work on this decomposition")
+    loaded = common.current()
+    with st.status("Preparing decompositions ...") as status:
+        decs = {d: common.decomposed(d) for d in {c["decomposition"] for c in cells}}
+        status.update(label="Decompositions ready", state="complete")
+    windows, out = common.windows(), common.compare_dir(cfg)
+
+    def make_session():   # cells compress in place: a private copy, never the shared model
+        private = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+        return compare.Session(cfg, common.log.info, loaded=private, windows=windows, decs=decs)
+
+    def work(emit, should_stop):
+        rows = compare.run_cells(cfg, out, common.log.info, make_session=make_session,
+                                 emit=emit, should_stop=should_stop)
+        compare.write_results(compare.tidy(rows), rows, out)
+        return rows
+
+    job = start_job(work, name="compare")
+    st.session_state.update(compare_job=job, compare_done=None, compare_out=str(out))
+
 
 with common.error_box():
-    loaded = common.current()
+    common.current()
     job = st.session_state.get("compare_job")
     busy = job is not None and job.running
     with st.form("compare_form"):
-        c1, c2 = st.columns([2, 1])
+        c1, c2, c3 = st.columns([2, 1, 1])
         default = [m for m in ("llrc", "uniform", "drank") if m in SELECTORS]
         methods = c1.multiselect("Methods", sorted(SELECTORS), default=default,
                                  key="cmp_methods")
@@ -34,43 +77,21 @@ with common.error_box():
                                 key="cmp_ratios")
         both = c1.checkbox("Learned any-k methods: run any-k and top-k", True, key="cmp_both")
         scope = c2.radio("Ratio scope", ["linear", "model"], horizontal=True, key="cmp_scope")
-        decomp = c2.selectbox("Decomposition", DECOMPS, key="cmp_decomp")
+        decomp = c2.selectbox("Decomposition", list(DECOMPS), key="cmp_decomp")
         steps = c2.number_input("Training steps (learned methods)", 1, 5000, 100,
                                 key="cmp_steps")
-        n_eval = c2.number_input("Perplexity windows (128 tokens)", 1, 256, 4, key="cmp_eval")
+        n_eval = c3.number_input("Perplexity windows (128 tokens)", 1, 256, 4, key="cmp_eval")
+        tasks = c3.multiselect("Zero-shot tasks (lm-eval, local files)", list(TASKS),
+                               key="cmp_tasks")
+        limit = c3.number_input("Questions per task", 1, 10000, 50, key="cmp_limit",
+                                help="the first N questions of each task (quick runs)")
         run = st.form_submit_button("Run comparison", type="primary", disabled=busy)
 
     if run:
         if not methods or not ratios:
             raise ValueError("pick at least one method and one ratio")
-        cells = []
-        for method in methods:
-            cfg_cls, fn = get_selector(method)
-            cfg_fields = forms.field_names(cfg_cls)
-            dec = (decomp if not decomp.startswith("per method")
-                   else getattr(fn, "preferred_decomposition", "asvd"))
-            allowed = getattr(fn, "decompositions", None)
-            if allowed and dec not in allowed:
-                raise ValueError(f"{method} works only on {allowed}; pick 'per method' or one "
-                                 "of those decompositions")
-            opts = {"steps": int(steps)} if "steps" in cfg_fields else {}
-            sels = (["any-k", "top-k"] if both else ["any-k"]) if method in ANY_K else ["top-k"]
-            for sel in sels:
-                for ratio in sorted(ratios, reverse=True):
-                    key = grid_key(common.model_key(), st.session_state["calib"]["key"], dec,
-                                   method, sel, ratio, scope, int(n_eval), opts)
-                    cells.append(dict(key=key, decomposition=dec, method=method, selection=sel,
-                                      ratio=ratio, scope=scope, options=opts))
-        with st.status("Preparing decompositions ...") as status:
-            decs = {d: common.decomposed(d) for d in {c["decomposition"] for c in cells}}
-            eval_ids = common.eval_ids(int(n_eval), 128)
-            status.update(label="Decompositions ready", state="complete")
-        cache = st.session_state.setdefault("compare_cache", {})
-        base, windows = loaded.model, common.windows()
-        job = start_job(lambda emit, stop: run_grid(base, decs, windows, eval_ids, cells, cache,
-                                                    emit=emit, should_stop=stop),
-                        name="compare")
-        st.session_state.update(compare_job=job, compare_done=None)
+        start_grid(make_config(methods, ratios, both, scope, decomp, steps, n_eval, tasks,
+                               limit))
 
 
 def grid_panel():
@@ -81,14 +102,14 @@ def grid_panel():
             return
         grid = job.latest("grid") or {"done": 0, "total": 1}
         if job.running:
+            step = job.latest("step")
+            where = f" - step {step['step']}" if step else ""
             c = st.columns([4, 1])
             c[0].progress(grid["done"] / max(grid["total"], 1),
                           text=f"cell {grid['done'] + 1} of {grid['total']}: "
-                          f"{grid.get('cell', '').split('|')[3:6]} - {job.seconds:.0f} s")
+                          f"{grid.get('cell', '').replace('__', ' ')}{where} - {job.seconds:.0f} s")
             if c[1].button("Stop", key="cmp_stop", disabled=job.stop_requested):
                 job.stop()
-        for e in job.events_since(0, "cell_error"):
-            st.error(f"{e['cell'].split('|')[3]}: {e['error']}")
         if job.status == "error":
             st.error(job.error)
         if not job.running and st.session_state.get("compare_done") is not job:
@@ -104,21 +125,37 @@ rows = st.session_state.get("compare_rows") or []
 if rows:
     with common.error_box():
         for r in rows:
+            if r.get("error"):
+                st.error(f"{label(r)} at {r['target_ratio']:g}: {r['error']}")
+        dense = next((r for r in rows if r["method"] == "dense" and not r.get("error")), None)
+        done = [r for r in rows if r["method"] != "dense" and not r.get("error")]
+        for r in done:
             common.results()[f"{label(r)} {r['target_ratio']:.2f} {r['scope']} "
-                             f"({r['decomposition']})"] = r
-        ratio = st.selectbox("Ratio for the rank charts", sorted({r["target_ratio"] for r in rows},
-                                                                 reverse=True), key="cmp_show")
-        at = {label(r): {charts.short(k): v for k, v in r["ranks"].items()}
-              for r in rows if r["target_ratio"] == ratio}
-        st.plotly_chart(charts.grouped_ranks(at), key="fig_cmp_bars")
-        st.plotly_chart(charts.rank_heatmap(at), key="fig_cmp_heat")
-        if all(r["ppl"] is not None for r in rows):
-            pts = [{"label": label(r), "ratio": r["target_ratio"], "ppl": r["ppl"]} for r in rows]
-            st.plotly_chart(charts.ppl_vs_ratio(pts, rows[0]["scope"]), key="fig_cmp_ppl")
-        table = pd.DataFrame([{k: v for k, v in r.items() if k not in ("ranks", "plan")}
-                              for r in rows])
+                             f"({r['decomposition']})"] = {
+                k: v for k, v in r.items() if k not in ("shapes", "fingerprint")}
+        if done:
+            ratio = st.selectbox("Ratio for the rank and accuracy charts",
+                                 sorted({r["target_ratio"] for r in done}, reverse=True),
+                                 key="cmp_show")
+            at = [r for r in done if r["target_ratio"] == ratio]
+            ranks = {label(r): {charts.short(k): v for k, v in r["ranks"].items()} for r in at}
+            st.plotly_chart(charts.grouped_ranks(ranks), key="fig_cmp_bars")
+            st.plotly_chart(charts.rank_heatmap(ranks), key="fig_cmp_heat")
+            if all(r.get("ppl") is not None for r in done):
+                pts = [{"label": label(r), "ratio": r["target_ratio"], "ppl": r["ppl"]}
+                       for r in done]
+                st.plotly_chart(charts.ppl_vs_ratio(pts, rows[0]["scope"],
+                                                    dense["ppl"] if dense else None),
+                                key="fig_cmp_ppl")
+            acc = {label(r): {k[4:]: v for k, v in r.items() if k.startswith("acc_")}
+                   for r in ([dense] if dense else []) + at}
+            if any(acc.values()):
+                st.plotly_chart(charts.task_accuracy(acc), key="fig_cmp_acc")
+        table = compare.tidy(rows).drop(columns=["ranks"])
         st.dataframe(table, hide_index=True, width="stretch")
         st.download_button("Download table (CSV)", table.to_csv(index=False), "compare.csv",
                            "text/csv", key="dl_compare")
+        st.caption(f"Cells, results.csv and plotly HTML figures: "
+                   f"`{st.session_state.get('compare_out')}`")
         st.page_link("pages/export.py", label="Next: export one of these plans",
                      icon=":material/east:")

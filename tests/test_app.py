@@ -10,11 +10,14 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import sys
 import threading
 import time
 import zipfile
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -126,11 +129,17 @@ def base_checksum():
 
 
 @pytest.fixture(scope="module")
-def at():
+def at(tmp_path_factory):
     from streamlit.testing.v1 import AppTest
+    runs = tmp_path_factory.mktemp("compare-runs")   # the Compare page's disk cache
+    os.environ["LLRC_STUDIO_RUNS"] = str(runs)
+    if "pages.common" in sys.modules:
+        sys.modules["pages.common"].RUNS = runs
     app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
     app.run()
-    return app
+    app.session_state["compare_test_runs"] = runs
+    yield app
+    os.environ.pop("LLRC_STUDIO_RUNS", None)
 
 
 def test_model_page_loads_demo_and_shows_parameters(at):
@@ -241,12 +250,17 @@ def test_compress_page_runs_llrc_live_and_stops(at):
     assert base_checksum() == before          # the shared base model was never touched
 
 
-def test_compare_page_grid_and_cache(at):
+def test_compare_page_grid_cache_and_accuracy(at):
+    from llrc_core.zeroshot import evaluate_tasks
+    from pages import common
+    before = base_checksum()
     at.switch_page("pages/compare.py").run()
     no_errors(at)
     at.multiselect(key="cmp_methods").set_value(["uniform", "energy"])
     at.multiselect(key="cmp_ratios").set_value([0.8, 0.6])
     at.number_input(key="cmp_eval").set_value(2)
+    at.multiselect(key="cmp_tasks").set_value(["piqa"])
+    at.number_input(key="cmp_limit").set_value(8)
     at.button(key="FormSubmitter:compare_form-Run comparison").click().run()
     no_errors(at)
     job = wait_job(at, "compare_job")
@@ -258,18 +272,44 @@ def test_compare_page_grid_and_cache(at):
     assert [t["name"] for t in bars["data"]] == ["uniform", "energy"]
     assert all(len(t["y"]) == 36 for t in bars["data"]) and bars["layout"]["barmode"] == "group"
     assert len(figs["fig_cmp_heat"]["data"][0]["z"]) == 2
+    table = at.dataframe[0].value
+    assert len(table) == 5 and table["method"].tolist()[0] == "dense"
+    comp = table[table["method"] != "dense"]
+    assert ((comp["achieved_ratio_linear"] - comp["target_ratio"]).abs() <= 0.005).all()
+    dense_ppl = table["ppl"].iloc[0]
     ppl = {t["name"]: t for t in figs["fig_cmp_ppl"]["data"]}
     for t in ppl.values():   # trained weights: fewer parameters, higher perplexity
-        assert t["x"] == [0.6, 0.8] and t["y"][0] > t["y"][1]
-    table = at.dataframe[0].value
-    assert len(table) == 4 and (table["ratio_linear"] <= table["target_ratio"] + 1e-9).all()
-    # Same grid again: every cell comes from the cache.
-    t0 = time.time()
+        assert t["x"] == [0.6, 0.8] and t["y"][0] > t["y"][1] > dense_ppl
+    assert figs["fig_cmp_ppl"]["layout"]["shapes"][0]["y0"] == pytest.approx(dense_ppl)
+    # Zero-shot accuracy: a bar per model (dense + the two methods at the shown ratio 0.8).
+    acc = figs["fig_cmp_acc"]["data"]
+    assert [t["name"] for t in acc] == ["dense", "uniform", "energy"]
+    assert all(t["x"] == ["piqa"] and (8 * t["y"][0]) % 1 == 0 for t in acc)
+    assert acc[0]["y"][0] == table["acc_piqa"].iloc[0]
+    loaded = common.base_model(str(DEMO), "auto", "auto")
+    assert acc[0]["y"][0] == evaluate_tasks(loaded.model, loaded.tokenizer, ["piqa"],
+                                            limit=8)["piqa"]["acc"]
+    out = common.RUNS
+    assert out.is_relative_to(at.session_state["compare_test_runs"])
+    folder = Path(at.session_state["compare_out"])
+    assert len(list((folder / "cells").glob("*.json"))) == 5
+    assert len(pd.read_csv(folder / "results.csv")) == 5
+    assert base_checksum() == before          # the grid ran on a private copy
+    # A grown grid (ratio 0.9 added) computes only the new cells; the others come from disk.
+    at.multiselect(key="cmp_ratios").set_value([0.9, 0.8, 0.6])
     at.button(key="FormSubmitter:compare_form-Run comparison").click().run()
     job = wait_job(at, "compare_job")
-    assert job.status == "done" and time.time() - t0 < 20
+    assert job.status == "done", job.error
+    cached = [(e["row"]["method"], e["row"]["target_ratio"], e["cached"])
+              for e in job.events_since(0, "cell")]
+    assert sorted(c for c in cached if not c[2]) == [("energy", 0.9, False),
+                                                      ("uniform", 0.9, False)]
+    assert len(cached) == 7
     at.run()
-    assert at.dataframe[0].value["seconds"].tolist() == table["seconds"].tolist()
+    no_errors(at)
+    again = at.dataframe[0].value.set_index(["method", "target_ratio"])
+    for _, r in table.iterrows():
+        assert again.loc[(r["method"], r["target_ratio"]), "seconds"] == r["seconds"]
 
 
 def test_export_page_saves_zips_and_reloads(at, tmp_path):

@@ -22,6 +22,8 @@ SMALL = dict(n_calib=2, seq_len=64, eval_seq_len=64, max_eval_windows=2, fidelit
     (("asvd",), "svdllm", []),                       # whitening only: skipped
     (("auto",), "strs", [("asvd", "top-k")]),
     (("auto",), "drank", [("whiten", "top-k")]),
+    (("auto",), "ara", [("whiten", "top-k")]),         # the paper's whitened factors
+    (("auto",), "ars", [("asvd", "top-k")]),
     (("svd", "asvd"), "uniform", [("svd", "top-k"), ("asvd", "top-k")]),
 ])
 def test_method_axes(decompositions, method, expected):
@@ -89,11 +91,45 @@ def test_demo_grid_resumes_and_writes_tidy_results(tmp_path, monkeypatch):
         def __init__(self, *a, **k):
             raise AssertionError("the model was loaded although every cell is cached")
     monkeypatch.delitem(SELECTORS, "broken")
-    monkeypatch.setattr(compare, "_Session", NoSession)
+    monkeypatch.setattr(compare, "Session", NoSession)
     again = run_compare(CompareConfig.from_dict({**cfg.to_dict(),
                                                  "methods": ["uniform", "svdllm"]}),
                         tmp_path, log=lambda _: None)
     assert again["ppl"].tolist() == df[df["method"] != "broken"]["ppl"].tolist()
+
+
+def test_grid_events_stop_and_resume(tmp_path, monkeypatch):
+    """The app's use: a session made on demand, progress events, a stop inside a cell (not
+    written), then a resumed grid that computes only what is missing."""
+    stop = {"now": False}
+
+    def stopper(ctx, cfg):                   # a selector the user stops while it runs
+        stop["now"] = True
+        return select_uniform(ctx, cfg)
+    monkeypatch.setitem(SELECTORS, "stopper", (SelectConfig, stopper))
+    cfg = CompareConfig(model=str(DEMO), methods=("uniform", "stopper", "energy"),
+                        ratios=(0.8,), **SMALL)
+    made, events = [], []
+
+    def make():
+        made.append(1)
+        return compare.Session(cfg, lambda _: None)
+    rows = compare.run_cells(cfg, tmp_path, lambda _: None, make_session=make,
+                             emit=events.append, should_stop=lambda: stop["now"])
+    assert [r["method"] for r in rows] == ["dense", "uniform"] and made == [1]
+    assert sorted(p.stem for p in (tmp_path / "cells").glob("*.json")) == [
+        "dense__-__-__1", "uniform__asvd__top-k__0.8"]       # the stopped cell is not kept
+    assert [(e["done"], e["total"]) for e in events if e["type"] == "grid"] == [
+        (0, 4), (1, 4), (2, 4), (2, 4)]
+    events.clear()
+    stop["now"] = False
+    monkeypatch.setitem(SELECTORS, "stopper", (SelectConfig, select_uniform))
+    rows = compare.run_cells(cfg, tmp_path, lambda _: None, make_session=make,
+                             emit=events.append)
+    assert [(e["row"]["method"], e["cached"]) for e in events if e["type"] == "cell"] == [
+        ("dense", True), ("uniform", True), ("stopper", False), ("energy", False)]
+    assert made == [1, 1] and len(rows) == 4
+    assert rows[2]["ranks"] == rows[1]["ranks"] and rows[2]["plan"]["layers"]
 
 
 def test_fidelity_helpers():
@@ -106,7 +142,11 @@ def test_fidelity_helpers():
 
 
 def test_minilm_fidelity_through_compare(tmp_path):
-    cfg = CompareConfig(model="minilm", methods=("svdllm",), ratios=(0.8, 0.4), **SMALL)
+    cfg = CompareConfig(model="minilm", methods=("svdllm",), ratios=(0.8,), **SMALL)
+    run_compare(cfg, tmp_path, log=lambda _: None)
+    # Resumed with a new ratio: dense and 0.8 come from disk, 0.4 is computed in a new
+    # session, whose reference embeddings must still come from the dense model.
+    cfg = CompareConfig.from_dict({**cfg.to_dict(), "ratios": [0.8, 0.4]})
     df = run_compare(cfg, tmp_path, log=lambda _: None)
     fid = df.set_index("target_ratio")["fidelity"]
     assert fid[1.0] == pytest.approx(1.0, abs=1e-6)             # dense against itself

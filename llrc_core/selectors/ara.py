@@ -219,3 +219,6 @@ def select_ara(ctx: SelectionContext, cfg: ARAConfig):
                            fractions=rho)
     emit(ctx, {"type": "done", "step": step, "plan": plan.to_dict(), "stopped": stopped})
     return plan
+
+
+select_ara.preferred_decomposition = "whiten"    # the paper's (SVD-LLM) factors
