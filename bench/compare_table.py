@@ -1,9 +1,10 @@
 """Markdown tables from a ``llrc compare`` output folder (its cached cells), for the READMEs.
 
-    python bench/compare_table.py OUT_DIR [--metric ppl|fidelity]
+    python bench/compare_table.py OUT_DIR [--metric ppl|fidelity|acc]
 
 One row per method (and selection), one column per target ratio: the metric, then the
-selection seconds. Reads ``OUT_DIR/cells/*.json``, so it also works on a grid still running.
+selection seconds. ``--metric acc``: one column per zero-shot task (accuracy in %), their
+mean and the perplexity, one table per ratio. Reads ``OUT_DIR/cells/*.json``, so it also works on a grid still running.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def table(df: pd.DataFrame, metric: str) -> str:
              "|---|---|" + "---|" * (2 * len(ratios) + 1)]
     for (label, dec), g in body.groupby(["label", "decomposition"], sort=False):
         by = g.set_index("target_ratio")
-        vals = [f"{by.loc[r, metric]:.2f}" if r in by.index else "—" for r in ratios]
+        fmt = ".3f" if metric == "fidelity" else ".2f"
+        vals = [f"{by.loc[r, metric]:{fmt}}" if r in by.index else "—" for r in ratios]
         secs = [f"{by.loc[r, 'seconds']:.0f}" if r in by.index else "—" for r in ratios]
         gap = (g["achieved_ratio_linear"] - g["target_ratio"]).abs().max()
         lines.append(f"| {label} | {dec} | " + " | ".join(vals) + " | " + " | ".join(secs)
@@ -41,12 +43,32 @@ def table(df: pd.DataFrame, metric: str) -> str:
     return "\n".join(lines)
 
 
+def acc_table(df: pd.DataFrame) -> str:
+    tasks = [c for c in df.columns if c.startswith("acc_")]
+    if not tasks:
+        raise SystemExit("no acc_* columns: run compare with --tasks")
+    out = []
+    for ratio in sorted(df.loc[df["method"] != "dense", "target_ratio"].unique(), reverse=True):
+        rows = pd.concat([df[df["method"] == "dense"], df[df["target_ratio"] == ratio]])
+        out += [f"Target ratio {ratio}:", "",
+                "| method | decomposition | " + " | ".join(t[4:] for t in tasks)
+                + " | mean | ppl |", "|---|---|" + "---|" * (len(tasks) + 2)]
+        for _, r in rows.iterrows():
+            accs = [100 * r[t] for t in tasks]
+            out.append(f"| {r['label']} | {r['decomposition']} | "
+                       + " | ".join(f"{a:.1f}" for a in accs)
+                       + f" | {sum(accs) / len(accs):.1f} | {r['ppl']:.2f} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--metric", default="ppl")
     args = ap.parse_args()
-    print(table(cells(args.out), args.metric))
+    df = cells(args.out)
+    print(acc_table(df) if args.metric == "acc" else table(df, args.metric))
 
 
 if __name__ == "__main__":

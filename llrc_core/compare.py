@@ -2,8 +2,10 @@
 
 Every cell is selected with ``select_plan`` by method name (so any registered selector plugs
 in), applied, evaluated and undone; its result is written to ``OUT/cells/<cell>.json`` at
-once, so an interrupted run resumes where it stopped. A cached cell is reused only when its
-fingerprint (model, calibration, evaluation, tasks and that method's options) matches.
+once, so an interrupted run resumes where it stopped. A cached cell is reused when its
+fingerprint (model, calibration, evaluation, tasks and that method's options) matches; when
+only the evaluation changed (windows, tasks), its stored plan is re-applied and re-evaluated
+without selecting again.
 At the end the cells are gathered into a tidy ``results.csv`` / ``results.json`` and two
 plotly figures: ``ppl_vs_ratio.html`` and ``ranks_heatmap.html`` (layers x methods).
 
@@ -136,12 +138,27 @@ def cell_id(cell: dict) -> str:
     return f"{cell['method']}__{cell['decomposition']}__{cell['selection']}__{cell['target_ratio']:g}"
 
 
-def fingerprint(cfg: CompareConfig, method: str) -> str:
+EVAL_FIELDS = ("eval_text", "eval_seq_len", "max_eval_windows", "fidelity_lines", "tasks",
+               "task_limit")
+
+
+def _fingerprint(cfg: CompareConfig, method: str, skip: tuple = ()) -> str:
     common = {k: v for k, v in cfg.to_dict().items()
               if k not in ("methods", "ratios", "selections", "decompositions", "options",
-                           "device", "batch_size")}
+                           "device", "batch_size") + skip}
     return _hash({"common": common, "options": method_options(method, cfg)
                    if method != "dense" else {}})
+
+
+def fingerprint(cfg: CompareConfig, method: str) -> str:
+    """What a cell's row depends on: model, calibration, scope, the method's options and the
+    evaluation."""
+    return _fingerprint(cfg, method)
+
+
+def select_fingerprint(cfg: CompareConfig, method: str) -> str:
+    """What a cell's plan depends on: the same without the evaluation fields."""
+    return _fingerprint(cfg, method, EVAL_FIELDS)
 
 
 # --------------------------------------------------------------------------- running
@@ -212,19 +229,26 @@ class Stopped(Exception):
 
 
 def run_cell(s: Session, cell: dict, emit: Callable[[dict], None] | None = None,
-             should_stop: Callable[[], bool] = lambda: False) -> dict:
+             should_stop: Callable[[], bool] = lambda: False, reuse: dict | None = None) -> dict:
+    """Select (or, with ``reuse``: a cached row of the same selection, take its plan and
+    seconds), apply, evaluate and restore the model."""
     from .apply import restore_
     from .pipeline import compress_, select_plan
+    from .plan import RankPlan
     cfg = s.cfg
     dec = s.dec(cell["decomposition"])
-    opts = {**method_options(cell["method"], cfg), "ratio": cell["target_ratio"],
-            "scope": cfg.scope, "selection": cell["selection"]}
-    t0 = time.time()
-    plan = select_plan(s.loaded.model, dec, cell["method"], s.windows, callback=emit,
-                       should_stop=should_stop, cache_dir=str(Path(s.out) / "cache"), **opts)
-    seconds = time.time() - t0
-    if should_stop():
-        raise Stopped(cell_id(cell))
+    if reuse is not None:
+        plan, seconds = RankPlan.from_dict(reuse["plan"]), reuse["seconds"]
+    else:
+        opts = {**method_options(cell["method"], cfg), "ratio": cell["target_ratio"],
+                "scope": cfg.scope, "selection": cell["selection"]}
+        t0 = time.time()
+        plan = select_plan(s.loaded.model, dec, cell["method"], s.windows, callback=emit,
+                           should_stop=should_stop, cache_dir=str(Path(s.out) / "cache"),
+                           **opts)
+        seconds = time.time() - t0
+        if should_stop():
+            raise Stopped(cell_id(cell))
     try:
         compress_(s.loaded.model, dec, plan)
         ev = s.evaluate()
@@ -272,24 +296,27 @@ def run_cells(cfg: CompareConfig, out: str | Path, log: Callable[[str], None] = 
             break
         emit({"type": "grid", "done": i, "total": len(cells), "cell": cell_id(cell)})
         path = out / "cells" / f"{cell_id(cell)}.json"
-        fp = fingerprint(cfg, cell["method"])
+        fp, sfp = fingerprint(cfg, cell["method"]), select_fingerprint(cfg, cell["method"])
+        reuse = None
         if path.exists():
             row = json.loads(path.read_text())
             if row.get("fingerprint") == fp and not (retry_errors and row.get("error")):
                 rows.append(row)
                 emit({"type": "cell", "row": row, "cached": True})
                 continue
+            if row.get("select_fingerprint") == sfp and row.get("plan") and not row.get("error"):
+                reuse = row                  # same plan, new evaluation: do not select again
         if session is None:
             log(f"loading {cfg.model}")
             session = make_session() if make_session else Session(cfg, log)
         session.out = out
-        log(f"running {cell_id(cell)}")
+        log(f"{'evaluating' if reuse else 'running'} {cell_id(cell)}")
         try:
             if cell["method"] == "dense":
                 row = {**cell, "scope": cfg.scope, "achieved_ratio_linear": 1.0,
                        "achieved_ratio_model": 1.0, **session.evaluate(), "seconds": 0.0}
             else:
-                row = run_cell(session, cell, emit, should_stop)
+                row = run_cell(session, cell, emit, should_stop, reuse)
         except Stopped:
             break
         except Exception as exc:  # one failing method must not end the grid: record it
@@ -297,10 +324,10 @@ def run_cells(cfg: CompareConfig, out: str | Path, log: Callable[[str], None] = 
             restore_(session.loaded.model)
             row = {**cell, "scope": cfg.scope, "error": f"{type(exc).__name__}: {exc}"}
             log(f"  {cell_id(cell)} failed: {row['error']}")
-        row["fingerprint"] = fp
+        row.update(fingerprint=fp, select_fingerprint=sfp)
         _write_json(path, row)
         rows.append(row)
-        emit({"type": "cell", "row": row, "cached": False})
+        emit({"type": "cell", "row": row, "cached": False, "reselected": reuse is None})
     emit({"type": "grid", "done": len(rows), "total": len(cells)})
     return rows
 
@@ -333,7 +360,8 @@ def write_results(df, rows: list[dict], out: Path) -> None:
     csv_df.to_csv(tmp, index=False)
     tmp.replace(out / "results.csv")
     _write_json(out / "results.json", [{k: v for k, v in r.items()
-                                        if k not in ("fingerprint", "plan")} for r in rows])
+                                        if k not in ("fingerprint", "select_fingerprint", "plan")}
+                                       for r in rows])
     figures(df, rows, out)
 
 

@@ -1,7 +1,8 @@
 """Hidden-state distillation for learned rank selection.
 
-The distillation targets are hidden states of the frozen original model at the middle block
-and at the last (pre-logits) layer. They run through the model's base (``model.base_model``:
+LLRC's targets are hidden states of the frozen original model at the middle block and at
+the last (pre-logits) layer; ARS and ARA on an encoder use the last layer alone
+(``selectors.learned.Objective``). They run through the model's base (``model.base_model``:
 ``LlamaModel``, ``BertModel``, ...), so the vocabulary projection never runs while training.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .blocks import inference_mode
 from .models import find_blocks
 
 
@@ -31,12 +33,13 @@ def hidden_at(model: nn.Module, ids: torch.Tensor, layers: tuple[int, ...]) -> l
     return [out.hidden_states[i] for i in layers]
 
 
-@torch.no_grad()
 def precompute_targets(model: nn.Module, windows: torch.Tensor, layers: tuple[int, ...],
                        batch_size: int) -> list[torch.Tensor]:
-    """Targets over all windows, one ``(N, T, d)`` tensor per layer (model device)."""
+    """Targets over all windows, one ``(N, T, d)`` tensor per layer (model device), from the
+    model in eval mode (no dropout) without gradients."""
     device = next(model.parameters()).device
-    parts = [hidden_at(model, ids.to(device), layers) for ids in windows.split(batch_size)]
+    with inference_mode(model):
+        parts = [hidden_at(model, ids.to(device), layers) for ids in windows.split(batch_size)]
     return [torch.cat([p[i] for p in parts]) for i in range(len(layers))]
 
 

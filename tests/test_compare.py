@@ -91,11 +91,32 @@ def test_demo_grid_resumes_and_writes_tidy_results(tmp_path, monkeypatch):
         def __init__(self, *a, **k):
             raise AssertionError("the model was loaded although every cell is cached")
     monkeypatch.delitem(SELECTORS, "broken")
+    real_session = compare.Session
     monkeypatch.setattr(compare, "Session", NoSession)
     again = run_compare(CompareConfig.from_dict({**cfg.to_dict(),
                                                  "methods": ["uniform", "svdllm"]}),
                         tmp_path, log=lambda _: None)
     assert again["ppl"].tolist() == df[df["method"] != "broken"]["ppl"].tolist()
+
+    # Only the evaluation changes (one window, not two): the stored plans are re-applied and
+    # re-evaluated; no selector runs.
+    monkeypatch.setattr(compare, "Session", real_session)
+
+    def no_select(ctx, cfg):
+        raise AssertionError("a plan was selected again although only the evaluation changed")
+
+    def no_select_whiten(ctx, cfg):
+        no_select(ctx, cfg)
+    no_select_whiten.preferred_decomposition = "whiten"     # as svdllm: same grid cells
+    monkeypatch.setitem(SELECTORS, "uniform", (SelectConfig, no_select))
+    monkeypatch.setitem(SELECTORS, "svdllm", (SelectConfig, no_select_whiten))
+    one = run_compare(CompareConfig.from_dict({**cfg.to_dict(), "methods": ["uniform", "svdllm"],
+                                               "max_eval_windows": 1}),
+                      tmp_path, log=lambda _: None)
+    assert one["error"].isna().all()
+    assert one["ranks"].tolist() == again["ranks"].tolist()
+    assert one["seconds"].tolist() == again["seconds"].tolist()
+    assert all(a != b for a, b in zip(one["ppl"], again["ppl"]))   # a different window count
 
 
 def test_grid_events_stop_and_resume(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..apply import originals_of, restore_
-from ..blocks import inference_mode
+from .. import distill
 from ..counting import layer_cost, ratios
 from ..masked import MaskedLowRank, install_masked_
 from .base import SelectionContext
@@ -83,18 +83,13 @@ def resolve_objective(model: nn.Module, objective: str) -> str:
     return objective
 
 
-def _last_hidden(out) -> torch.Tensor:
-    h = getattr(out, "last_hidden_state", None)
-    return h if h is not None else out.hidden_states[-1]
-
-
 class Objective:
     """Training loss on a batch of calibration windows.
 
     ``lm``: mean next-token cross-entropy. ``distill``: MSE between the compressed and the
-    original last hidden states, divided by the targets' mean square (so it is scale-free);
-    the targets are computed once, here, from the model as it is (call before installing
-    masks).
+    original last hidden states (``distill.hidden_at``: the model's base, no LM head),
+    divided by the targets' mean square over all windows (so it is scale-free); the targets
+    are computed once, here, from the model as it is (call before installing masks).
     """
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, kind: str,
@@ -104,12 +99,9 @@ class Objective:
         self.windows = windows
         self.targets = None
         if self.kind == "distill":
-            outs = []
-            with inference_mode(model):
-                for ids in windows.split(batch_size):
-                    out = model(input_ids=ids.to(self.device), output_hidden_states=True)
-                    outs.append(_last_hidden(out).float().cpu())    # (B, L, d)
-            self.targets = torch.cat(outs)                          # (n, L, d)
+            self.layer = distill.distill_layers(model)[1:]          # the last layer
+            self.targets = distill.precompute_targets(
+                model, windows, self.layer, batch_size)[0].float().cpu()   # (n, L, d)
             self.scale = self.targets.pow(2).mean().clamp_min(1e-12).item()
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
@@ -118,8 +110,7 @@ class Objective:
             logits = self.model(input_ids=ids).logits.float()       # (B, L, V)
             return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                    ids[:, 1:].reshape(-1))
-        out = self.model(input_ids=ids, output_hidden_states=True)
-        h = _last_hidden(out).float()                               # (B, L, d)
+        h = distill.hidden_at(self.model, ids, self.layer)[0].float()   # (B, L, d)
         return F.mse_loss(h, self.targets[idx].to(h.device)) / self.scale
 
 
