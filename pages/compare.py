@@ -10,7 +10,7 @@ import streamlit as st
 from llrc_core import SELECTORS, compare, get_selector
 from llrc_core.jobs import start_job
 from llrc_core.zeroshot import TASKS
-from pages import charts, common, forms
+from studio import charts, common, forms
 
 st.title("Compare")
 st.caption("The grid runs on a private copy of the model; finished cells are cached on disk and "

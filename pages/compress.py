@@ -5,7 +5,7 @@ import streamlit as st
 from llrc_core import SELECTORS, analysis, get_selector
 from llrc_core.jobs import start_job
 from llrc_core.workflow import compress_copy
-from pages import charts, common, forms
+from studio import charts, common, forms
 
 st.title("Compress")
 

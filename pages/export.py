@@ -9,7 +9,7 @@ import streamlit as st
 from llrc_core import RankPlan, compress_
 from llrc_core.export import export_model, load_compressed
 from llrc_core.workflow import CompressionResult, max_logit_diff, model_card, zip_folder
-from pages import common
+from studio import common
 
 st.title("Export")
 

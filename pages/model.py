@@ -3,7 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from llrc_core.counting import break_even
-from pages import common
+from studio import common
 
 st.title("Model")
 st.caption("Load a model and its calibration text. Every other page works on this model; "

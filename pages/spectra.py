@@ -3,7 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from llrc_core import analysis, spectra_rows
-from pages import charts, common
+from studio import charts, common
 
 st.title("Spectra")
 st.caption("How much each layer's weight (in the chosen space) concentrates in few singular "

@@ -25,7 +25,7 @@ from conftest import DEMO, ROOT, WIKI_TEST, WIKI_VALID
 from llrc_core import analysis
 from llrc_core.jobs import start_job
 
-sys.path.insert(0, str(ROOT))   # the app's pages/ package
+sys.path.insert(0, str(ROOT))   # the app's studio/ helpers
 pytestmark = pytest.mark.skipif(not WIKI_TEST.exists(), reason="needs ../shared/data")
 
 
@@ -122,7 +122,7 @@ def wait_job(at, key, until=lambda job: not job.running, timeout=240):
 
 
 def base_checksum():
-    from pages import common
+    from studio import common
     model = common.base_model(str(DEMO), "auto", "auto").model
     return sum(float(p.detach().double().abs().sum()) for p in model.parameters()), \
         {type(m).__name__ for m in model.modules()}
@@ -133,8 +133,8 @@ def at(tmp_path_factory):
     from streamlit.testing.v1 import AppTest
     runs = tmp_path_factory.mktemp("compare-runs")   # the Compare page's disk cache
     os.environ["LLRC_STUDIO_RUNS"] = str(runs)
-    if "pages.common" in sys.modules:
-        sys.modules["pages.common"].RUNS = runs
+    if "studio.common" in sys.modules:
+        sys.modules["studio.common"].RUNS = runs
     app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
     app.run()
     app.session_state["compare_test_runs"] = runs
@@ -252,7 +252,7 @@ def test_compress_page_runs_llrc_live_and_stops(at):
 
 def test_compare_page_grid_cache_and_accuracy(at):
     from llrc_core.zeroshot import evaluate_tasks
-    from pages import common
+    from studio import common
     before = base_checksum()
     at.switch_page("pages/compare.py").run()
     no_errors(at)

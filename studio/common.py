@@ -73,7 +73,7 @@ def model_key() -> tuple | None:
 def load_into_session(source: str, device: str = "auto", dtype: str = "auto",
                       calib: dict | None = None) -> None:
     """Load (or reuse) a base model and calibrate it for this session."""
-    loaded = base_model(source, device, dtype)
+    base_model(source, device, dtype)          # load (or reuse) the shared model
     st.session_state["model_key"] = (source, device, dtype)
     st.session_state["calib"] = None
     set_calibration(calib or DEFAULT_CALIB)
