@@ -70,8 +70,7 @@ def _live_panel():
 
     if not job.running and st.session_state.get("compress_finalised") is not job:
         st.session_state["compress_finalised"] = job
-        if result is not None:
-            common.results()[st.session_state["compress_label"]] = result
+        common.results()             # registers the finished job's result
         st.rerun()   # the whole page once more, now without the timer
 
 

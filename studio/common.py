@@ -125,8 +125,18 @@ def param_summary() -> dict:
 
 
 def results() -> dict:
-    """Compressions this session made, by label: ``CompressionResult`` or plan-only dicts."""
-    return st.session_state.setdefault("results", {})
+    """Compressions this session made, by label: ``CompressionResult`` or plan-only dicts.
+
+    A finished Compress job is registered here too, whichever page asks first: the Compress
+    page does it when it sees the job end, but a user who navigates away at that moment
+    interrupts that script run."""
+    res = st.session_state.setdefault("results", {})
+    job = st.session_state.get("compress_job")
+    if (job is not None and not job.running and job.result is not None
+            and st.session_state.get("compress_registered") is not job):
+        st.session_state["compress_registered"] = job
+        res[st.session_state["compress_label"]] = job.result
+    return res
 
 
 def upload_path(uploaded) -> str:

@@ -312,6 +312,21 @@ def test_compare_page_grid_cache_and_accuracy(at):
         assert again.loc[(r["method"], r["target_ratio"]), "seconds"] == r["seconds"]
 
 
+def test_finished_compress_job_reaches_export_without_the_compress_page():
+    """A user who leaves the Compress page the moment a job ends interrupts that page's
+    finalising run; the result must still be offered for export."""
+    from types import SimpleNamespace
+    from streamlit.testing.v1 import AppTest
+    app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    app.run()
+    result = SimpleNamespace(plan=None)
+    app.session_state["compress_job"] = SimpleNamespace(running=False, result=result)
+    app.session_state["compress_label"] = "llrc any-k 0.80 linear (asvd)"
+    app.switch_page("pages/export.py").run()
+    no_errors(app)
+    assert app.selectbox(key="export_choice").options == ["llrc any-k 0.80 linear (asvd)"]
+
+
 def test_export_page_saves_zips_and_reloads(at, tmp_path):
     at.switch_page("pages/export.py").run()
     no_errors(at)
