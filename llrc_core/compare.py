@@ -383,8 +383,11 @@ def figures(df, rows: list[dict], out: Path) -> None:
             fig.add_trace(go.Scatter(x=g["target_ratio"], y=g[metric], mode="lines+markers",
                                      name=label))
     dense = df[df["method"] == "dense"][metric].dropna()
-    if len(dense):
-        fig.add_hline(y=float(dense.iloc[0]), line_dash="dot", annotation_text="dense")
+    if len(dense) and len(ok):
+        # A trace, not add_hline: shapes on a log axis take log10 coordinates.
+        xs = [float(ok["target_ratio"].min()), 1.0]          # the dense model is ratio 1
+        fig.add_trace(go.Scatter(x=xs, y=[float(dense.iloc[0])] * 2, mode="lines",
+                                 name="dense", line={"dash": "dot", "color": "gray"}))
     fig.update_layout(title=f"{metric} against target ratio", xaxis_title="target ratio",
                       yaxis_title=metric, yaxis_type="log" if metric == "ppl" else "linear")
     fig.write_html(out / "ppl_vs_ratio.html", include_plotlyjs=True)

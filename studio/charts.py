@@ -104,8 +104,11 @@ def rank_heatmap(ranks: dict[str, dict[str, int]]) -> go.Figure:
 def ppl_vs_ratio(rows: list[dict], scope: str, dense: float | None = None) -> go.Figure:
     """``rows``: label, ratio, ppl; one line per label; ``dense``: the uncompressed model."""
     fig = go.Figure()
-    if dense is not None:
-        fig.add_hline(y=dense, line_dash="dot", annotation_text=f"dense {dense:.2f}")
+    if dense is not None and rows:
+        # A trace, not add_hline: shapes on a log axis take log10 coordinates.
+        xs = [min(r["ratio"] for r in rows), 1.0]          # the dense model is ratio 1
+        fig.add_trace(go.Scatter(x=xs, y=[dense, dense], mode="lines", name="dense",
+                                 line={"dash": "dot", "color": "gray"}))
     for label in dict.fromkeys(r["label"] for r in rows):
         pts = sorted((r["ratio"], r["ppl"]) for r in rows if r["label"] == label)
         fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts],
