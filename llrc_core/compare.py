@@ -163,7 +163,8 @@ def select_fingerprint(cfg: CompareConfig, method: str) -> str:
 
 # --------------------------------------------------------------------------- running
 class Session:
-    """The loaded model, its calibration, decompositions and evaluation data, made lazily.
+    """The loaded model, its calibration and evaluation data (made at once, while the model is
+    dense) and its decompositions (made lazily, on a cell's first need).
 
     A caller that already holds these (the app: a copy of its cached model, the session's
     calibration windows and decompositions) passes them in; cells then compress ``loaded``

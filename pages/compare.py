@@ -102,8 +102,9 @@ def grid_panel():
             return
         grid = job.latest("grid") or {"done": 0, "total": 1}
         if job.running:
-            step = job.latest("step")
-            where = f" - step {step['step']}" if step else ""
+            step = job.latest("step")             # of this cell, not an earlier one
+            fresh = step is not None and step["time"] >= grid.get("time", 0)
+            where = f" - step {step['step']}" if fresh else ""
             c = st.columns([4, 1])
             c[0].progress(grid["done"] / max(grid["total"], 1),
                           text=f"cell {grid['done'] + 1} of {grid['total']}: "

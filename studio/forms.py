@@ -26,10 +26,6 @@ def _field_widget(container, f: dataclasses.Field, key: str):
     return None if default is None and not text.strip() else text
 
 
-def field_names(cfg_cls) -> set[str]:
-    return {f.name for f in dataclasses.fields(cfg_cls)}
-
-
 def _default_index(options: list[str], default: str) -> int:
     return options.index(default) if default in options else 0
 
