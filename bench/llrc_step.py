@@ -20,11 +20,11 @@ import time
 
 import torch
 
-from llrc_core import distill
+from llrc_core import distill, losses
 from llrc_core.apply import restore_
 from llrc_core.masked import install_masked_
 from llrc_core.pipeline import decompose_model
-from llrc_core.selectors.llrc import LLRCConfig, LLRCRun
+from llrc_core.selectors.llrc import LLRCConfig, LLRCTrainer
 from llrc_core.pipeline import make_context
 
 PRESETS = {
@@ -79,26 +79,26 @@ def main() -> None:
     def dense_step():
         model.train()
         hs = distill.hidden_at(model, ids[:args.batch].to(device), layers_idx)
-        loss = sum(distill.nmse(h, t[:args.batch]) for h, t in zip(hs, targets))
+        loss = sum(losses.nmse(h, t[:args.batch]) for h, t in zip(hs, targets))
         dense_opt.zero_grad(set_to_none=True)
         loss.backward()
         dense_opt.step()
         model.eval()
 
-    # LLRC step: the selector's own loss and update on masked layers.
+    # LLRC step: the trainer's own loss and update on masked layers (one step of the shared
+    # loop in ``selectors/learned.py``, without its events and accounting).
     cfg = LLRCConfig(ratio=0.8, batch_size=args.batch, train_seq_len=0, path=args.path,
                      bf16=args.bf16)
-    run = LLRCRun(make_context(model, dec, ids), cfg)
-    run.layers = layers_idx
+    ctx = make_context(model, dec, ids)
+    trainer = LLRCTrainer(ctx, cfg, ctx.reachable_budget(cfg))
+    step = [0]
 
     def llrc_step(masked):
-        gen = torch.Generator().manual_seed(run.step)
-        terms = run._loss(masked, targets, ids, gen)
-        loss = terms["compression"] + terms["fit"] + cfg.beta_tv * terms["tv"]
-        run.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        run.opt.step()
-        run.step += 1
+        loss, _ = trainer.loss(masked, step[0])
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.backward(loss)
+        trainer.optimizer_step()
+        step[0] += 1
 
     def timed(fn):
         if device.type == "cuda":

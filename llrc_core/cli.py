@@ -10,7 +10,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .counting import check_ratio
+from .decompose import DECOMPOSITIONS
 from .errors import LLRCError
+from .files import atomic_write, prepare_destination
 
 
 def _bar(desc: str):
@@ -28,9 +30,16 @@ def _common(p: argparse.ArgumentParser, calib_required: bool = False) -> None:
     p.add_argument("--n-calib", type=int, default=32, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--decomposition", default="svd", choices=["svd", "asvd", "whiten"])
+    p.add_argument("--decomposition", default="svd", choices=list(DECOMPOSITIONS))
     p.add_argument("--alpha", type=float, default=0.5, help="ASVD exponent")
     p.add_argument("--batch-size", type=int, default=8)
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--merged-dense", action="store_true",
+                   help="export a plain model of the original architecture (A B multiplied back)")
 
 
 def _load(args):
@@ -60,22 +69,22 @@ def cmd_spectra(args) -> dict:
     loaded = _load(args)
     dec, _ = _decompose(args, loaded)
     df = pd.DataFrame(spectra_rows(dec))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(out)
+    atomic_write(out, lambda tmp: df.to_csv(tmp, index=False))
     return {"rows": len(df), "layers": len(dec.targets), "out": str(out)}
 
 
+def _parse_opt(item: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> (key with ``_`` for ``-``, the value as JSON, else as a string)."""
+    key, _, value = item.partition("=")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value
+
+
 def _method_options(args) -> dict:
-    opts = {"ratio": args.ratio, "scope": args.ratio_scope, "selection": args.selection}
-    for item in args.opt or []:
-        key, _, value = item.partition("=")
-        try:
-            opts[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            opts[key.replace("-", "_")] = value
-    return opts
+    return {"ratio": args.ratio, "scope": args.ratio_scope, "selection": args.selection,
+            **dict(_parse_opt(item) for item in args.opt or [])}
 
 
 class _EventBar:
@@ -94,8 +103,9 @@ class _EventBar:
     def __call__(self, event: dict) -> None:
         if event.get("type") != "step":
             return
-        if self.bar is None:
-            self.bar = tqdm(desc=self.method, unit="step", leave=False)
+        if self.bar is None:   # a total (steps at most) gives the bar its time left
+            self.bar = tqdm(desc=self.method, unit="step", leave=False,
+                            total=event.get("total_steps"))
         self.bar.update(1)
         post = {"ratio": f"{event.get('ratio_linear', float('nan')):.4f}",
                 "loss": f"{event.get('loss', float('nan')):.4f}"}
@@ -105,53 +115,53 @@ class _EventBar:
 
 
 def cmd_compress(args) -> dict:
-    from .evaluate import eval_windows, perplexity
-    from .export import _prepare_destination, export_model
-    from .pipeline import compress_, select_plan
-    from .selectors import get_selector
+    from .evaluate import eval_windows
+    from .events import JsonlLog, fan_out
+    from .export import export_model
+    from .pipeline import method_config
+    from .workflow import compress
 
     check_ratio(args.ratio)
-    get_selector(args.method)
-    _prepare_destination(Path(args.out), args.force)
+    opts = _method_options(args)
+    method_config(args.method, args.decomposition, **opts)   # bad options fail before loading
+    prepare_destination(Path(args.out), args.force)
     if args.eval_text and not Path(args.eval_text).exists():
         raise FileNotFoundError(f"--eval-text not found: {args.eval_text!r}")
     t0 = time.time()
     loaded = _load(args)
     dec, windows = _decompose(args, loaded)
-    report = {"model": args.model}
     ev = None
     if args.eval_text:
         from .models import context_length   # windows longer than the context crash
         ev = eval_windows(loaded.tokenizer, args.eval_text,
                           min(args.seq_len, context_length(loaded.model)), args.max_eval_windows)
-        report["ppl_before"] = perplexity(loaded.model, ev, args.batch_size)["ppl"]
-        report["eval_text"] = args.eval_text
-    opts = _method_options(args)
-    if args.log:
-        opts["log_path"] = args.log
+    resuming = bool(args.checkpoint) and Path(args.checkpoint).exists()
+    log = JsonlLog(args.log, append=resuming) if args.log else None
     with _EventBar(args.method) as bar:
-        plan = select_plan(loaded.model, dec, args.method, windows, callback=bar, **opts)
-    compress_(loaded.model, dec, plan)
-    if ev is not None:
-        report["ppl_after"] = perplexity(loaded.model, ev, args.batch_size)["ppl"]
-    report = {"method": args.method, "decomposition": args.decomposition,
+        res = compress(loaded.model, dec, args.method, windows, eval_ids=ev,
+                       emit=fan_out(bar, log), batch_size=args.batch_size,
+                       checkpoint=args.checkpoint, **opts)
+    report = {"model": args.model, "method": args.method, "decomposition": args.decomposition,
               "selection": args.selection, "target_ratio": args.ratio,
-              "ratio_scope": args.ratio_scope, **plan.summary(), **report,
+              "ratio_scope": args.ratio_scope, **res.plan.summary(),
+              **({"ppl_before": res.ppl_before, "ppl_after": res.ppl_after,
+                  "eval_text": args.eval_text} if ev is not None else {}),
+              "stopped": res.stopped, "select_seconds": res.select_seconds,
               "seconds": time.time() - t0}
-    export_model(loaded.model, loaded.tokenizer, plan, args.out, report=report, force=args.force,
-                 merged_dense=args.merged_dense)
+    export_model(loaded.model, loaded.tokenizer, res.plan, args.out, report=report,
+                 force=args.force, merged_dense=args.merged_dense)
     return {k: v for k, v in report.items() if k != "ranks"} | {"out": args.out}
 
 
 def cmd_export(args) -> dict:
     """Re-export an LLRC folder (e.g. ``--merged-dense`` or another ``--dtype``), or compress
     ``--model`` with a saved ``--plan`` (its decomposition) and export it."""
-    from .export import _prepare_destination, export_model, load_compressed
+    from .export import export_model, load_compressed
     from .models import pick_dtype
     from .pipeline import compress_
     from .plan import RankPlan
 
-    _prepare_destination(Path(args.out), args.force)
+    prepare_destination(Path(args.out), args.force)
     src = Path(args.model)
     if (src / "config.json").is_file() and "llrc" in json.loads((src / "config.json").read_text()):
         model, tok, plan = load_compressed(src, args.device)
@@ -194,13 +204,9 @@ def cmd_compare(args) -> dict:
     from .compare import CompareConfig, run_compare
     options: dict = {}
     for item in args.opt or []:
-        key, _, value = item.partition("=")
+        key, value = _parse_opt(item)
         method, _, field = key.rpartition(".")
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass
-        options.setdefault(method or "*", {})[field.replace("-", "_")] = value
+        options.setdefault(method or "*", {})[field] = value
     cfg = CompareConfig(
         model=args.model, methods=args.methods or (), ratios=args.ratios,
         selections=args.selection, decompositions=args.decomposition, scope=args.ratio_scope,
@@ -228,6 +234,9 @@ def cmd_compare(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .counting import SCOPES
+    from .selectors import SELECTORS, any_k_methods
+    from .selectors.base import SELECTIONS
     ap = argparse.ArgumentParser(prog="llrc", description="Low-rank compression of language "
                                  "models with learned rank selection")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -240,28 +249,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="select ranks, apply, evaluate, export")
     _common(p, calib_required=True)
-    p.add_argument("--method", default="uniform", help="rank selector (uniform, energy, ...)")
+    p.add_argument("--method", default="uniform",
+                   help=f"rank selector: {', '.join(sorted(SELECTORS))} (default: %(default)s)")
     p.add_argument("--ratio", type=float, required=True, help="kept parameter ratio in (0, 1]")
-    p.add_argument("--ratio-scope", default="linear", choices=["linear", "model"])
-    p.add_argument("--selection", default="top-k", choices=["top-k", "any-k"])
+    p.add_argument("--ratio-scope", default="linear", choices=list(SCOPES))
+    p.add_argument("--selection", default="top-k", choices=list(SELECTIONS),
+                   help=f"any-k only for {', '.join(any_k_methods())}")
     p.add_argument("--opt", action="append", metavar="KEY=VALUE",
                    help="method hyperparameter, repeatable (e.g. --opt steps=300)")
-    p.add_argument("--log", help="JSONL file receiving the method's training events (llrc)")
+    p.add_argument("--log", help="JSONL file receiving every event of the run (any method)")
+    p.add_argument("--checkpoint", help="learned methods: state file, written every 50 steps "
+                   "and at the end; a run with the same options resumes from it")
     p.add_argument("--eval-text", help="text file for perplexity before and after")
     p.add_argument("--max-eval-windows", type=int, default=None)
-    p.add_argument("--out", required=True, help="output folder (must be new or empty)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--merged-dense", action="store_true",
-                   help="export a plain model of the original architecture (A B multiplied back)")
+    _export_args(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("export", help="re-export an LLRC folder, or compress --model with --plan")
     _common(p)
     p.add_argument("--plan", help="rank_plan.json to apply when --model is not an LLRC folder")
-    p.add_argument("--out", required=True, help="output folder (must be new or empty)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--merged-dense", action="store_true",
-                   help="export a plain model of the original architecture (A B multiplied back)")
+    _export_args(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="perplexity of a model or an exported folder on a text")
@@ -284,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selection", default="top-k,any-k",
                    help="top-k and/or any-k (any-k only where a method supports it)")
     p.add_argument("--decomposition", default="auto", help="auto or comma list svd,asvd,whiten")
-    p.add_argument("--ratio-scope", default="linear", choices=["linear", "model"])
+    p.add_argument("--ratio-scope", default="linear", choices=list(SCOPES))
     p.add_argument("--calib", default=d.calib, help="calibration text")
     p.add_argument("--n-calib", type=int, default=d.n_calib)
     p.add_argument("--seq-len", type=int, default=d.seq_len)

@@ -7,7 +7,8 @@ fingerprint (model, calibration, evaluation, tasks and that method's options) ma
 only the evaluation changed (windows, tasks), its stored plan is re-applied and re-evaluated
 without selecting again.
 At the end the cells are gathered into a tidy ``results.csv`` / ``results.json`` and two
-plotly figures: ``ppl_vs_ratio.html`` and ``ranks_heatmap.html`` (layers x methods).
+plotly figures: ``ppl_vs_ratio.html`` and ``ranks_heatmap.html`` (methods x layers), written by
+``report.py``.
 
 Axes that do not apply to a method are skipped, not faked:
 * selection: ``any-k`` only for methods that offer it (``supported_selections`` on the
@@ -23,48 +24,43 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .config import ConfigMixin, option
 from .counting import check_ratio, check_scope
+from .decompose import DECOMPOSITIONS
+from .errors import Stopped
+from .files import atomic_json
+from .selectors.base import SELECTIONS
 from .zeroshot import DEFAULT_DATA_DIR
 
 WIKI = DEFAULT_DATA_DIR / "wikitext-2"
-COLUMNS = ["method", "decomposition", "selection", "scope", "target_ratio",
-           "achieved_ratio_linear", "achieved_ratio_model", "ppl", "fidelity", "seconds",
-           "decompose_seconds", "eval_seconds", "dense_layers", "ranks", "error"]
-
-
-def _f(default, help_: str):
-    kw = {"default_factory": lambda: default} if isinstance(default, (dict, list)) else \
-         {"default": default}
-    return field(metadata={"help": help_}, **kw)
 
 
 @dataclass
-class CompareConfig:
-    model: str = _f("assets/demo-model", "model folder, Hub id, or 'minilm' (PyPI package)")
-    methods: tuple = _f((), "selector names; empty = every registered method")
-    ratios: tuple = _f((0.9, 0.8, 0.6), "target parameter ratios")
-    selections: tuple = _f(("top-k", "any-k"), "any-k is used only where a method supports it")
-    decompositions: tuple = _f(("auto",), "'auto' (each method's own) or svd/asvd/whiten")
-    scope: str = _f("linear", "ratio scope: linear (target layers) or model")
-    calib: str = _f(str(WIKI / "valid.txt"), "calibration text")
-    n_calib: int = _f(8, "calibration windows")
-    seq_len: int = _f(128, "tokens per calibration window")
-    eval_text: str = _f(str(WIKI / "test.txt"), "perplexity / fidelity text")
-    eval_seq_len: int = _f(256, "tokens per evaluation window")
-    max_eval_windows: int | None = _f(16, "evaluation windows (None: whole text)")
-    fidelity_lines: int = _f(256, "WikiText lines embedded for encoder fidelity")
-    tasks: tuple = _f((), "zero-shot tasks (zeroshot.TASKS); causal LMs only")
-    task_limit: int | None = _f(None, "docs per task (quick runs)")
-    options: dict = _f({}, "{method: {field: value}}; key '*' applies where the field exists")
-    batch_size: int = _f(8, "windows per forward pass")
-    device: str | None = _f(None, "cuda / cpu (default: cuda when present)")
-    seed: int = _f(0, "calibration seed")
+class CompareConfig(ConfigMixin):
+    model: str = option("assets/demo-model", "model folder, Hub id, or 'minilm' (PyPI package)")
+    methods: tuple = option((), "selector names; empty = every registered method")
+    ratios: tuple = option((0.9, 0.8, 0.6), "target parameter ratios")
+    selections: tuple = option(("top-k", "any-k"), "any-k is used only where a method supports it")
+    decompositions: tuple = option(("auto",), "'auto' (each method's own) or svd/asvd/whiten")
+    scope: str = option("linear", "ratio scope: linear (target layers) or model")
+    calib: str = option(str(WIKI / "valid.txt"), "calibration text")
+    n_calib: int = option(8, "calibration windows")
+    seq_len: int = option(128, "tokens per calibration window")
+    eval_text: str = option(str(WIKI / "test.txt"), "perplexity / fidelity text")
+    eval_seq_len: int = option(256, "tokens per evaluation window")
+    max_eval_windows: int | None = option(16, "evaluation windows (None: whole text)")
+    fidelity_lines: int = option(256, "WikiText lines embedded for encoder fidelity")
+    tasks: tuple = option((), "zero-shot tasks (zeroshot.TASKS); causal LMs only")
+    task_limit: int | None = option(None, "docs per task (quick runs)")
+    options: dict = option({}, "{method: {field: value}}; key '*' applies where the field exists")
+    batch_size: int = option(8, "windows per forward pass")
+    device: str | None = option(None, "cuda / cpu (default: cuda when present)")
+    seed: int = option(0, "calibration seed")
 
     def __post_init__(self):
         for name in ("methods", "ratios", "selections", "decompositions", "tasks"):
@@ -72,47 +68,38 @@ class CompareConfig:
             setattr(self, name, tuple(v.split(",")) if isinstance(v, str) else tuple(v))
         self.ratios = tuple(check_ratio(float(r)) for r in self.ratios)
         check_scope(self.scope)
-        bad = set(self.selections) - {"top-k", "any-k"}
+        bad = set(self.selections) - set(SELECTIONS)
         if bad or not self.selections:
-            raise ValueError(f"selections must be top-k and/or any-k, got {self.selections}")
-        bad = set(self.decompositions) - {"auto", "svd", "asvd", "whiten"}
+            raise ValueError(f"selections must be among {SELECTIONS}, got {self.selections}")
+        bad = set(self.decompositions) - {"auto", *DECOMPOSITIONS}
         if bad or not self.decompositions:
-            raise ValueError(f"decompositions must be 'auto' or svd/asvd/whiten, got {bad}")
+            raise ValueError(f"decompositions must be 'auto' or among {tuple(DECOMPOSITIONS)}, "
+                             f"got {sorted(bad)}")
         if not self.ratios:
             raise ValueError("give at least one ratio, e.g. ratios=[0.8]")
         if min(self.n_calib, self.seq_len, self.eval_seq_len, self.batch_size) < 1:
             raise ValueError("n_calib, seq_len, eval_seq_len and batch_size must be >= 1")
 
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CompareConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        if set(d) - names:
-            raise ValueError(f"unknown CompareConfig fields {sorted(set(d) - names)}")
-        return cls(**d)
 
 
 # --------------------------------------------------------------------------- the grid
 def method_axes(name: str, cfg: CompareConfig) -> list[tuple[str, str]]:
-    """``(decomposition, selection)`` pairs to run for method ``name``."""
+    """``(decomposition, selection)`` pairs to run for method ``name``: the registry says
+    what it supports; ``auto`` is its preferred decomposition."""
     from .selectors import get_selector
-    cfg_cls, fn = get_selector(name)
-    supported = cfg_cls.supported_selections
-    sels = [s for s in cfg.selections if s in supported] or ["top-k"]
-    allowed = getattr(fn, "decompositions", None)
+    spec = get_selector(name)
+    sels = [s for s in cfg.selections if s in spec.selections] or [spec.selections[0]]
     decs = []
     for d in cfg.decompositions:
-        d = getattr(fn, "preferred_decomposition", "asvd") if d == "auto" else d
-        if (allowed is None or d in allowed) and d not in decs:
+        d = spec.preferred if d == "auto" else d
+        if d in spec.allowed_decompositions and d not in decs:
             decs.append(d)
     return [(d, s) for d in decs for s in sels]
 
 
 def method_options(name: str, cfg: CompareConfig) -> dict:
     from .selectors import get_selector
-    names = {f.name for f in dataclasses.fields(get_selector(name)[0])}
+    names = {f.name for f in dataclasses.fields(get_selector(name).config)}
     opts = {k: v for k, v in cfg.options.get("*", {}).items() if k in names}
     opts.update(cfg.options.get(name, {}))
     return opts
@@ -205,10 +192,12 @@ class Session:
                                               batch_size=self.cfg.batch_size)
         return self.decs[name]
 
-    def evaluate(self) -> dict:
-        """ppl (+ task accuracies) for a causal LM, embedding fidelity for an encoder."""
+    def evaluate(self, model=None) -> dict:
+        """ppl (+ task accuracies) for a causal LM, embedding fidelity for an encoder, of
+        ``model`` (default: the session's)."""
         from . import fidelity
-        cfg, model, tok = self.cfg, self.loaded.model, self.loaded.tokenizer
+        cfg, tok = self.cfg, self.loaded.tokenizer
+        model = self.loaded.model if model is None else model
         t0 = time.time()
         if not self.loaded.causal:
             lines, ref = self._eval
@@ -225,47 +214,32 @@ class Session:
         return out
 
 
-class Stopped(Exception):
-    """The caller asked to stop during a cell: its partial result is not a result."""
-
-
 def run_cell(s: Session, cell: dict, emit: Callable[[dict], None] | None = None,
              should_stop: Callable[[], bool] = lambda: False, reuse: dict | None = None) -> dict:
     """Select (or, with ``reuse``: a cached row of the same selection, take its plan and
-    seconds), apply, evaluate and restore the model."""
+    seconds), apply, evaluate and restore the model (``workflow.compress`` in place). A cell
+    stopped mid-way raises ``Stopped``: its partial plan is not a result."""
     from .apply import restore_
-    from .pipeline import compress_, select_plan
     from .plan import RankPlan
+    from .workflow import compress
     cfg = s.cfg
     dec = s.dec(cell["decomposition"])
-    if reuse is not None:
-        plan, seconds = RankPlan.from_dict(reuse["plan"]), reuse["seconds"]
-    else:
-        opts = {**method_options(cell["method"], cfg), "ratio": cell["target_ratio"],
-                "scope": cfg.scope, "selection": cell["selection"]}
-        t0 = time.time()
-        plan = select_plan(s.loaded.model, dec, cell["method"], s.windows, callback=emit,
-                           should_stop=should_stop, cache_dir=str(Path(s.out) / "cache"),
-                           **opts)
-        seconds = time.time() - t0
-        if should_stop():
-            raise Stopped(cell_id(cell))
+    opts = {**method_options(cell["method"], cfg), "ratio": cell["target_ratio"],
+            "scope": cfg.scope, "selection": cell["selection"]}
     try:
-        compress_(s.loaded.model, dec, plan)
-        ev = s.evaluate()
+        res = compress(s.loaded.model, dec, cell["method"], s.windows, evaluate=s.evaluate,
+                       before=False, plan=RankPlan.from_dict(reuse["plan"]) if reuse else None,
+                       partial=False, emit=emit or (lambda e: None), should_stop=should_stop,
+                       cache_dir=str(Path(s.out) / "cache"), **opts)
     finally:
         restore_(s.loaded.model)
+    plan, ev = res.plan, res.after
+    seconds = reuse["seconds"] if reuse else res.select_seconds
     return {**cell, "scope": cfg.scope, "achieved_ratio_linear": plan.ratio("linear"),
             "achieved_ratio_model": plan.ratio("model"), **ev, "seconds": seconds,
             "decompose_seconds": dec.seconds, "dense_layers": plan.summary()["dense_layers"],
             "ranks": plan.ranks(), "shapes": {n: [lp.m, lp.n] for n, lp in plan.layers.items()},
             "plan": plan.to_dict()}
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    tmp.replace(path)
 
 
 def run_cells(cfg: CompareConfig, out: str | Path, log: Callable[[str], None] = print,
@@ -287,7 +261,7 @@ def run_cells(cfg: CompareConfig, out: str | Path, log: Callable[[str], None] = 
         get_selector(m)                      # unknown names fail before any work
     out = Path(out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", cfg.to_dict())
+    atomic_json(out / "config.json", cfg.to_dict())
     emit = emit or (lambda e: None)
     cells = [{"method": "dense", "decomposition": "-", "selection": "-", "target_ratio": 1.0}]
     cells += grid(cfg)
@@ -326,7 +300,7 @@ def run_cells(cfg: CompareConfig, out: str | Path, log: Callable[[str], None] = 
             row = {**cell, "scope": cfg.scope, "error": f"{type(exc).__name__}: {exc}"}
             log(f"  {cell_id(cell)} failed: {row['error']}")
         row.update(fingerprint=fp, select_fingerprint=sfp)
-        _write_json(path, row)
+        atomic_json(path, row)
         rows.append(row)
         emit({"type": "cell", "row": row, "cached": False, "reselected": reuse is None})
     emit({"type": "grid", "done": len(rows), "total": len(cells)})
@@ -337,72 +311,9 @@ def run_compare(cfg: CompareConfig, out: str | Path, log: Callable[[str], None] 
                 retry_errors: bool = True, **kw):
     """Run (or resume) the grid into ``out`` and write the tables and figures; returns the
     tidy results ``DataFrame``. ``kw``: ``make_session``, ``emit``, ``should_stop`` (``run_cells``)."""
+    from . import report
     rows = run_cells(cfg, out, log, retry_errors, **kw)
-    df = tidy(rows)
-    write_results(df, rows, Path(out))
+    df = report.tidy(rows)
+    report.write_results(df, rows, Path(out))
     return df
 
-
-# --------------------------------------------------------------------------- outputs
-def tidy(rows: list[dict]):
-    import pandas as pd
-    df = pd.DataFrame(rows)
-    extra = sorted(c for c in df.columns if c.startswith("acc_"))
-    for c in COLUMNS:
-        if c not in df.columns:
-            df[c] = None
-    return df[COLUMNS[:8] + extra + COLUMNS[8:]]
-
-
-def write_results(df, rows: list[dict], out: Path) -> None:
-    csv_df = df.copy()
-    csv_df["ranks"] = [json.dumps(r) if isinstance(r, dict) else "" for r in csv_df["ranks"]]
-    tmp = out / ".results.csv.tmp"
-    csv_df.to_csv(tmp, index=False)
-    tmp.replace(out / "results.csv")
-    _write_json(out / "results.json", [{k: v for k, v in r.items()
-                                        if k not in ("fingerprint", "select_fingerprint", "plan")}
-                                       for r in rows])
-    figures(df, rows, out)
-
-
-def _label(r) -> str:
-    sel = "" if r["selection"] in ("top-k", "-") else f" {r['selection']}"
-    return f"{r['method']}{sel} ({r['decomposition']})"
-
-
-def figures(df, rows: list[dict], out: Path) -> None:
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-    metric = "ppl" if df["ppl"].notna().any() else "fidelity"
-    ok = df[df["error"].isna() & (df["method"] != "dense") & df[metric].notna()].copy()
-    fig = go.Figure()
-    if len(ok):
-        ok["label"] = ok.apply(_label, axis=1)
-        for label, g in ok.groupby("label"):
-            g = g.sort_values("target_ratio")
-            fig.add_trace(go.Scatter(x=g["target_ratio"], y=g[metric], mode="lines+markers",
-                                     name=label))
-    dense = df[df["method"] == "dense"][metric].dropna()
-    if len(dense) and len(ok):
-        # A trace, not add_hline: shapes on a log axis take log10 coordinates.
-        xs = [float(ok["target_ratio"].min()), 1.0]          # the dense model is ratio 1
-        fig.add_trace(go.Scatter(x=xs, y=[float(dense.iloc[0])] * 2, mode="lines",
-                                 name="dense", line={"dash": "dot", "color": "gray"}))
-    fig.update_layout(title=f"{metric} against target ratio", xaxis_title="target ratio",
-                      yaxis_title=metric, yaxis_type="log" if metric == "ppl" else "linear")
-    fig.write_html(out / "ppl_vs_ratio.html", include_plotlyjs=True)
-
-    good = [r for r in rows if not r.get("error") and isinstance(r.get("ranks"), dict)]
-    ratios = sorted({r["target_ratio"] for r in good}, reverse=True)
-    heat = make_subplots(rows=max(len(ratios), 1), cols=1,
-                         subplot_titles=[f"target ratio {r:g}" for r in ratios])
-    for i, ratio in enumerate(ratios, 1):
-        sel = [r for r in good if r["target_ratio"] == ratio]
-        layers = list(sel[0]["ranks"])
-        heat.add_trace(go.Heatmap(
-            z=[[r["ranks"].get(layer, math.nan) for r in sel] for layer in layers],
-            x=[_label(r) for r in sel], y=layers, coloraxis="coloraxis"), row=i, col=1)
-    heat.update_layout(title="kept ranks (layers x methods)", coloraxis={"colorscale": "Viridis"},
-                       height=max(400, 30 * 36 * max(len(ratios), 1) // 2))
-    heat.write_html(out / "ranks_heatmap.html", include_plotlyjs=True)

@@ -41,12 +41,3 @@ def precompute_targets(model: nn.Module, windows: torch.Tensor, layers: tuple[in
     with inference_mode(model):
         parts = [hidden_at(model, ids.to(device), layers) for ids in windows.split(batch_size)]
     return [torch.cat([p[i] for p in parts]) for i in range(len(layers))]
-
-
-def nmse(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Normalised MSE ``||h - t||^2 / ||t||^2`` (scale-free across layers and models)."""
-    return (h.float() - target.float()).pow(2).sum() / target.float().pow(2).sum().clamp_min(1e-12)
-
-
-def mse(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (h.float() - target.float()).pow(2).mean()

@@ -1,15 +1,14 @@
 """Perplexity over a text: non-overlapping windows of ``seq_len`` tokens, mean token NLL."""
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .blocks import inference_mode
 from .calibration import read_local_text, tokenize
+from .losses import next_token_loss, ppl_of
 
 
 def eval_windows(tokenizer, text_path: str | Path, seq_len: int,
@@ -37,13 +36,11 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress=lambd
     with inference_mode(model):
         for ids in progress(list(windows.split(batch_size))):
             ids = ids.to(device)
-            logits = model(input_ids=ids).logits.float()                  # (B, T, V)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                   ids[:, 1:].reshape(-1), reduction="sum")
+            loss = next_token_loss(model(input_ids=ids).logits, ids, "sum")   # (B, T, V) logits
             nll += loss.item()
             count += ids[:, 1:].numel()
     seconds = time.time() - t0
     mean = nll / count
-    return {"ppl": math.exp(mean) if mean < 700 else float("inf"), "nll": mean,
+    return {"ppl": ppl_of(mean), "nll": mean,
             "tokens": windows.numel(), "windows": windows.shape[0], "seconds": seconds,
             "tokens_per_s": windows.numel() / max(seconds, 1e-9)}

@@ -21,9 +21,7 @@ ever unpickled. Loading checks the folder first and names the layer and the prob
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from .apply import LowRankLinear
 from .errors import ModelLoadError
+from .files import atomic_folder, prepare_destination
 from .hf_remote import MODELING_FILE
 from .hf_remote import modeling_llrc as remote
 from .plan import RankPlan
@@ -131,29 +130,20 @@ def _config_dict(model, plan: RankPlan, dtype: str, merged: bool, report: dict |
 
 # --- writing -------------------------------------------------------------------------------------
 
-def _prepare_destination(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"destination {str(out)!r} is a file; choose a folder path")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"destination {str(out)!r} exists and is not empty; choose another "
-                              "folder or pass --force to replace it")
-
-
 def export_model(model, tokenizer, plan: RankPlan, out: str | Path, *, report: dict | None = None,
                  force: bool = False, merged_dense: bool = False) -> Path:
     """Save the compressed ``model`` (``plan`` applied) atomically into ``out``; with
     ``merged_dense`` save the plain original architecture with ``A B`` multiplied back."""
     out = Path(out).expanduser().absolute()
-    _prepare_destination(out, force)
+    prepare_destination(out, force)          # before any work: a clear refusal
     missing = [n for n, lp in plan.layers.items()
                if not lp.dense and not isinstance(model.get_submodule(n), (LowRankLinear,
                                                                             remote.LowRankLinear))]
     if missing:
         raise ValueError(f"layer {missing[0]!r} is planned low-rank but the model holds a dense "
                          "module: apply the plan first (pipeline.compress_)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+
+    def fill(tmp: Path) -> None:
         tensors = weights_to_save(model)
         dtype = _dtype_name(tensors)
         meta = {"format": "pt", "llrc_format": str(remote.FORMAT)}
@@ -178,27 +168,8 @@ def export_model(model, tokenizer, plan: RankPlan, out: str | Path, *, report: d
             cfg["llrc"]["files"] = {p.name: p.stat().st_size   # the card (free to edit)
                                     for p in sorted(tmp.iterdir()) if p.name != "README.md"}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=1, default=str))
-        _move_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` (allowed by ``force``) is moved aside
-    first and deleted only once the new folder is in place."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return atomic_folder(out, fill, force)
 
 
 def model_card(cfg: dict, plan: RankPlan, tensors: dict, name: str) -> str:

@@ -25,23 +25,33 @@ def logistic_noise(shape, generator: torch.Generator | None = None) -> torch.Ten
     return torch.log(u) - torch.log1p(-u)
 
 
+def gumbel_sigmoid(logits: torch.Tensor, tau: float, noise: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask, soft)``, elementwise on any shape: ``soft = sigmoid((logits + noise) / tau)``
+    and the straight-through mask, hard ``soft > 0.5`` in value with ``soft``'s gradient.
+    ``noise=None``: the deterministic gate ``logits > 0``."""
+    z = logits if noise is None else logits + noise.to(logits.device, logits.dtype)
+    soft = torch.sigmoid(z / tau)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard - soft.detach() + soft, soft
+
+
 def gate(theta: torch.Tensor, tau: float, noise: torch.Tensor | None, selection: str
          ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mask, soft)``: the straight-through hard mask and the soft sample, both (r,).
 
     ``noise=None`` gives the deterministic gate ``theta > 0`` (used to read off the plan).
     """
-    z = theta if noise is None else theta + noise.to(theta.device, theta.dtype)
-    soft = torch.sigmoid(z / tau)                                   # (r,)
-    hard = (soft > 0.5).to(soft.dtype)
+    mask, soft = gumbel_sigmoid(theta, tau, noise)                  # (r,) each
     if selection == "top-k":
+        hard = (soft > 0.5).to(soft.dtype)
         # Keep the prefix as long as the number of open gates; its soft edge
         # sigmoid(k_soft - i - 1/2) passes the gradient to every gate through the count.
         i = torch.arange(theta.numel(), device=theta.device, dtype=soft.dtype)
         soft_prefix = torch.sigmoid(soft.sum() - i - 0.5)
         hard_prefix = (i < hard.sum()).to(soft.dtype)
         return hard_prefix - soft_prefix.detach() + soft_prefix, soft
-    return hard - soft.detach() + soft, soft                         # value hard, grad soft
+    return mask, soft                                                # value hard, grad soft
 
 
 def expected_kept(theta: torch.Tensor, selection: str) -> torch.Tensor:
@@ -77,3 +87,13 @@ def cosine_alpha(step: int, period: int, low: float, high: float) -> float:
     if period <= 0:
         return high
     return low + (high - low) * 0.5 * (1 + math.cos(2 * math.pi * (step % period) / period))
+
+
+def kept_by_score(scores: dict[str, torch.Tensor], counts: dict[str, int],
+                  selection: str) -> dict[str, list[int]]:
+    """Kept indices of ``counts[name]`` values per layer: the prefix (top-k), or the values
+    with the highest scores (any-k; ties by index)."""
+    if selection == "top-k":
+        return {n: list(range(k)) for n, k in counts.items()}
+    return {n: sorted(torch.argsort(scores[n], descending=True, stable=True)[:k].tolist())
+            for n, k in counts.items()}

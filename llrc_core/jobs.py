@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from .errors import LLRCError
+from .errors import LLRCError, Stopped
 
 STATUSES = ("pending", "running", "done", "stopped", "error")
 JobFn = Callable[[Callable[[dict], None], Callable[[], bool]], Any]
@@ -57,6 +57,8 @@ class Job:
         try:
             result = self._fn(self.emit, self.should_stop)
             status, error, tb = ("stopped" if self._stop.is_set() else "done"), None, None
+        except Stopped:                      # the one stop contract: never an error
+            result, status, error, tb = None, "stopped", None, None
         except (LLRCError, ValueError, FileNotFoundError, FileExistsError) as exc:
             result, status, error, tb = None, "error", str(exc), traceback.format_exc()
         except Exception as exc:  # noqa: BLE001 -- report any failure to the watcher
@@ -72,7 +74,8 @@ class Job:
         return self
 
     def stop(self) -> None:
-        """Ask the function to stop at its next check; it still returns what it has."""
+        """Ask the function to stop at its next check: it returns what it has (status
+        "stopped"), or raises ``errors.Stopped`` when it has nothing (also "stopped")."""
         self._stop.set()
 
     @property

@@ -14,11 +14,20 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .errors import ModelLoadError, UnsupportedModelError
 
-LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D`` (weight stored (in, out)); matched by name so that
+    importing this module does not import transformers."""
+    return type(module).__name__ == "Conv1D"
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -110,7 +119,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     best, best_count = None, 0
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            count = sum(isinstance(m, LINEAR_TYPES) for m in mod.modules())
+            count = sum(is_linear(m) for m in mod.modules())
             if count > best_count:
                 best, best_count = (name, mod), count
     if best is None:
@@ -128,7 +137,7 @@ def find_targets(model: nn.Module) -> list[Target]:
         for rel, mod in block.named_modules():
             if isinstance(mod, nn.Linear):
                 m, n, t = mod.out_features, mod.in_features, False
-            elif isinstance(mod, Conv1D):
+            elif is_conv1d(mod):
                 n, m = mod.weight.shape  # Conv1D stores (in, out)
                 t = True
             else:
@@ -143,7 +152,7 @@ def find_targets(model: nn.Module) -> list[Target]:
 
 def weight_of(module: nn.Module) -> torch.Tensor:
     """The weight as ``W (m x n)``, y = W x, whatever the storage (Conv1D is transposed)."""
-    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+    return module.weight.t() if is_conv1d(module) else module.weight
 
 
 def count_params(model: nn.Module) -> int:

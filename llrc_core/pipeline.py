@@ -9,6 +9,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from .analysis import cumulative_energy
 from .apply import apply_plan_
 from .calibration import CalibConfig, load_calibration
 from .decompose import DECOMPOSITIONS, Factors, decompose
@@ -83,14 +84,26 @@ def make_context(model, dec: Decomposed, windows=None, **kw) -> SelectionContext
                             dec.factors, model, windows, dec.stats, **kw)
 
 
+def method_config(method: str, decomposition: str, **options):
+    """The validated config of ``method`` from ``options``, refusing a (selection,
+    decomposition) pair the method does not support: cheap, so entry points call it before
+    any heavy work."""
+    spec = get_selector(method)
+    cfg = spec.config.from_dict(options)
+    spec.check(cfg.selection, decomposition)
+    return cfg
+
+
 def select_plan(model, dec: Decomposed, method: str, windows=None, callback=None,
-                should_stop=lambda: False, cache_dir=None, **options) -> RankPlan:
-    """Run selector ``method`` with its config built from ``options`` (validated)."""
-    cfg_cls, fn = get_selector(method)
-    cfg = cfg_cls.from_dict(options)
+                should_stop=lambda: False, cache_dir=None, checkpoint=None,
+                checkpoint_every: int = 50, mask_every: int = 10, **options) -> RankPlan:
+    """Run selector ``method`` with its config built from ``options`` (validated). The other
+    arguments are plumbing (``SelectionContext``): events, stop, caches, checkpoints."""
+    cfg = method_config(method, dec.decomposition, **options)
     ctx = make_context(model, dec, windows, callback=callback, should_stop=should_stop,
-                       cache_dir=cache_dir)
-    return fn(ctx, cfg)
+                       cache_dir=cache_dir, checkpoint=checkpoint,
+                       checkpoint_every=checkpoint_every, mask_every=mask_every)
+    return get_selector(method).select(ctx, cfg)
 
 
 def calibrate(loaded: LoadedModel, source: str, n_samples: int = 32, seq_len: int = 256,
@@ -106,7 +119,7 @@ def spectra_rows(dec: Decomposed) -> list[dict]:
     rows = []
     for t in dec.targets:
         s = dec.factors[t.name].S.double().cpu()
-        energy = torch.cumsum(s ** 2, 0) / (s ** 2).sum()
+        energy = cumulative_energy(s)
         rows.extend({"layer": t.name, "module_type": t.kind, "block": t.block, "index": i,
                      "sigma": float(s[i]), "cumulative_energy": float(energy[i])}
                     for i in range(s.numel()))

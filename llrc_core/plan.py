@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .counting import break_even, layer_cost, ratios
+from .files import atomic_text
 
 PLAN_VERSION = 1
 
@@ -122,7 +123,7 @@ class RankPlan:
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
+        atomic_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> "RankPlan":

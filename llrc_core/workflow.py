@@ -1,15 +1,16 @@
-"""Whole-run helpers for interactive faces (the app, notebooks): work on copies, never on a
-shared base model.
+"""The one orchestration of a compression run, for the CLI, the app and the comparison grid:
+select a plan with a method, apply it, evaluate before and after, report.
 
-A base model may be shared by many users (the app caches one per source). Anything that
-installs hooks, swaps modules or toggles config flags therefore runs on a deep copy:
-``decompose_copy`` (statistics hooks), ``compress_copy`` (masked layers, then the plan).
+``compress`` works in place (the CLI, the grid: they own their model) or on a deep copy
+(``copy=True``: the app, whose base model is shared by every session and never mutated).
 Events follow the selector callback contract (``{"type": ...}`` dicts); this module adds
-``phase`` and ``eval`` events and a ``done`` event for selectors that send none.
+``phase`` and ``eval`` events, and the ``done`` event for selectors without a training loop.
+A stop follows the one contract (``errors.Stopped``): a stopped selection returns its plan
+marked ``stopped``, or raises ``Stopped`` when it has none or the caller refuses partial ones.
 """
 from __future__ import annotations
 
-import copy
+import copy as copy_module
 import io
 import time
 import zipfile
@@ -19,74 +20,98 @@ from typing import Callable
 
 import torch
 
+from .errors import Stopped
 from .evaluate import perplexity
 from .pipeline import Decomposed, compress_, decompose_model, select_plan
 from .plan import RankPlan
+from .selectors import get_selector
 
 Emit = Callable[[dict], None]
+PLUMBING = ("cache_dir", "checkpoint", "checkpoint_every", "mask_every")   # select_plan's
 
 
 @dataclass
 class CompressionResult:
-    model: torch.nn.Module          # the compressed copy
+    model: torch.nn.Module          # the compressed model (the copy, with ``copy=True``)
     plan: RankPlan
     method: str
     options: dict                   # selector config fields as given
-    ppl_before: float | None = None
-    ppl_after: float | None = None
+    before: dict = field(default_factory=dict)      # metrics of the dense model
+    after: dict = field(default_factory=dict)       # metrics of the compressed model
     stopped: bool = False
+    select_seconds: float = 0.0
     seconds: float = 0.0
     report: dict = field(default_factory=dict)
+
+    @property
+    def ppl_before(self) -> float | None:
+        return self.before.get("ppl")
+
+    @property
+    def ppl_after(self) -> float | None:
+        return self.after.get("ppl")
 
 
 def decompose_copy(base_model, decomposition: str, windows=None, **kw) -> Decomposed:
     """Decompose the targets of ``base_model`` without touching it: data-aware methods hook a
     deep copy (the factors only depend on the weights, which the copy shares in value)."""
-    model = base_model if decomposition == "svd" else copy.deepcopy(base_model)
+    model = base_model if decomposition == "svd" else copy_module.deepcopy(base_model)
     return decompose_model(model, decomposition, windows, **kw)
 
 
-def compress_copy(base_model, dec: Decomposed, method: str, windows=None, eval_ids=None, *,
-                  emit: Emit = lambda e: None, should_stop: Callable[[], bool] = lambda: False,
-                  batch_size: int = 8, **options) -> CompressionResult:
-    """Copy ``base_model``, select a plan with ``method`` (events go to ``emit``), apply it to
-    the copy and, with ``eval_ids`` (k, L), measure perplexity before and after."""
+def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None,
+             evaluate: Callable[[torch.nn.Module], dict] | None = None, before: bool = True,
+             plan: RankPlan | None = None, copy: bool = False, partial: bool = True,
+             emit: Emit = lambda e: None, should_stop: Callable[[], bool] = lambda: False,
+             batch_size: int = 8, **options) -> CompressionResult:
+    """Select a plan with ``method`` (or take ``plan``), apply it and evaluate.
+
+    ``evaluate(model) -> dict`` measures a model (default with ``eval_ids`` (k, L): its
+    perplexity); ``before`` measures the dense model first. ``options``: the method's config
+    fields and ``select_plan``'s plumbing (``cache_dir``, ``checkpoint``, ...). A stopped
+    selection raises ``Stopped`` unless ``partial`` (keep a stopped learned plan)."""
     t0 = time.time()
-    emit({"type": "phase", "phase": "copy"})
-    model = copy.deepcopy(base_model)
-    ppl_before = None
-    if eval_ids is not None:
+    if copy:
+        emit({"type": "phase", "phase": "copy"})
+        model = copy_module.deepcopy(model)
+    if evaluate is None and eval_ids is not None:
+        def evaluate(m):
+            return {"ppl": perplexity(m, eval_ids, batch_size)["ppl"]}
+    metrics_before = {}
+    if evaluate is not None and before:
         emit({"type": "phase", "phase": "ppl_before"})
-        ppl_before = perplexity(model, eval_ids, batch_size)["ppl"]
-        emit({"type": "eval", "ppl_before": ppl_before})
-    emit({"type": "phase", "phase": "select"})
-    seen_done = []
-
-    def relay(event: dict) -> None:
-        if event.get("type") == "done":
-            seen_done.append(event)
-        emit(event)
-
-    plan = select_plan(model, dec, method, windows, callback=relay, should_stop=should_stop,
-                       **options)
-    stopped = bool(seen_done and seen_done[-1].get("stopped")) or should_stop()
-    if not seen_done:   # selectors without a training loop report nothing else
-        emit({"type": "done", "step": 0, "plan": plan.to_dict(), "stopped": stopped})
+        metrics_before = evaluate(model)
+        emit({"type": "eval", **{f"{k}_before": v for k, v in metrics_before.items()}})
+    select_seconds, stopped = 0.0, False
+    if plan is None:
+        emit({"type": "phase", "phase": "select"})
+        t1 = time.time()
+        plan = select_plan(model, dec, method, windows, callback=emit, should_stop=should_stop,
+                           **options)
+        select_seconds = time.time() - t1
+        stopped = bool(plan.meta.get("stopped")) or should_stop()
+        if stopped and not partial:
+            raise Stopped(f"{method} was stopped before its plan was final")
+        if not get_selector(method).trains:   # no training loop: no done event of its own
+            emit({"type": "done", "step": 0, "plan": plan.to_dict(), "stopped": stopped})
     emit({"type": "phase", "phase": "apply"})
     compress_(model, dec, plan)
-    ppl_after = None
-    if eval_ids is not None:
+    metrics_after = {}
+    if evaluate is not None:
         emit({"type": "phase", "phase": "ppl_after"})
-        ppl_after = perplexity(model, eval_ids, batch_size)["ppl"]
-        emit({"type": "eval", "ppl_before": ppl_before, "ppl_after": ppl_after})
-    seconds = time.time() - t0
-    report = {"method": method, "decomposition": dec.decomposition, **options,
+        metrics_after = evaluate(model)
+        emit({"type": "eval", **{f"{k}_before": v for k, v in metrics_before.items()},
+              **{f"{k}_after": v for k, v in metrics_after.items()}})
+    config = {k: v for k, v in options.items() if k not in PLUMBING}
+    report = {"method": method, "decomposition": dec.decomposition, **config,
               **{k: v for k, v in plan.summary().items() if k != "ranks"},
-              "ppl_before": ppl_before, "ppl_after": ppl_after, "stopped": stopped,
-              "seconds": seconds}
+              **{f"{k}_before": v for k, v in metrics_before.items()},
+              **{f"{k}_after": v for k, v in metrics_after.items()},
+              "stopped": stopped, "select_seconds": select_seconds,
+              "seconds": time.time() - t0}
     emit({"type": "phase", "phase": "finished"})
-    return CompressionResult(model, plan, method, dict(options), ppl_before, ppl_after,
-                             stopped, seconds, report)
+    return CompressionResult(model, plan, method, config, metrics_before, metrics_after,
+                             stopped, select_seconds, time.time() - t0, report)
 
 
 @torch.no_grad()
@@ -106,23 +131,3 @@ def zip_folder(path: str | Path) -> bytes:
             if f.is_file():
                 zf.write(f, f.relative_to(path.parent))
     return buf.getvalue()
-
-
-def model_card(plan: RankPlan, report: dict, base: str) -> str:
-    """A short Markdown model card: base model, method, ratios, perplexity, how to load."""
-    s = plan.summary()
-    lines = [f"# Low-rank compressed {Path(base).name}", "",
-             f"Compressed from `{base}` with LLRC Studio.", "",
-             "| field | value |", "|---|---|",
-             f"| method | {s['method']} |", f"| decomposition | {s['decomposition']} |",
-             f"| selection | {s['selection']} |",
-             f"| parameter ratio (target layers) | {s['achieved_ratio_linear']:.4f} |",
-             f"| parameter ratio (whole model) | {s['achieved_ratio_model']:.4f} |",
-             f"| dense layers | {s['dense_layers']} of {len(plan.layers)} |"]
-    for key in ("ppl_before", "ppl_after"):
-        if report.get(key) is not None:
-            lines.append(f"| WikiText-2 perplexity {key[4:]} | {report[key]:.2f} |")
-    lines += ["", "Kept ranks per layer are in `rank_plan.csv` (indices in `rank_plan.json`).",
-              "", "```python", "from llrc_core.export import load_compressed",
-              "model, tokenizer, plan = load_compressed('path/to/this/folder')", "```", ""]
-    return "\n".join(lines)

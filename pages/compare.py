@@ -7,16 +7,19 @@ import dataclasses
 
 import streamlit as st
 
-from llrc_core import SELECTORS, compare, get_selector
+from llrc_core import SELECTORS, compare, report
+from llrc_core import figures as charts
+from llrc_core.decompose import DECOMPOSITIONS
 from llrc_core.jobs import start_job
+from llrc_core.selectors import any_k_methods
 from llrc_core.zeroshot import TASKS
-from studio import charts, common, forms
+from studio import common
 
 st.title("Compare")
 st.caption("The grid runs on a private copy of the model; finished cells are cached on disk and "
            "reused when you run a grid again.")
-DECOMPS = {"per method (its paper's)": "auto", "asvd": "asvd", "whiten": "whiten", "svd": "svd"}
-ANY_K = {m for m in SELECTORS if "any-k" in forms.selections(get_selector(m)[0])}
+DECOMPS = {"per method (its paper's)": "auto", **{d: d for d in DECOMPOSITIONS}}
+ANY_K = set(any_k_methods())
 
 
 def label(row: dict) -> str:
@@ -57,7 +60,7 @@ def start_grid(cfg: compare.CompareConfig):
     def work(emit, should_stop):
         rows = compare.run_cells(cfg, out, common.log.info, make_session=make_session,
                                  emit=emit, should_stop=should_stop)
-        compare.write_results(compare.tidy(rows), rows, out)
+        report.write_results(report.tidy(rows), rows, out)
         return rows
 
     job = start_job(work, name="compare")
@@ -152,7 +155,7 @@ if rows:
                    for r in ([dense] if dense else []) + at}
             if any(acc.values()):
                 st.plotly_chart(charts.task_accuracy(acc), key="fig_cmp_acc")
-        table = compare.tidy(rows).drop(columns=["ranks"])
+        table = report.tidy(rows).drop(columns=["ranks"])
         st.dataframe(table, hide_index=True, width="stretch")
         st.download_button("Download table (CSV)", table.to_csv(index=False), "compare.csv",
                            "text/csv", key="dl_compare")

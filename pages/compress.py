@@ -4,8 +4,10 @@ import streamlit as st
 
 from llrc_core import SELECTORS, analysis, get_selector
 from llrc_core.jobs import start_job
-from llrc_core.workflow import compress_copy
-from studio import charts, common, forms
+from llrc_core.pipeline import method_config
+from llrc_core.workflow import compress
+from llrc_core import figures as charts
+from studio import common, forms
 
 st.title("Compress")
 
@@ -22,7 +24,7 @@ def _live_panel():
     options = st.session_state["compress_options"]
     steps = job.events_since(0, "step")
     phase = job.latest("phase") or {"phase": "starting"}
-    total = int(options.get("steps", 0) or 0)
+    total = int(steps[-1].get("total_steps", 0)) if steps else 0
     done_steps = steps[-1]["step"] if steps else 0
     top = st.columns([4, 1])
     if job.running:
@@ -48,7 +50,7 @@ def _live_panel():
         right.plotly_chart(charts.loss_curves(steps), key="fig_loss")
         right.plotly_chart(charts.ratio_curve(steps, options["scope"], options["ratio"]),
                            key="fig_ratio")
-    elif job.running:
+    elif job.running and not get_selector(job.name.split("-", 1)[1]).trains:
         st.caption("This method has no training loop to watch; it reports when it is done.")
 
     result = job.result
@@ -89,27 +91,27 @@ with common.error_box():
     st.subheader("New run" if job is not None else "Configure a run")
     c1, c2 = st.columns(2)
     method = c1.selectbox("Method", methods, key="compress_method", disabled=busy)
-    cfg_cls, select_fn = get_selector(method)
-    allowed = list(getattr(select_fn, "decompositions", ("asvd", "whiten", "svd")))
-    preferred = getattr(select_fn, "preferred_decomposition", allowed[0])
-    decomp = c2.selectbox("Decomposition", allowed, index=allowed.index(preferred),
+    spec = get_selector(method)
+    allowed = list(spec.allowed_decompositions)
+    decomp = c2.selectbox("Decomposition", allowed, index=allowed.index(spec.preferred),
                           key=f"compress_decomp_{method}", disabled=busy,
                           help="each method starts on the decomposition its paper uses")
     with st.form("compress_form"):
-        options = forms.selector_options(cfg_cls, prefix=f"cfg_{method}")
+        options, plumbing = forms.selector_options(spec, prefix=f"cfg_{method}")
         n_eval = st.number_input("Perplexity windows (WikiText-2 test, 128 tokens each; "
                                  "0 skips)", 0, 256, 4, key="n_eval")
         start = st.form_submit_button("Start compression", type="primary", disabled=busy)
 
     if start:
-        cfg_cls.from_dict(options)   # validate in the script thread: errors show here
+        method_config(method, decomp, **options)   # validate in the script thread: errors here
         with st.status("Preparing the decomposition ...") as status:
             dec = common.decomposed(decomp)
             eval_ids = common.eval_ids(int(n_eval), 128) if n_eval else None
             status.update(label="Decomposition ready", state="complete")
         base, windows = loaded.model, common.windows()
-        job = start_job(lambda emit, stop: compress_copy(
-            base, dec, method, windows, eval_ids, emit=emit, should_stop=stop, **options),
+        job = start_job(lambda emit, stop: compress(
+            base, dec, method, windows, eval_ids=eval_ids, copy=True, emit=emit,
+            should_stop=stop, **options, **plumbing),
             name=f"compress-{method}")
         label = (f"{method} {options.get('selection', '')} {options['ratio']:.2f} "
                  f"{options['scope']} ({decomp})")

@@ -8,7 +8,7 @@ import streamlit as st
 
 from llrc_core import RankPlan, compress_
 from llrc_core.export import export_model, load_compressed
-from llrc_core.workflow import CompressionResult, max_logit_diff, model_card, zip_folder
+from llrc_core.workflow import CompressionResult, max_logit_diff, zip_folder
 from studio import common
 
 st.title("Export")
@@ -52,8 +52,6 @@ with common.error_box():
             out = export_model(model, loaded.tokenizer, plan, folder,
                                report={**report, "base_model": loaded.source}, force=force,
                                merged_dense=merged)
-            if not (out / "README.md").exists():   # older export versions write no card
-                (out / "README.md").write_text(model_card(plan, report, loaded.source))
             st.session_state.update(export_dir=str(out), export_label=choice,
                                     export_check=None)
             status.update(label=f"Saved to {out}", state="complete")

@@ -3,7 +3,8 @@ import pandas as pd
 import streamlit as st
 
 from llrc_core import analysis, spectra_rows
-from studio import charts, common
+from llrc_core import figures as charts
+from studio import common
 
 st.title("Spectra")
 st.caption("How much each layer's weight (in the chosen space) concentrates in few singular "

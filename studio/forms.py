@@ -1,5 +1,6 @@
-"""Widgets for a selector's config dataclass: the shared fields (ratio, scope, selection) and
-then every method-specific field, typed by its default, with the field's help text."""
+"""Widgets for a registered method: the shared fields (ratio, scope, selection), every field
+of its config dataclass, typed by its default, with the field's help text, and, for methods
+that train, how often the mask heatmap refreshes (plumbing, not a config field)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +10,6 @@ import streamlit as st
 BASE = ("ratio", "scope", "selection")
 MAIN = ("steps", "tau", "beta_c", "beta_tv", "alpha_low", "alpha_high", "alpha_period",
         "hold_steps")                       # shown first; the rest go under "More options"
-HIDDEN = ("checkpoint", "checkpoint_every", "log_path", "cache_dir")   # files: CLI only
 
 
 def _field_widget(container, f: dataclasses.Field, key: str):
@@ -30,13 +30,10 @@ def _default_index(options: list[str], default: str) -> int:
     return options.index(default) if default in options else 0
 
 
-def selections(cfg_cls) -> list[str]:
-    """The selections a method offers (learned any-k methods: both)."""
-    return list(cfg_cls.supported_selections)
-
-
-def selector_options(cfg_cls, prefix: str) -> dict:
-    """Render the config's fields (call inside a form); return them as a dict."""
+def selector_options(spec, prefix: str) -> tuple[dict, dict]:
+    """Render a registered method's fields (call inside a form); return its config options
+    and the training loop's plumbing (``mask_every``) as two dicts."""
+    cfg_cls, sels = spec.config, list(spec.selections)
     fields = {f.name: f for f in dataclasses.fields(cfg_cls)
               if f.default is not dataclasses.MISSING}
     c1, c2, c3 = st.columns(3)
@@ -46,21 +43,25 @@ def selector_options(cfg_cls, prefix: str) -> dict:
                               index=["linear", "model"].index(fields["scope"].default),
                               key=f"{prefix}_scope",
                               help="linear: target layers only; model: whole model"),
-            "selection": c3.radio("Selection", selections(cfg_cls), horizontal=True,
-                                  index=_default_index(selections(cfg_cls),
-                                                       fields["selection"].default),
+            "selection": c3.radio("Selection", sels, horizontal=True,
+                                  index=_default_index(sels, fields["selection"].default),
                                   key=f"{prefix}_selection",
                                   help="any-k keeps any subset of singular values; top-k a "
                                        "prefix")}
-    rest = [f for n, f in fields.items() if n not in BASE and n not in HIDDEN]
+    rest = [f for n, f in fields.items() if n not in BASE]
     main = [f for f in rest if f.name in MAIN]
     more = [f for f in rest if f.name not in MAIN]
     cols = st.columns(4)
     for i, f in enumerate(main):
         opts[f.name] = _field_widget(cols[i % 4], f, f"{prefix}_{f.name}")
+    plumbing = {}
+    if spec.trains:
+        plumbing["mask_every"] = int(cols[len(main) % 4].number_input(
+            "mask_every", value=10, min_value=0, step=1, key=f"{prefix}_mask_every",
+            help="refresh the mask heatmap every N training steps (0: never)"))
     if more:
         with st.expander("More options"):
             cols = st.columns(4)
             for i, f in enumerate(more):
                 opts[f.name] = _field_widget(cols[i % 4], f, f"{prefix}_{f.name}")
-    return opts
+    return opts, plumbing

@@ -100,6 +100,15 @@ BAD_INPUT = [
     ("unknown-method", lambda d, o, c, e, t: _compress(d, t / "out", c, "--ratio", "0.8",
                                                        "--method", "magic"),
      "unknown method 'magic'"),
+    ("unsupported-selection", lambda d, o, c, e, t: _compress(
+        d, t / "out", c, "--ratio", "0.8", "--selection", "any-k"),
+     "'uniform' supports selection top-k, not 'any-k'.*--selection top-k.*llrc"),
+    ("unsupported-decomposition", lambda d, o, c, e, t: _compress(
+        d, t / "out", c, "--ratio", "0.8", "--method", "svdllm", "--decomposition", "asvd"),
+     "'svdllm' supports decomposition whiten, not 'asvd'.*--decomposition whiten"),
+    ("mistyped-opt", lambda d, o, c, e, t: _compress(
+        d, t / "out", c, "--ratio", "0.8", "--method", "llrc", "--opt", "stepz=3"),
+     r"unknown LLRCConfig fields \['stepz'\]"),
     ("missing-eval-text", lambda d, o, c, e, t: _compress(d, t / "out", c, "--ratio", "0.8",
                                                           "--eval-text", str(t / "no.txt")),
      "--eval-text not found"),
@@ -196,3 +205,23 @@ def test_windows_longer_than_the_context_are_clamped(calib_txt, tmp_path, capsys
     ev = json.loads(capsys.readouterr().out)
     assert ev["tokens"] == 2 * 64
     assert ev["ppl"] == pytest.approx(report["ppl_after"], rel=1e-4)
+
+
+@pytest.mark.parametrize("method,extra", [("uniform", []), ("ara", ["--opt", "steps=3"])])
+def test_log_receives_every_event_for_any_method(method, extra, tiny_dir, calib_txt, tmp_path,
+                                                  capsys):
+    """``--log`` is a callback the CLI composes with its progress bar, for every method."""
+    log = tmp_path / "events.jsonl"
+    assert main(["compress", "--model", str(tiny_dir), "--calib", str(calib_txt), "--n-calib",
+                 "4", "--seq-len", "16", "--ratio", "0.7", "--method", method,
+                 "--decomposition", "whiten", "--log", str(log), "--out", str(tmp_path / "out"),
+                 *extra]) == 0
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    phases = [e["phase"] for e in events if e["type"] == "phase"]
+    assert phases == ["select", "apply", "finished"]
+    done = [e for e in events if e["type"] == "done"]
+    assert len(done) == 1 and done[0]["stopped"] is False
+    plan = json.loads((tmp_path / "out" / "rank_plan.json").read_text())
+    assert done[0]["plan"]["layers"] == plan["layers"]
+    steps = [e["step"] for e in events if e["type"] == "step"]
+    assert steps == ([1, 2, 3] if method == "ara" else [])

@@ -11,7 +11,8 @@ import torch
 from conftest import DEMO, WIKI_TEST
 from llrc_core import compare
 from llrc_core.compare import CompareConfig, grid, method_axes, run_compare
-from llrc_core.selectors import SELECTORS, SelectConfig
+from llrc_core.errors import Stopped
+from llrc_core.selectors import SELECTORS, Method
 from llrc_core.selectors.uniform import select_uniform
 
 SMALL = dict(n_calib=2, seq_len=64, eval_seq_len=64, max_eval_windows=2, fidelity_lines=16)
@@ -23,7 +24,7 @@ SMALL = dict(n_calib=2, seq_len=64, eval_seq_len=64, max_eval_windows=2, fidelit
     (("auto",), "strs", [("asvd", "top-k")]),
     (("auto",), "drank", [("whiten", "top-k")]),
     (("auto",), "ara", [("whiten", "top-k")]),         # the paper's whitened factors
-    (("auto",), "ars", [("asvd", "top-k")]),
+    (("auto",), "ars", [("asvd", "top-k"), ("asvd", "any-k")]),   # ARS declares any-k
     (("svd", "asvd"), "uniform", [("svd", "top-k"), ("asvd", "top-k")]),
 ])
 def test_method_axes(decompositions, method, expected):
@@ -32,12 +33,8 @@ def test_method_axes(decompositions, method, expected):
 
 
 def test_any_k_only_for_methods_that_support_it(monkeypatch):
-    from dataclasses import dataclass
-
-    @dataclass
-    class AnyKConfig(SelectConfig):
-        supported_selections = ("top-k", "any-k")
-    monkeypatch.setitem(SELECTORS, "fake_anyk", (AnyKConfig, select_uniform))
+    monkeypatch.setitem(SELECTORS, "fake_anyk", Method("fake_anyk", select_uniform,
+                                                       selections=("top-k", "any-k")))
     cfg = CompareConfig(methods=("fake_anyk", "uniform"), ratios=(0.8, 0.6))
     cells = grid(cfg)
     assert {(c["method"], c["selection"]) for c in cells} == {
@@ -60,7 +57,7 @@ def test_config_round_trip():
 def test_demo_grid_resumes_and_writes_tidy_results(tmp_path, monkeypatch):
     def boom(ctx, cfg):
         raise RuntimeError("broken method")
-    monkeypatch.setitem(SELECTORS, "broken", (SelectConfig, boom))
+    monkeypatch.setitem(SELECTORS, "broken", Method("broken", boom))
     cfg = CompareConfig(model=str(DEMO), methods=("uniform", "svdllm", "broken"),
                         ratios=(0.8, 0.6), **SMALL)
     df = run_compare(cfg, tmp_path, log=lambda _: None)
@@ -107,9 +104,8 @@ def test_demo_grid_resumes_and_writes_tidy_results(tmp_path, monkeypatch):
 
     def no_select_whiten(ctx, cfg):
         no_select(ctx, cfg)
-    no_select_whiten.preferred_decomposition = "whiten"     # as svdllm: same grid cells
-    monkeypatch.setitem(SELECTORS, "uniform", (SelectConfig, no_select))
-    monkeypatch.setitem(SELECTORS, "svdllm", (SelectConfig, no_select_whiten))
+    monkeypatch.setitem(SELECTORS, "uniform", Method("uniform", no_select))
+    monkeypatch.setitem(SELECTORS, "svdllm", Method("svdllm", no_select_whiten, preferred="whiten"))
     one = run_compare(CompareConfig.from_dict({**cfg.to_dict(), "methods": ["uniform", "svdllm"],
                                                "max_eval_windows": 1}),
                       tmp_path, log=lambda _: None)
@@ -127,7 +123,7 @@ def test_grid_events_stop_and_resume(tmp_path, monkeypatch):
     def stopper(ctx, cfg):                   # a selector the user stops while it runs
         stop["now"] = True
         return select_uniform(ctx, cfg)
-    monkeypatch.setitem(SELECTORS, "stopper", (SelectConfig, stopper))
+    monkeypatch.setitem(SELECTORS, "stopper", Method("stopper", stopper))
     cfg = CompareConfig(model=str(DEMO), methods=("uniform", "stopper", "energy"),
                         ratios=(0.8,), **SMALL)
     made, events = [], []
@@ -144,13 +140,24 @@ def test_grid_events_stop_and_resume(tmp_path, monkeypatch):
         (0, 4), (1, 4), (2, 4), (2, 4)]
     events.clear()
     stop["now"] = False
-    monkeypatch.setitem(SELECTORS, "stopper", (SelectConfig, select_uniform))
+    monkeypatch.setitem(SELECTORS, "stopper", Method("stopper", select_uniform))
     rows = compare.run_cells(cfg, tmp_path, lambda _: None, make_session=make,
                              emit=events.append)
     assert [(e["row"]["method"], e["cached"]) for e in events if e["type"] == "cell"] == [
         ("dense", True), ("uniform", True), ("stopper", False), ("energy", False)]
     assert made == [1, 1] and len(rows) == 4
     assert rows[2]["ranks"] == rows[1]["ranks"] and rows[2]["plan"]["layers"]
+
+    # A selector with no plan to give raises the shared ``Stopped``: the grid ends there,
+    # with no error row and no cell written for it (a later run redoes it).
+    def no_plan(ctx, cfg):
+        raise Stopped("stopped before any plan")
+    monkeypatch.setitem(SELECTORS, "noplan", Method("noplan", no_plan))
+    more = CompareConfig.from_dict({**cfg.to_dict(), "methods": ["uniform", "noplan", "energy"]})
+    rows = compare.run_cells(more, tmp_path, lambda _: None, make_session=make)
+    assert [r["method"] for r in rows] == ["dense", "uniform"]
+    assert not any(r.get("error") for r in rows)
+    assert not list((tmp_path / "cells").glob("noplan__*"))
 
 
 def test_fidelity_helpers():

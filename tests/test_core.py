@@ -82,8 +82,8 @@ def _demo_like_context() -> SelectionContext:
                                          ("model", 0.95)])
 def test_selector_hits_ratio(method, scope, ratio):
     ctx = _demo_like_context()
-    cfg_cls, select = get_selector(method)
-    plan = select(ctx, cfg_cls(ratio=ratio, scope=scope))
+    spec = get_selector(method)
+    plan = spec.select(ctx, spec.config(ratio=ratio, scope=scope))
     achieved = plan.ratio(scope)
     assert ratio - 0.005 < achieved <= ratio + 1e-12, f"{method} {scope}: {achieved}"
     assert plan.kept_linear <= ctx.budget(ratio, scope)
@@ -92,7 +92,7 @@ def test_selector_hits_ratio(method, scope, ratio):
 
 def test_ratio_one_keeps_everything_dense():
     ctx = _demo_like_context()
-    plan = get_selector("uniform")[1](ctx, SelectConfig(ratio=1.0))
+    plan = get_selector("uniform").select(ctx, SelectConfig(ratio=1.0))
     assert all(lp.dense for lp in plan.layers.values())
     assert plan.ratio("linear") == plan.ratio("model") == 1.0
 
@@ -100,9 +100,9 @@ def test_ratio_one_keeps_everything_dense():
 def test_unreachable_model_scope_ratio_is_a_clear_error():
     ctx = _demo_like_context()   # undecomposed parameters are ~53 % of the model
     with pytest.raises(ValueError, match=r"unreachable.*0\.53.*--ratio-scope linear"):
-        get_selector("uniform")[1](ctx, SelectConfig(ratio=0.4, scope="model"))
+        get_selector("uniform").select(ctx, SelectConfig(ratio=0.4, scope="model"))
     with pytest.raises(ValueError, match="rank 1 in every layer"):
-        get_selector("uniform")[1](ctx, SelectConfig(ratio=0.001))
+        get_selector("uniform").select(ctx, SelectConfig(ratio=0.001))
 
 
 # -------------------------------------------------------------------------- decompositions ---

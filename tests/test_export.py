@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import DEMO, ROOT, tiny_ids, tiny_model
 from llrc_core import export as ex
+from llrc_core import files
 from llrc_core.errors import ModelLoadError
 from llrc_core.export import export_model, load_compressed
 from llrc_core.models import count_params
@@ -244,7 +245,7 @@ def test_failure_mid_write_leaves_no_destination(small, tmp_path, monkeypatch, w
         if where == "save_file":           # half a file is on disk when the failure comes
             Path(args[1]).write_bytes(b"partial")
         raise exc("simulated failure")
-    monkeypatch.setattr(ex, where, fail)
+    monkeypatch.setattr(files if where == "_move_into_place" else ex, where, fail)
     with pytest.raises(exc):
         export_model(model, None, plan, out, force=existing)
     if existing:     # --force over an old export: the old one is intact

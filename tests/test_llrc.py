@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from conftest import DEMO, WIKI_TEST, WIKI_VALID, tiny_ids, tiny_model
+from conftest import WIKI_TEST, WIKI_VALID, tiny_ids, tiny_model
 from llrc_core import restore_
 from llrc_core.apply import LowRankLinear
 from llrc_core.errors import TrainingError
+from llrc_core.events import JsonlLog, fan_out
 from llrc_core.gates import kept_indices, transitions
 from llrc_core.pipeline import compress_, decompose_model, select_plan
 from llrc_core.selectors.llrc import LLRCConfig
@@ -91,7 +92,10 @@ def test_stop_and_resume_gives_the_same_plan(tiny, tmp_path):
 
 def test_events_carry_every_field_and_log_replays(tiny, tmp_path):
     log = tmp_path / "events.jsonl"
-    plan, events = run(tiny, ratio=0.6, log_path=str(log))
+    model, dec, windows = tiny
+    events = []
+    plan = select_plan(model, dec, "llrc", windows, callback=fan_out(events.append, JsonlLog(log)),
+                       ratio=0.6, **FAST)
     steps = [e for e in events if e["type"] == "step"]
     assert steps and all(STEP_FIELDS <= set(e) for e in steps)
     assert set(steps[-1]["ranks"]) == set(plan.layers)

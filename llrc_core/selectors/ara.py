@@ -25,7 +25,8 @@ width ``init_width`` at the fraction that meets the target with uniform ranks, s
 starts at the budget and reallocates; ``init_width = 0`` gives uniform logits.
 
 Finalise: scale every expected fraction by one factor ``s`` (bisection) so the budget holds,
-dense switch re-applied, then +1 steps to the largest rounding deficits (``fill_budget``).
+dense switch re-applied, then +1 steps to the largest rounding deficits (``land_on_budget``).
+The loop, events and checkpoints are the shared ones (``learned.train_masks``).
 """
 from __future__ import annotations
 
@@ -35,17 +36,16 @@ import torch
 import torch.nn.functional as F
 
 from ..counting import break_even
-from .base import (SelectConfig, SelectionContext, bisect_monotone, check_reachable,
-                   fill_budget, ranks_cost, register_selector)
-from .learned import (Clock, Objective, achieved, batch_indices, check_context, check_fields,
-                      emit, masked_session, one_thread, other_params)
+from .base import (SelectionContext, bisect_monotone, land_on_budget,
+                   ranks_cost)
+from ..config import option
+from .learned import (EpochBatches, MaskTrainer, TrainConfig, check_fields, other_params,
+                      register_learned)
 
 
 @dataclass
-class ARAConfig(SelectConfig):
-    steps: int = field(default=300, metadata={"help": "training steps of the candidate logits"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
-    batch_size: int = field(default=4, metadata={"help": "calibration windows per step"})
+class ARAConfig(TrainConfig):
+    lr: float = option(1e-3, "AdamW learning rate")
     candidates: int = field(default=100, metadata={
         "help": "D: candidate fractions c_j = 1 - j/D, j = 0..D"})
     k_factor: float = field(default=1.2, metadata={
@@ -54,20 +54,11 @@ class ARAConfig(SelectConfig):
     beta: float = field(default=50.0, metadata={"help": "weight of the guidance loss"})
     init_width: float = field(default=0.1, metadata={
         "help": "softmax starts as a bump of this width at the uniform fraction (0: flat)"})
-    objective: str = field(default="auto", metadata={
-        "help": "'lm' (next-token CE), 'distill' (last hidden-state MSE) or 'auto' "
-                "(lm when the model has an LM head)"})
-    seed: int = field(default=0, metadata={"help": "batch order"})
-    mask_every: int = field(default=50, metadata={
-        "help": "emit a 'masks' event every this many steps (0: never)"})
 
     def __post_init__(self):
         super().__post_init__()
-        check_fields(self, positive=("steps", "lr", "batch_size", "candidates"),
-                     nonneg=("alpha", "beta", "init_width", "mask_every"))
-        if self.selection != "top-k":
-            raise ValueError("ARA's staircase mask keeps a prefix by construction: use "
-                             "selection='top-k'")
+        check_fields(self, positive=("candidates",),
+                     nonneg=("alpha", "beta", "init_width"))
         if self.k_factor < 1:
             raise ValueError(f"k_factor must be >= 1 (K must reach break-even), got "
                              f"{self.k_factor}")
@@ -133,92 +124,89 @@ def rescale_counts(rho: dict[str, float], K: dict[str, int], shapes: dict[str, t
 
     hi = 1.0 / (k_factor * max(min(rho.values()), 1e-6)) + 1.0
     s = bisect_monotone(lambda s: ranks_cost(counts_at(s), shapes), budget, 0.0, hi)
-    counts = fill_budget(counts_at(s), shapes, budget,
-                         lambda n, k: K[n] * s * rho[n] - k if k < K[n] else -1e30)
+    counts = land_on_budget(counts_at(s), shapes, budget,
+                            lambda n, k: K[n] * s * rho[n] - k if k < K[n] else -1e30)
     return counts, s
 
 
-# --- orchestration ------------------------------------------------------------------------
-@register_selector("ara", ARAConfig)
-def select_ara(ctx: SelectionContext, cfg: ARAConfig):
-    check_context(ctx, "ARA")
-    budget = ctx.budget(cfg.ratio, cfg.scope)
-    check_reachable(ctx, budget)
-    names = list(ctx.shapes)
-    objective = Objective(ctx.model, ctx.windows, cfg.objective, cfg.batch_size)
-    device = objective.device
-    shapes, factors = ctx.shapes, ctx.factors
-    ranks = [factors[n].rank for n in names]
-    r_max = max(ranks)
-    be = {n: break_even(*shapes[n]) for n in names}
-    K = {n: min(factors[n].rank, int(cfg.k_factor * shapes[n][0] * shapes[n][1]
-                                     / sum(shapes[n]))) for n in names}
-    c = candidate_fractions(cfg.candidates)
-    J = torch.stack([staircase_index(K[n], c, max(K.values())) for n in names])  # (L, K_max)
-    tails = torch.zeros(len(names), r_max + 1)                          # (L, r_max+1)
-    for i, n in enumerate(names):
-        tails[i, :ranks[i] + 1] = tail_error(factors[n].S)
-    uniform = budget / ctx.dense_linear              # fraction of break-even, uniform ranks
-    centres = torch.tensor([min(1.0, uniform * be[n] / K[n]) for n in names])
-    logits = init_logits(c, centres, cfg.init_width).to(device).requires_grad_(True)
-    opt = torch.optim.AdamW([logits], lr=cfg.lr)
-    per_layer = {"K": [K[n] for n in names], "r": ranks, "be": [be[n] for n in names],
-                 "width": [sum(shapes[n]) for n in names],
-                 "dense": [shapes[n][0] * shapes[n][1] for n in names]}
-    t = {key: torch.tensor(v, device=device) for key, v in per_layer.items()}   # (L,) each
-    c, J, tails = c.to(device), J.to(device), tails.to(device)
-    denom = ctx.dense_linear if cfg.scope == "linear" else ctx.total_params
-    offset = 0 if cfg.scope == "linear" else other_params(ctx)
-    clock, stopped, step = Clock(), False, 0
+# --- the trainer ------------------------------------------------------------------------
+class ARATrainer(MaskTrainer):
+    """A softmax over candidate fractions per layer; staircase masks, ratio and guidance."""
 
-    with masked_session(ctx.model, {n: factors[n] for n in names}) as layers:
-        batches = batch_indices(ctx.windows.shape[0], cfg.batch_size, cfg.seed)
-        for step in range(1, cfg.steps + 1):
-            if ctx.should_stop():
-                stopped, step = True, step - 1
-                break
-            soft, rho = soft_masks(logits, c, J)                        # (L, K_max), (L,)
-            mask, k, dense = st_masks(soft, rho, t["K"], t["r"], t["be"], cfg.k_factor, r_max)
-            for i, n in enumerate(names):
-                layers[n].mask = mask[i, :ranks[i]]
-            kept = torch.where(dense, t["be"], k)
-            counts = dict(zip(names, kept.tolist()))
-            now = achieved(ctx, counts)
-            # Ratio: hard cost in the value, the soft cost K rho (m + n) in the gradient.
-            soft_cost = t["K"] * rho * t["width"]
-            hard_cost = torch.where(dense, t["dense"], k * t["width"]).to(rho.dtype)
-            ratio = (offset + (hard_cost + soft_cost - soft_cost.detach()).sum()) / denom
-            ratio_loss = (ratio - cfg.ratio) ** 2
-            # Guidance: compressed layers whose truncation error exceeds their saving.
-            error = tails.gather(1, k[:, None]).squeeze(1)                # (L,)
-            saving = 1 - k * t["width"] / t["dense"]
-            flag = (~dense & (error > saving)).to(rho.dtype)
-            guide = (flag * F.relu(1 / cfg.k_factor - rho)).mean()
-            task = objective(next(batches))
-            loss = task + cfg.alpha * ratio_loss + cfg.beta * guide
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            with one_thread():
-                opt.step()
-            emit(ctx, {"type": "step", "step": step, "loss": loss.item(),
-                       "loss_task": task.item(), "loss_ratio": ratio_loss.item(),
-                       "loss_guide": guide.item(), "ratio_linear": now["linear"],
-                       "ratio_model": now["model"], "target_ratio": cfg.ratio,
-                       "dense_layers": int(dense.sum()), "ranks": counts,
-                       "seconds": clock.seconds})
-            if cfg.mask_every and step % cfg.mask_every == 0 and ctx.callback is not None:
-                sm = soft.detach().cpu()
-                emit(ctx, {"type": "masks", "step": step,
-                           "probs": {n: sm[i, :K[n]].tolist() for i, n in enumerate(names)}})
+    def __init__(self, ctx: SelectionContext, cfg: ARAConfig, budget: int):
+        super().__init__(ctx, cfg, budget)
+        names, shapes, factors, device = self.names, ctx.shapes, ctx.factors, self.device
+        self.ranks = [factors[n].rank for n in names]
+        self.r_max = max(self.ranks)
+        be = {n: break_even(*shapes[n]) for n in names}
+        self.K = {n: min(factors[n].rank, int(cfg.k_factor * shapes[n][0] * shapes[n][1]
+                                              / sum(shapes[n]))) for n in names}
+        c = candidate_fractions(cfg.candidates)
+        J = torch.stack([staircase_index(self.K[n], c, max(self.K.values()))
+                         for n in names])                                    # (L, K_max)
+        tails = torch.zeros(len(names), self.r_max + 1)                     # (L, r_max+1)
+        for i, n in enumerate(names):
+            tails[i, :self.ranks[i] + 1] = tail_error(factors[n].S)
+        uniform = budget / ctx.dense_linear          # fraction of break-even, uniform ranks
+        centres = torch.tensor([min(1.0, uniform * be[n] / self.K[n]) for n in names])
+        self.logits = init_logits(c, centres, cfg.init_width).to(device).requires_grad_(True)
+        self.optimizer = torch.optim.AdamW([self.logits], lr=cfg.lr)
+        per_layer = {"K": [self.K[n] for n in names], "r": self.ranks,
+                     "be": [be[n] for n in names], "width": [sum(shapes[n]) for n in names],
+                     "dense": [shapes[n][0] * shapes[n][1] for n in names]}
+        self.t = {key: torch.tensor(v, device=device) for key, v in per_layer.items()}  # (L,)
+        self.c, self.J, self.tails = c.to(device), J.to(device), tails.to(device)
+        self.denom = ctx.dense_linear if cfg.scope == "linear" else ctx.total_params
+        self.offset = 0 if cfg.scope == "linear" else other_params(ctx)
+        self.batches = EpochBatches(ctx.windows.shape[0], cfg.batch_size, cfg.seed)
 
-    with torch.no_grad():
-        rho = dict(zip(names, soft_masks(logits, c, J)[1].cpu().tolist()))
-    counts, scale = rescale_counts(rho, K, shapes, budget, cfg.k_factor)
-    plan = ctx.prefix_plan(counts, "ara", cfg, steps=step, stopped=stopped,
-                           seconds=clock.seconds, objective=objective.kind, scale=scale,
-                           fractions=rho)
-    emit(ctx, {"type": "done", "step": step, "plan": plan.to_dict(), "stopped": stopped})
-    return plan
+    def loss(self, layers, step: int):
+        cfg, t = self.cfg, self.t
+        soft, rho = soft_masks(self.logits, self.c, self.J)                 # (L, K_max), (L,)
+        mask, k, dense = st_masks(soft, rho, t["K"], t["r"], t["be"], cfg.k_factor, self.r_max)
+        for i, n in enumerate(self.names):
+            layers[n].mask = mask[i, :self.ranks[i]]
+        self.soft = soft.detach()
+        self.counts = dict(zip(self.names, torch.where(dense, t["be"], k).tolist()))
+        # Ratio: hard cost in the value, the soft cost K rho (m + n) in the gradient.
+        soft_cost = t["K"] * rho * t["width"]
+        hard_cost = torch.where(dense, t["dense"], k * t["width"]).to(rho.dtype)
+        ratio = (self.offset + (hard_cost + soft_cost - soft_cost.detach()).sum()) / self.denom
+        ratio_loss = (ratio - cfg.ratio) ** 2
+        # Guidance: compressed layers whose truncation error exceeds their saving.
+        error = self.tails.gather(1, k[:, None]).squeeze(1)                 # (L,)
+        saving = 1 - k * t["width"] / t["dense"]
+        flag = (~dense & (error > saving)).to(rho.dtype)
+        guide = (flag * F.relu(1 / cfg.k_factor - rho)).mean()
+        task = self.objective(next(self.batches))
+        self.dense_layers = int(dense.sum())
+        loss = task + cfg.alpha * ratio_loss + cfg.beta * guide
+        return loss, {"loss_task": task.item(), "loss_ratio": ratio_loss.item(),
+                      "loss_guide": guide.item()}
+
+    def update(self):
+        return self.counts, {"dense_layers": self.dense_layers}
+
+    def mask_probs(self):
+        sm = self.soft.cpu()
+        return {n: sm[i, :self.K[n]].tolist() for i, n in enumerate(self.names)}
+
+    def finalise(self):
+        with torch.no_grad():
+            rho = dict(zip(self.names, soft_masks(self.logits, self.c, self.J)[1].cpu().tolist()))
+        counts, scale = rescale_counts(rho, self.K, self.ctx.shapes, self.budget,
+                                       self.cfg.k_factor)
+        return ({n: list(range(max(1, k))) for n, k in counts.items()},
+                {"scale": scale, "fractions": rho})
+
+    def state_dict(self) -> dict:
+        return {"logits": self.logits.detach().cpu(), "drawn": self.batches.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.logits.copy_(state["logits"])
+        self.batches.skip_to(state["drawn"])
 
 
-select_ara.preferred_decomposition = "whiten"    # the paper's (SVD-LLM) factors
+# The staircase mask keeps a prefix by construction: top-k only.
+select_ara = register_learned("ara", ARAConfig, ARATrainer, preferred="whiten")

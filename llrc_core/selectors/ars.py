@@ -23,8 +23,10 @@ Loss = objective + lambda * log(max(R, p) / p) + gamma * alignment, where
 Finalise (our choice; the paper fine-tunes instead): the noise-free logits rank each layer's
 singular values. A layer keeps as many values as have a logit above one global threshold
 (top-k: that many leading indices; any-k: exactly those indices), the threshold found by
-bisection so the budget holds, then +1 steps to the highest next logit (``fill_budget``)
+bisection so the budget holds, then +1 steps to the highest next logit (``land_on_budget``)
 land within one step of the budget. Break-even is applied by the plan.
+
+The loop, events and checkpoints are the shared ones (``learned.train_masks``).
 """
 from __future__ import annotations
 
@@ -35,17 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (SelectConfig, SelectionContext, bisect_monotone, check_reachable,
-                   fill_budget, ranks_cost, register_selector)
-from .learned import (Clock, Objective, achieved, batch_indices, check_context, check_fields,
-                      emit, masked_session, one_thread, other_params)
+from .. import gates
+from .base import (SelectionContext, bisect_monotone, land_on_budget,
+                   ranks_cost)
+from ..config import option
+from .learned import (EpochBatches, MaskTrainer, TrainConfig, achieved, check_fields,
+                      one_thread, other_params, register_learned)
 
 
 @dataclass
-class ARSConfig(SelectConfig):
-    steps: int = field(default=300, metadata={"help": "training steps of the hypernetwork"})
-    lr: float = field(default=1e-2, metadata={"help": "Adam learning rate (hypernetwork)"})
-    batch_size: int = field(default=4, metadata={"help": "calibration windows per step"})
+class ARSConfig(TrainConfig):
+    lr: float = option(1e-2, "Adam learning rate (hypernetwork)")
     noise_dim: int = field(default=32, metadata={"help": "size of the fixed noise per layer"})
     hidden: int = field(default=64, metadata={"help": "GRU hidden size (each direction)"})
     tau: float = field(default=0.4, metadata={"help": "Gumbel-Sigmoid temperature"})
@@ -57,18 +59,11 @@ class ARSConfig(SelectConfig):
         "help": "lambda is off while the ratio is at most target + tol"})
     bias_init: float = field(default=3.0, metadata={
         "help": "added to every logit so training starts near full rank"})
-    objective: str = field(default="auto", metadata={
-        "help": "'lm' (next-token CE), 'distill' (last hidden-state MSE) or 'auto' "
-                "(lm when the model has an LM head)"})
-    seed: int = field(default=0, metadata={"help": "noise, initialisation and batch order"})
-    mask_every: int = field(default=50, metadata={
-        "help": "emit a 'masks' event every this many steps (0: never)"})
 
     def __post_init__(self):
         super().__post_init__()
-        check_fields(self, positive=("steps", "lr", "batch_size", "noise_dim", "hidden", "tau",
-                                     "p"),
-                     nonneg=("lam", "gamma", "tol", "mask_every"))
+        check_fields(self, positive=("noise_dim", "hidden", "tau", "p"),
+                     nonneg=("lam", "gamma", "tol"))
         if self.p > 1:
             raise ValueError(f"p must be in (0, 1], got {self.p}")
 
@@ -99,14 +94,6 @@ class HyperNet(nn.Module):
 
 
 # --- pure maths (padded (L, r_max) tensors; padding has logit -1e4, mask 0) ---------------
-def gumbel_sigmoid_st(logits: torch.Tensor, tau: float, gen: torch.Generator) -> torch.Tensor:
-    """Hard 0/1 mask in the forward pass, Gumbel-Sigmoid gradient in the backward pass."""
-    u = torch.rand(logits.shape, generator=gen).clamp(1e-6, 1 - 1e-6).to(logits.device)
-    soft = torch.sigmoid((logits + torch.log(u / (1 - u))) / tau)         # logistic noise
-    hard = (soft > 0.5).to(soft.dtype)
-    return hard - soft.detach() + soft
-
-
 def prefix_like(mask: torch.Tensor) -> torch.Tensor:
     """Prefix masks with as many ones per row as ``mask`` has (no gradient)."""
     k = mask.detach().sum(-1).round()                                      # (L,)
@@ -136,90 +123,86 @@ def threshold_counts(scores: dict[str, torch.Tensor], shapes: dict[str, tuple[in
         return {n: max(1, int((s > -x).sum())) for n, s in ranked.items()}
 
     x = bisect_monotone(lambda x: ranks_cost(counts_at(x), shapes), budget, -top, -bottom)
-    return fill_budget(counts_at(x), shapes, budget,
-                       lambda n, k: float(ranked[n][k]) if k < len(ranked[n]) else -1e30)
+    return land_on_budget(counts_at(x), shapes, budget,
+                          lambda n, k: float(ranked[n][k]) if k < len(ranked[n]) else -1e30)
 
 
-def kept_from_counts(scores: dict[str, torch.Tensor], counts: dict[str, int],
-                     selection: str) -> dict[str, list[int]]:
-    if selection == "top-k":
-        return {n: list(range(k)) for n, k in counts.items()}
-    return {n: sorted(torch.argsort(scores[n], descending=True, stable=True)[:k].tolist())
-            for n, k in counts.items()}
+# --- the trainer ------------------------------------------------------------------------
+class ARSTrainer(MaskTrainer):
+    """The hypernetwork's logits, Gumbel-Sigmoid masks, the log-ratio and alignment terms."""
 
+    def __init__(self, ctx: SelectionContext, cfg: ARSConfig, budget: int):
+        super().__init__(ctx, cfg, budget)
+        names, device = self.names, self.device
+        self.ranks = [ctx.factors[n].rank for n in names]
+        with torch.random.fork_rng(devices=[]):       # seeded init, global RNG untouched
+            torch.manual_seed(cfg.seed)
+            self.hyper = HyperNet(self.ranks, cfg.noise_dim, cfg.hidden, cfg.bias_init).to(device)
+        self.optimizer = torch.optim.Adam(self.hyper.parameters(), lr=cfg.lr)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)             # Gumbel noise
+        self.batches = EpochBatches(ctx.windows.shape[0], cfg.batch_size, cfg.seed)
+        s_norm = torch.zeros(len(names), max(self.ranks))                  # (L, r_max)
+        for i, n in enumerate(names):
+            S = ctx.factors[n].S.float().cpu()
+            s_norm[i, :self.ranks[i]] = S / S[0].clamp_min(1e-12)
+        self.s_norm = s_norm.to(device)
+        self.rank_t = torch.tensor(self.ranks, dtype=torch.float32, device=device)   # (L,)
+        self.width = torch.tensor([sum(ctx.shapes[n]) for n in names], dtype=torch.float32,
+                                  device=device)                          # (L,) m + n
+        self.denom = ctx.dense_linear if cfg.scope == "linear" else ctx.total_params
+        self.offset = 0 if cfg.scope == "linear" else other_params(ctx)
+        self.p = min(cfg.p, cfg.ratio)
 
-# --- orchestration ------------------------------------------------------------------------
-@register_selector("ars", ARSConfig)
-def select_ars(ctx: SelectionContext, cfg: ARSConfig):
-    check_context(ctx, "ARS")
-    budget = ctx.budget(cfg.ratio, cfg.scope)
-    check_reachable(ctx, budget)
-    names = list(ctx.shapes)
-    objective = Objective(ctx.model, ctx.windows, cfg.objective, cfg.batch_size)
-    device = objective.device
-    ranks = [ctx.factors[n].rank for n in names]
-    with torch.random.fork_rng(devices=[]):       # seeded init, global RNG untouched
-        torch.manual_seed(cfg.seed)
-        hyper = HyperNet(ranks, cfg.noise_dim, cfg.hidden, cfg.bias_init).to(device)
-    opt = torch.optim.Adam(hyper.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)                   # Gumbel noise
-    s_norm = torch.zeros(len(names), max(ranks))                        # (L, r_max)
-    for i, n in enumerate(names):
-        S = ctx.factors[n].S.float().cpu()
-        s_norm[i, :ranks[i]] = S / S[0].clamp_min(1e-12)
-    s_norm = s_norm.to(device)
-    rank_t = torch.tensor(ranks, dtype=torch.float32, device=device)    # (L,)
-    width = torch.tensor([sum(ctx.shapes[n]) for n in names], dtype=torch.float32,
-                         device=device)                                 # (L,) m + n
-    denom = ctx.dense_linear if cfg.scope == "linear" else ctx.total_params
-    offset = 0 if cfg.scope == "linear" else other_params(ctx)
-    p = min(cfg.p, cfg.ratio)
-    clock, stopped, step = Clock(), False, 0
+    def loss(self, layers, step: int):
+        cfg = self.cfg
+        with one_thread():
+            self.logits = self.hyper()                                    # (L, r_max)
+        # Two-stage backward: the model's graph on all threads, then the hypernetwork's
+        # from the logits' gradient on one thread (see ``one_thread``).
+        self.leaf = self.logits.detach().requires_grad_(True)
+        noise = gates.logistic_noise(self.leaf.shape, self.gen)
+        mask, _ = gates.gumbel_sigmoid(self.leaf, cfg.tau, noise)          # (L, r_max)
+        for i, n in enumerate(self.names):
+            layers[n].mask = mask[i, :self.ranks[i]]
+        kept = mask.sum(-1)                                                # (L,)
+        self.counts = dict(zip(self.names, kept.detach().round().long().tolist()))
+        lam = 0.0 if achieved(self.ctx, self.counts)[cfg.scope] <= cfg.ratio + cfg.tol \
+            else cfg.lam
+        task = self.objective(next(self.batches))
+        reg = log_ratio_reg((self.offset + (kept * self.width).sum()) / self.denom, self.p)
+        align = alignment(mask, self.s_norm, self.rank_t)
+        loss = task + lam * reg + cfg.gamma * align
+        return loss, {"loss_task": task.item(), "loss_reg": reg.item(),
+                      "loss_align": align.item(), "lambda": lam, "tau": cfg.tau}
 
-    with masked_session(ctx.model, {n: ctx.factors[n] for n in names}) as layers:
-        batches = batch_indices(ctx.windows.shape[0], cfg.batch_size, cfg.seed)
-        for step in range(1, cfg.steps + 1):
-            if ctx.should_stop():
-                stopped, step = True, step - 1
-                break
-            with one_thread():
-                logits = hyper()                                        # (L, r_max)
-            # Two-stage backward: the model's graph on all threads, then the hypernetwork's
-            # from the logits' gradient on one thread (see ``one_thread``).
-            leaf = logits.detach().requires_grad_(True)
-            mask = gumbel_sigmoid_st(leaf, cfg.tau, gen)                # (L, r_max)
-            for i, n in enumerate(names):
-                layers[n].mask = mask[i, :ranks[i]]
-            kept = mask.sum(-1)                                         # (L,)
-            counts = dict(zip(names, kept.detach().round().long().tolist()))
-            now = achieved(ctx, counts)
-            lam = 0.0 if now[cfg.scope] <= cfg.ratio + cfg.tol else cfg.lam
-            task = objective(next(batches))
-            reg = log_ratio_reg((offset + (kept * width).sum()) / denom, p)
-            align = alignment(mask, s_norm, rank_t)
-            loss = task + lam * reg + cfg.gamma * align
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            with one_thread():
-                logits.backward(leaf.grad)
-                opt.step()
-            emit(ctx, {"type": "step", "step": step, "loss": loss.item(),
-                       "loss_task": task.item(), "loss_reg": reg.item(),
-                       "loss_align": align.item(), "lambda": lam, "tau": cfg.tau,
-                       "ratio_linear": now["linear"], "ratio_model": now["model"],
-                       "target_ratio": cfg.ratio, "ranks": counts, "seconds": clock.seconds})
-            if cfg.mask_every and step % cfg.mask_every == 0 and ctx.callback is not None:
-                probs = torch.sigmoid(leaf.detach()).cpu()     # P(logit + g > 0)
-                emit(ctx, {"type": "masks", "step": step,
-                           "probs": {n: probs[i, :ranks[i]].tolist()
-                                     for i, n in enumerate(names)}})
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        with one_thread():
+            self.logits.backward(self.leaf.grad)
+
+    def update(self):
+        return self.counts, {}
+
+    def mask_probs(self):
+        probs = torch.sigmoid(self.leaf.detach()).cpu()                   # P(logit + g > 0)
+        return {n: probs[i, :self.ranks[i]].tolist() for i, n in enumerate(self.names)}
+
+    def finalise(self):
         with torch.no_grad(), one_thread():
-            final = hyper().float().cpu()
-    scores = {n: final[i, :ranks[i]] for i, n in enumerate(names)}
+            final = self.hyper().float().cpu()
+        scores = {n: final[i, :self.ranks[i]] for i, n in enumerate(self.names)}
+        counts = threshold_counts(scores, self.ctx.shapes, self.budget)
+        return gates.kept_by_score(scores, counts, self.cfg.selection), {}
 
-    counts = threshold_counts(scores, ctx.shapes, budget)
-    plan = ctx.plan(kept_from_counts(scores, counts, cfg.selection), "ars", cfg,
-                    steps=step, stopped=stopped, seconds=clock.seconds,
-                    objective=objective.kind)
-    emit(ctx, {"type": "done", "step": step, "plan": plan.to_dict(), "stopped": stopped})
-    return plan
+    def state_dict(self) -> dict:
+        return {"hyper": self.hyper.state_dict(), "gen": self.gen.get_state(),
+                "drawn": self.batches.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.hyper.load_state_dict(state["hyper"])
+        self.gen.set_state(state["gen"])
+        self.batches.skip_to(state["drawn"])
+
+
+select_ars = register_learned("ars", ARSConfig, ARSTrainer, selections=("top-k", "any-k"),
+                              preferred="asvd")

@@ -1,17 +1,18 @@
-"""What every selector shares: the registry, the context it reads, budget helpers.
+"""What every selector shares: its config base, the context it reads, budget helpers.
 
 A selector is ``select(ctx, cfg) -> RankPlan``; it never touches modules. It registers with
-``@register_selector("name", ConfigClass)``; entry points look it up with ``get_selector``.
+``@register_selector("name", ConfigClass, ...)`` (``registry.py``); entry points look it up
+with ``get_selector``.
 """
 from __future__ import annotations
 
-import dataclasses
 import heapq
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 import torch
 
+from ..config import ConfigMixin, option
 from ..counting import break_even, check_ratio, check_scope, layer_cost, linear_budget
 from ..plan import LayerPlan, RankPlan
 
@@ -19,36 +20,19 @@ SELECTIONS = ("top-k", "any-k")
 
 
 @dataclass
-class SelectConfig:
-    """Fields every method takes; methods subclass it with their own hyperparameters."""
-    # Selections a grid or the app offers for this method (learned any-k methods add "any-k").
-    supported_selections: ClassVar[tuple[str, ...]] = ("top-k",)
+class SelectConfig(ConfigMixin):
+    """Fields every method takes; methods subclass it with their own hyperparameters.
+    Plumbing (callbacks, checkpoints, caches) lives on the ``SelectionContext``, not here."""
 
-    ratio: float = 0.8          # target parameter ratio (kept / original), in (0, 1]
-    scope: str = "linear"       # "linear" (target layers) or "model" (whole model)
-    selection: str = "top-k"    # "top-k" (prefix) or "any-k" (any subset; learned methods)
+    ratio: float = option(0.8, "target parameter ratio (kept / original), in (0, 1]")
+    scope: str = option("linear", "linear (target layers) or model (whole model)")
+    selection: str = option("top-k", "top-k (prefix) or any-k (any subset; learned methods)")
 
     def __post_init__(self):
         check_ratio(self.ratio)
         check_scope(self.scope)
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SelectConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; "
-                             f"known: {sorted(names)}")
-        return cls(**d)
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
 @dataclass
@@ -64,7 +48,10 @@ class SelectionContext:
     stats: dict[str, Any] = field(default_factory=dict)
     callback: Callable[[dict], None] | None = None    # progress events
     should_stop: Callable[[], bool] = lambda: False   # cooperative stop (app's Stop button)
-    cache_dir: str | None = None
+    cache_dir: str | None = None                      # STRS's sensitivity tables
+    checkpoint: str | None = None     # learned methods: state file; a run resumes from it
+    checkpoint_every: int = 50        # learned methods: steps between checkpoints
+    mask_every: int = 10              # learned methods: steps between "masks" events (0: never)
 
     @property
     def dense_linear(self) -> int:
@@ -73,6 +60,13 @@ class SelectionContext:
     def budget(self, ratio: float, scope: str) -> int:
         """Weight parameters the target layers may keep."""
         return linear_budget(ratio, scope, self.dense_linear, self.total_params)
+
+    def reachable_budget(self, cfg: "SelectConfig") -> int:
+        """``cfg``'s budget, refused (``ValueError`` with the fix) when rank 1 in every layer
+        already exceeds it: every method checks the target the same way."""
+        budget = self.budget(cfg.ratio, cfg.scope)
+        check_reachable(self, budget)
+        return budget
 
     def plan(self, kept: dict[str, list[int] | None], method: str, cfg: SelectConfig,
              **meta) -> RankPlan:
@@ -85,44 +79,44 @@ class SelectionContext:
                          method, cfg, **meta)
 
 
-SELECTORS: dict[str, tuple[type, Callable]] = {}
-
-
-def register_selector(name: str, config_cls: type = SelectConfig):
-    def deco(fn):
-        SELECTORS[name] = (config_cls, fn)
-        return fn
-    return deco
-
-
-def get_selector(name: str) -> tuple[type, Callable]:
-    if name not in SELECTORS:
-        raise ValueError(f"unknown method {name!r}; available: {sorted(SELECTORS)}")
-    return SELECTORS[name]
-
-
 def ranks_cost(ranks: dict[str, int], shapes: dict[str, tuple[int, int]]) -> int:
     return sum(layer_cost(*shapes[n], k) for n, k in ranks.items())
 
 
-def fill_budget(ranks: dict[str, int], shapes: dict[str, tuple[int, int]], budget: int,
-                gain: Callable[[str, int], float]) -> dict[str, int]:
-    """Greedy +1 rank steps, best ``gain(name, next_index)`` first, while the budget holds.
+def land_on_budget(ranks: dict[str, int], shapes: dict[str, tuple[int, int]], budget: int,
+                   gain: Callable[[str, int], float],
+                   loss: Callable[[str, int], float] | None = None) -> dict[str, int]:
+    """Land a set of per-layer counts on ``budget``, one rank step at a time.
 
-    Used to land on the target within one rank step after a coarse search. A step that would
-    cross break-even costs the jump to dense (``m n``) and is taken only if it fits.
+    With ``loss``: while over budget, remove the rank whose ``loss(name, k)`` (dropping the
+    ``k``-th value of a layer keeping ``k``) is smallest, never below 1. Then, while the budget
+    holds, add the rank with the largest ``gain(name, k)`` (the value at index ``k``) up to
+    break-even; a step that would cross break-even costs the jump to dense (``m n``) and is
+    taken only if it fits. Every method that ends on the budget lands here.
     """
     ranks = dict(ranks)
     spent = ranks_cost(ranks, shapes)
+
+    def step_cost(n, k):                       # parameters of going from k to k + 1
+        return layer_cost(*shapes[n], k + 1) - layer_cost(*shapes[n], k)
+
+    if loss is not None and spent > budget:
+        heap = [(loss(n, k), n) for n, k in ranks.items() if k > 1]
+        heapq.heapify(heap)
+        while spent > budget and heap:
+            _, n = heapq.heappop(heap)
+            k = ranks[n]
+            ranks[n], spent = k - 1, spent - step_cost(n, k - 1)
+            if k - 1 > 1:
+                heapq.heappush(heap, (loss(n, k - 1), n))
     heap = [(-gain(n, k), n) for n, k in ranks.items() if k < break_even(*shapes[n])]
     heapq.heapify(heap)
     while heap:
         _, n = heapq.heappop(heap)
         k = ranks[n]
-        step = layer_cost(*shapes[n], k + 1) - layer_cost(*shapes[n], k)
-        if spent + step > budget:
+        if spent + step_cost(n, k) > budget:
             continue
-        ranks[n], spent = k + 1, spent + step
+        ranks[n], spent = k + 1, spent + step_cost(n, k)
         if k + 1 < break_even(*shapes[n]):
             heapq.heappush(heap, (-gain(n, k + 1), n))
     return ranks

@@ -12,23 +12,22 @@
   attention where K/V are narrower than Q. Blocks without separate q/k/v layers (GPT-2's
   fused ``c_attn``) are left alone. Default ``beta = 0.3`` (paper: 0.3-0.4 best; its code
   uses 0.2).
-* Greedy fix-up to the exact budget, one rank at a time by the same objective: remove the
-  rank whose loss ``R / (k (k - 1))`` per parameter is smallest while over budget, then add
-  the rank with the largest gain ``R / (k (k + 1))`` per parameter while it fits.
+* Greedy fix-up to the exact budget, one rank at a time by the same objective
+  (``land_on_budget``): remove the rank whose loss ``R / (k (k - 1))`` per parameter is
+  smallest while over budget, then add the rank with the largest gain ``R / (k (k + 1))``
+  per parameter while it fits.
 Cross-layer basis sharing (group size > 1) is not implemented (n = 1, as for GQA models).
 """
 from __future__ import annotations
 
-import heapq
 import math
 import re
 from dataclasses import dataclass, field
 
-import torch
-
-from ..counting import break_even, layer_cost
-from .base import (SelectConfig, SelectionContext, check_reachable, fill_budget, ranks_cost,
-                   register_selector)
+from ..analysis import effective_rank
+from ..counting import break_even
+from .base import SelectConfig, SelectionContext, land_on_budget
+from .registry import register_selector
 
 _ROLE = {"q": re.compile(r"(^|\.)(q_proj|query|q|wq|q_lin)$"),
          "k": re.compile(r"(^|\.)(k_proj|key|k|wk|k_lin)$"),
@@ -44,14 +43,6 @@ class DRankConfig(SelectConfig):
         super().__post_init__()
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {self.beta}; the paper uses 0.3")
-
-
-def effective_rank(s: torch.Tensor) -> float:
-    """``exp`` of the Shannon entropy of the normalised energies ``S_i^2``."""
-    e = s.double() ** 2
-    p = e / e.sum()
-    p = p[p > 0]
-    return float(torch.exp(-(p * p.log()).sum()))
 
 
 def lagrange_ranks(reff: dict[str, float], w: dict[str, int], T: float) -> dict[str, float]:
@@ -84,26 +75,9 @@ def rebalance_qk_to_v(ranks: dict[str, int], roles: dict[str, tuple[int, str]],
     return ranks
 
 
-def trim_to_budget(ranks: dict[str, int], shapes, reff, budget: int) -> dict[str, int]:
-    """Remove single ranks, cheapest objective increase per parameter first, until it fits."""
-    ranks = dict(ranks)
-    spent = ranks_cost(ranks, shapes)
-    heap = [(reff[n] / (k * (k - 1)) / sum(shapes[n]), n) for n, k in ranks.items() if k > 1]
-    heapq.heapify(heap)
-    while spent > budget and heap:
-        _, n = heapq.heappop(heap)
-        k = ranks[n]
-        spent -= layer_cost(*shapes[n], k) - layer_cost(*shapes[n], k - 1)
-        ranks[n] = k - 1
-        if k - 1 > 1:
-            heapq.heappush(heap, (reff[n] / ((k - 1) * (k - 2)) / sum(shapes[n]), n))
-    return ranks
-
-
-@register_selector("drank", DRankConfig)
+@register_selector("drank", DRankConfig, preferred="whiten")
 def select_drank(ctx: SelectionContext, cfg: DRankConfig):
-    budget = ctx.budget(cfg.ratio, cfg.scope)
-    check_reachable(ctx, budget)
+    budget = ctx.reachable_budget(cfg)
     kinds = _kinds(ctx)
     reff = {n: effective_rank(s) for n, s in ctx.spectra.items()}
     w = {n: m + k for n, (m, k) in ctx.shapes.items()}
@@ -119,9 +93,10 @@ def select_drank(ctx: SelectionContext, cfg: DRankConfig):
     roles = {n: (b, r) for n, (b, kind) in kinds.items() if (r := _role(kind)) is not None}
     if cfg.beta > 0:
         ranks = rebalance_qk_to_v(ranks, roles, ctx.shapes, cfg.beta)
-    ranks = trim_to_budget(ranks, ctx.shapes, reff, budget)
-    ranks = fill_budget(ranks, ctx.shapes, budget,
-                        lambda n, k: reff[n] / (max(k, 1) * (k + 1)) / w[n])
+    # Objective change per parameter of one rank step: R/(k(k+1)) gained, R/(k(k-1)) lost.
+    ranks = land_on_budget(ranks, ctx.shapes, budget,
+                           lambda n, k: reff[n] / (max(k, 1) * (k + 1)) / w[n],
+                           lambda n, k: reff[n] / (k * (k - 1)) / w[n])
     return ctx.prefix_plan(ranks, "drank", cfg, effective_rank=reff,
                            groups={g: len(v) for g, v in groups.items()})
 
@@ -140,5 +115,3 @@ def _kinds(ctx: SelectionContext) -> dict[str, tuple[int, str]]:
         out[n] = (int(mt.group(1)), re.sub(r"\.\d+\.", ".", mt.group(2))) if mt else (0, n)
     return out
 
-
-select_drank.preferred_decomposition = "whiten"

@@ -1,24 +1,37 @@
-"""Plumbing shared by the learned selectors (LLRC, ARS, ARA): a masked-model session that always
-restores the model, the training objective, seeded batches, progress events and the
-achieved ratio of a set of kept counts.
+"""The one mask-training loop of the learned selectors (LLRC, ARS, ARA).
 
-Orchestration only: the selectors own their maths (masks, regularisers, finalisation).
+``train_masks(ctx, cfg, Trainer, name)`` owns everything but the maths: validation, the
+masked-model session that always restores the model, the stop check, the optimiser step,
+the non-finite-loss guard, step / masks / done events, checkpoints (resume to the same
+plan), timing and the plan. A method supplies a ``MaskTrainer``: its parameters and
+optimiser, the loss of one step, the counts it keeps, and its finalisation.
+
+The training objective (next-token loss, or hidden-state distillation for encoders and
+LLRC) is one ``Objective`` class; batches come from ``batch_indices`` or a per-step seeded
+generator (``step_generator``), so every run is reproducible and resumable.
 """
 from __future__ import annotations
 
+import json
 import time
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .. import distill, losses
 from ..apply import originals_of, restore_
-from .. import distill
+from ..config import option
 from ..counting import layer_cost, ratios
+from ..errors import TrainingError
+from ..files import atomic_write
 from ..masked import MaskedLowRank, install_masked_
-from .base import SelectionContext
+from ..plan import RankPlan
+from .base import SelectConfig, SelectionContext
+from .registry import register_selector
 
 OBJECTIVES = ("auto", "lm", "distill")
 
@@ -31,8 +44,30 @@ def check_fields(cfg, positive: tuple[str, ...] = (), nonneg: tuple[str, ...] = 
     for name in nonneg:
         if not getattr(cfg, name) >= 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
-    if getattr(cfg, "objective", "auto") not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
+
+
+@dataclass
+class TrainConfig(SelectConfig):
+    """Fields every learned method takes; a method re-declares one to change its default."""
+    objectives: ClassVar[tuple[str, ...]] = OBJECTIVES
+
+    steps: int = option(300, "training steps (at most)")
+    lr: float = option(1e-2, "learning rate")
+    batch_size: int = option(4, "calibration windows per step")
+    objective: str = option("auto", "'lm' (next-token CE), 'distill' (last hidden-state MSE) "
+                            "or 'auto' (lm when the model has an LM head)")
+    seed: int = option(0, "seed of the initialisation, the noise and the batch order")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_fields(self, positive=("lr",))
+        if self.objective not in self.objectives:
+            raise ValueError(f"objective must be one of {self.objectives}, got "
+                             f"{self.objective!r}")
 
 
 def check_context(ctx: SelectionContext, method: str) -> None:
@@ -72,6 +107,7 @@ def masked_session(model: nn.Module, factors: dict) -> Iterator[dict[str, Masked
             cfg.use_cache = use_cache
 
 
+# --- the objective ------------------------------------------------------------------------
 def resolve_objective(model: nn.Module, objective: str) -> str:
     """``auto``: next-token loss when the model has an LM head, else distillation (encoders)."""
     has_head = getattr(model, "get_output_embeddings", lambda: None)() is not None
@@ -84,34 +120,44 @@ def resolve_objective(model: nn.Module, objective: str) -> str:
 
 
 class Objective:
-    """Training loss on a batch of calibration windows.
+    """Training loss on a batch of calibration windows, given as indices into ``windows``.
 
-    ``lm``: mean next-token cross-entropy. ``distill``: MSE between the compressed and the
-    original last hidden states (``distill.hidden_at``: the model's base, no LM head),
-    divided by the targets' mean square over all windows (so it is scale-free); the targets
-    are computed once, here, from the model as it is (call before installing masks).
+    ``lm``: mean next-token cross-entropy. ``distill``: distance between the masked model's
+    hidden states at ``layers`` (``output_hidden_states`` indices; default: the last) and the
+    original model's, averaged over the layers. The targets are computed once, here, from the
+    model as it is (build the objective before installing masks). ``distance``: ``nmse``
+    (per batch), ``mse``, or ``scaled`` (MSE divided by the targets' mean square over all
+    windows: scale-free). ``seq_len`` keeps the first tokens of each window (0: all).
     """
 
-    def __init__(self, model: nn.Module, windows: torch.Tensor, kind: str,
-                 batch_size: int = 8):
+    def __init__(self, model: nn.Module, windows: torch.Tensor, kind: str = "auto",
+                 batch_size: int = 8, *, layers: tuple[int, ...] | None = None,
+                 distance: str = "scaled", seq_len: int = 0, bf16: bool = False):
         self.model, self.kind = model, resolve_objective(model, kind)
         self.device = next(model.parameters()).device
-        self.windows = windows
-        self.targets = None
+        self.windows = windows[:, :seq_len] if seq_len else windows             # (n, L)
+        self.bf16 = bf16 and self.device.type == "cuda"
+        self.distance = distance
         if self.kind == "distill":
-            self.layer = distill.distill_layers(model)[1:]          # the last layer
-            self.targets = distill.precompute_targets(
-                model, windows, self.layer, batch_size)[0].float().cpu()   # (n, L, d)
-            self.scale = self.targets.pow(2).mean().clamp_min(1e-12).item()
+            self.layers = layers or distill.distill_layers(model)[1:]
+            self.targets = distill.precompute_targets(model, self.windows, self.layers,
+                                                      batch_size)                # (n, L, d) each
+            self.scales = [t.float().pow(2).mean().clamp_min(1e-12).item() for t in self.targets]
+
+    def _distance(self, h: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
+        if self.distance == "nmse":
+            return losses.nmse(h, t)
+        return losses.mse(h, t) / (scale if self.distance == "scaled" else 1.0)
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
-        ids = self.windows[idx].to(self.device)                     # (B, L)
-        if self.kind == "lm":
-            logits = self.model(input_ids=ids).logits.float()       # (B, L, V)
-            return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                   ids[:, 1:].reshape(-1))
-        h = distill.hidden_at(self.model, ids, self.layer)[0].float()   # (B, L, d)
-        return F.mse_loss(h, self.targets[idx].to(h.device)) / self.scale
+        ids = self.windows[idx].to(self.device)                                   # (B, L)
+        auto = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        with auto:
+            if self.kind == "lm":
+                return losses.next_token_loss(self.model(input_ids=ids).logits, ids)
+            hs = distill.hidden_at(self.model, ids, self.layers)                  # (B, L, d) each
+            return sum(self._distance(h, t[idx.to(t.device), :h.shape[1]].to(h.device), s)
+                       for h, t, s in zip(hs, self.targets, self.scales)) / len(hs)
 
 
 def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -124,6 +170,27 @@ def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
             yield perm[i:i + b]
 
 
+class EpochBatches:
+    """``batch_indices`` that count what they drew, so a resumed run replays the order."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self._it, self.drawn = batch_indices(n, batch_size, seed), 0
+
+    def __next__(self) -> torch.Tensor:
+        self.drawn += 1
+        return next(self._it)
+
+    def skip_to(self, drawn: int) -> None:
+        while self.drawn < drawn:
+            next(self)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A generator seeded by (seed, step): a resumed run draws what an unbroken one would."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+# --- accounting ---------------------------------------------------------------------------
 def achieved(ctx: SelectionContext, counts: dict[str, int]) -> dict[str, float]:
     """Ratios in both scopes of keeping ``counts[name]`` singular values per layer
     (break-even rule included)."""
@@ -134,11 +201,6 @@ def achieved(ctx: SelectionContext, counts: dict[str, int]) -> dict[str, float]:
 def other_params(ctx: SelectionContext) -> int:
     """Parameters that are never decomposed (embeddings, norms, biases, head)."""
     return ctx.total_params - ctx.dense_linear
-
-
-def emit(ctx: SelectionContext, event: dict) -> None:
-    if ctx.callback is not None:
-        ctx.callback(event)
 
 
 @contextmanager
@@ -153,10 +215,139 @@ def one_thread():
         torch.set_num_threads(n)
 
 
-class Clock:
-    def __init__(self):
-        self.t0 = time.time()
+# --- what a method supplies ---------------------------------------------------------------
+class MaskTrainer:
+    """A learned method's part of the loop. Subclasses set ``self.optimizer`` in
+    ``__init__`` and implement ``loss``, ``update``, ``mask_probs`` and ``finalise``; the
+    objective is built here, before the masks are installed (``make_objective``)."""
 
-    @property
-    def seconds(self) -> float:
-        return time.time() - self.t0
+    def __init__(self, ctx: SelectionContext, cfg: SelectConfig, budget: int):
+        self.ctx, self.cfg, self.budget = ctx, cfg, budget
+        self.names = list(ctx.shapes)
+        self.objective = self.make_objective()
+        self.device = self.objective.device
+        self.optimizer: torch.optim.Optimizer
+
+    def make_objective(self) -> Objective:
+        """Default: next-token loss, or last-layer distillation for an encoder."""
+        return Objective(self.ctx.model, self.ctx.windows, self.cfg.objective,
+                         self.cfg.batch_size)
+
+    def prepare(self, stack: ExitStack, layers: dict[str, MaskedLowRank]) -> None:
+        """Inside the session, before the first step (e.g. matmul path, checkpointing)."""
+
+    def loss(self, layers: dict[str, MaskedLowRank], step: int
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Set every layer's mask for step ``step`` (0-based) and return the loss and its
+        named terms (floats, for the step event)."""
+        raise NotImplementedError
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def optimizer_step(self) -> None:
+        """Mask parameters are few: their update runs on one thread (``one_thread``)."""
+        with one_thread():
+            self.optimizer.step()
+
+    def update(self) -> tuple[dict[str, int], dict]:
+        """After the optimiser step: the kept counts per layer and extra event fields."""
+        raise NotImplementedError
+
+    def finished(self) -> bool:
+        """True when the method has converged before ``steps`` (LLRC's holding is over)."""
+        return False
+
+    def mask_probs(self) -> dict[str, list[float]]:
+        raise NotImplementedError
+
+    def finalise(self) -> tuple[dict[str, list[int]], dict]:
+        """Kept indices per layer on the budget, and what the plan's meta should record."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+
+def register_learned(name: str, config: type[TrainConfig], trainer: type[MaskTrainer],
+                     **meta) -> Callable:
+    """Register a learned method: its selector is ``train_masks`` with ``trainer``."""
+    def select(ctx: SelectionContext, cfg: TrainConfig) -> RankPlan:
+        return train_masks(ctx, cfg, trainer, name)
+    select.__name__ = select.__qualname__ = f"select_{name}"
+    return register_selector(name, config, trains=True, **meta)(select)
+
+
+# --- the loop -----------------------------------------------------------------------------
+def train_masks(ctx: SelectionContext, cfg: SelectConfig, trainer_cls: type[MaskTrainer],
+                name: str) -> RankPlan:
+    """Train ``trainer_cls``'s masks on ``ctx`` for at most ``cfg.steps`` steps (or until it
+    converges, or ``ctx.should_stop()``), then return its plan on the budget. A stopped run
+    returns a valid plan with ``meta["stopped"]``; with ``ctx.checkpoint`` it resumes."""
+    check_context(ctx, name)
+    budget = ctx.reachable_budget(cfg)
+    trainer = trainer_cls(ctx, cfg, budget)
+    emit = ctx.callback or (lambda event: None)
+    step, stopped, t0 = 0, False, time.time()
+    if ctx.checkpoint and Path(ctx.checkpoint).exists():
+        step = _resume(trainer, cfg, ctx.checkpoint)
+    with masked_session(ctx.model, {n: ctx.factors[n] for n in trainer.names}) as layers, \
+            ExitStack() as stack:
+        trainer.prepare(stack, layers)
+        while step < cfg.steps and not trainer.finished():
+            if ctx.should_stop():
+                stopped = True
+                break
+            loss, terms = trainer.loss(layers, step)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"{name} loss became {loss.item()} at step {step} ({_fmt(terms)}); lower "
+                    f"lr (now {getattr(cfg, 'lr', '?')}), check the calibration text, or run "
+                    "in float32")
+            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.backward(loss)
+            trainer.optimizer_step()
+            step += 1
+            counts, extra = trainer.update()
+            now = achieved(ctx, counts)
+            emit({"type": "step", "step": step, "total_steps": cfg.steps, "loss": loss.item(),
+                  **terms, "ratio_linear": now["linear"], "ratio_model": now["model"],
+                  "target_ratio": cfg.ratio, **extra, "ranks": counts,
+                  "seconds": time.time() - t0})
+            if ctx.mask_every and step % ctx.mask_every == 0 and ctx.callback is not None:
+                emit({"type": "masks", "step": step, "probs": trainer.mask_probs()})
+            if ctx.checkpoint and step % ctx.checkpoint_every == 0:
+                _save(trainer, cfg, ctx.checkpoint, step)
+        if ctx.checkpoint:
+            _save(trainer, cfg, ctx.checkpoint, step)
+    kept, meta = trainer.finalise()
+    plan = ctx.plan(kept, name, cfg, steps=step, stopped=stopped, seconds=time.time() - t0,
+                    objective=trainer.objective.kind, **meta)
+    emit({"type": "done", "step": step, "plan": plan.to_dict(), "stopped": stopped})
+    return plan
+
+
+def _fmt(terms: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in terms.items() if isinstance(v, float))
+
+
+def _save(trainer: MaskTrainer, cfg: SelectConfig, path: str, step: int) -> None:
+    state = {"step": step, "names": trainer.names, "config": json.dumps(cfg.to_dict()),
+             "trainer": trainer.state_dict(), "optimizer": trainer.optimizer.state_dict()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _resume(trainer: MaskTrainer, cfg: SelectConfig, path: str) -> int:
+    """Load a checkpoint of the same run (only ``steps`` may differ); returns its step."""
+    state = torch.load(path, weights_only=True, map_location=trainer.device)
+    saved, now = json.loads(state["config"]), cfg.to_dict()
+    diff = sorted(k for k in set(saved) | set(now) if k != "steps" and saved.get(k) != now.get(k))
+    if state["names"] != trainer.names or diff:
+        raise TrainingError(f"checkpoint {path!r} belongs to another run (differs in "
+                            f"{diff or 'layers'}); delete it or pick another file")
+    trainer.load_state_dict(state["trainer"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])

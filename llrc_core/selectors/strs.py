@@ -7,7 +7,7 @@
    analogue ``mean(1 - cos(h, h_dense))`` of the last hidden states. Lower is better.
 2. Threshold search: each layer takes the smallest ``r`` whose score is at or below a
    threshold (dense if none); the smallest threshold whose plan fits the budget is found by
-   bisection over the sorted scores, then ``fill_budget`` lands on the target within one rank
+   bisection over the sorted scores, then ``land_on_budget`` lands on the target within one rank
    step, topping up the layers whose interpolated score is worst first.
 
 Speed-up that changes nothing: the hidden states entering block ``b`` are computed once
@@ -38,9 +38,12 @@ from torch import nn
 from ..apply import low_rank_from, swap_module_
 from ..blocks import capture_block_inputs, inference_mode, run_block
 from ..counting import break_even
+from ..errors import Stopped
+from ..files import atomic_json
+from ..losses import next_token_loss, ppl_of
 from ..models import find_blocks, find_targets
-from .base import (SelectConfig, SelectionContext, check_reachable, fill_budget, ranks_cost,
-                   register_selector)
+from .base import SelectConfig, SelectionContext, land_on_budget, ranks_cost
+from .registry import register_selector
 
 
 @dataclass
@@ -138,16 +141,14 @@ def _score_fn(runner: BlockRunner):
         for i, out in enumerate(outputs):
             ids = runner.batches[i].to(out[0].device)
             if ref is None:
-                logits = out.logits.float()                             # (B, T, V)
-                total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                         ids[:, 1:].reshape(-1), reduction="sum").item()
+                total += next_token_loss(out.logits, ids, "sum").item()   # (B, T, V) logits
                 count += ids[:, 1:].numel()
             else:
                 cos = F.cosine_similarity(out[0].float(), ref[i], dim=-1)   # (B, T)
                 total += (1 - cos).sum().item()
                 count += cos.numel()
         mean = total / count
-        return (math.exp(mean) if mean < 700 else float("inf")) if ref is None else mean
+        return ppl_of(mean) if ref is None else mean
     return score
 
 
@@ -174,7 +175,7 @@ def sensitivity_table(model, factors, windows, candidates, batch_size=8, callbac
                 row[str(r)] = base                                      # dense: unchanged
                 continue
             if should_stop():
-                raise InterruptedError("STRS stopped before its sensitivity table was complete")
+                raise Stopped("STRS stopped before its sensitivity table was complete")
             old = model.get_submodule(t.name)
             swap_module_(model, t.name, low_rank_from(old, factors[t.name], list(range(k))))
             try:
@@ -243,19 +244,18 @@ def threshold_search(table, base, shapes, budget: int) -> tuple[dict[str, int], 
     thr = scores[i]
     ranks = ranks_at_threshold(table, shapes, thr)
     be = {n: break_even(*shapes[n]) for n in shapes}
-    ranks = fill_budget(ranks, shapes, budget,
+    ranks = land_on_budget(ranks, shapes, budget,
                         lambda n, k: _interp_score(table[n], base, k / be[n]) - base)
     return ranks, thr
 
 
-@register_selector("strs", STRSConfig)
+@register_selector("strs", STRSConfig, preferred="asvd")
 def select_strs(ctx: SelectionContext, cfg: STRSConfig):
     if ctx.model is None or ctx.windows is None:
         raise ValueError("STRS needs the model and calibration windows (pass --calib)")
     if not ctx.factors:
         raise ValueError("STRS needs the decomposition's factors; run decompose_model first")
-    budget = ctx.budget(cfg.ratio, cfg.scope)
-    check_reachable(ctx, budget)
+    budget = ctx.reachable_budget(cfg)
     windows = ctx.windows[:cfg.max_windows] if cfg.max_windows else ctx.windows
     key = cache_key(ctx.model, ctx.decomposition, ctx.factors, windows, cfg.candidates)
     path = _cache_dir(ctx.cache_dir) / f"{key}.json"
@@ -266,11 +266,7 @@ def select_strs(ctx: SelectionContext, cfg: STRSConfig):
     else:
         table, base, passes = sensitivity_table(ctx.model, ctx.factors, windows, cfg.candidates,
                                                 cfg.batch_size, ctx.callback, ctx.should_stop)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({"base": base, "table": table,
-                                   "candidates": list(cfg.candidates)}))
-        tmp.replace(path)
+        atomic_json(path, {"base": base, "table": table, "candidates": list(cfg.candidates)})
         hit = False
     missing = set(ctx.shapes) - set(table)
     if missing:
@@ -282,5 +278,3 @@ def select_strs(ctx: SelectionContext, cfg: STRSConfig):
                            sensitivity_passes=passes, cache_hit=hit, cache_key=key,
                            sensitivity_seconds=time.time() - t0)
 
-
-select_strs.preferred_decomposition = "asvd"

@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 
 from ..counting import break_even
-from .base import (SelectConfig, SelectionContext, bisect_monotone, check_reachable,
-                   fill_budget, ranks_cost, register_selector)
+from .base import SelectConfig, SelectionContext, bisect_monotone, land_on_budget, ranks_cost
+from .registry import register_selector
 
 
 @register_selector("uniform")
 def select_uniform(ctx: SelectionContext, cfg: SelectConfig):
-    budget = ctx.budget(cfg.ratio, cfg.scope)
-    check_reachable(ctx, budget)
+    budget = ctx.reachable_budget(cfg)
     be = {name: break_even(m, n) for name, (m, n) in ctx.shapes.items()}
 
     def ranks_at(f: float) -> dict[str, int]:
@@ -20,5 +19,5 @@ def select_uniform(ctx: SelectionContext, cfg: SelectConfig):
 
     f = bisect_monotone(lambda f: ranks_cost(ranks_at(f), ctx.shapes), budget)
     # Top up the layers furthest below the common fraction first.
-    ranks = fill_budget(ranks_at(f), ctx.shapes, budget, lambda n, k: -k / be[n])
+    ranks = land_on_budget(ranks_at(f), ctx.shapes, budget, lambda n, k: -k / be[n])
     return ctx.prefix_plan(ranks, "uniform", cfg, fraction=f)

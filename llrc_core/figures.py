@@ -1,12 +1,10 @@
-"""Plotly figures for the pages: data in, ``go.Figure`` out (no Streamlit here, so tests can
-build and inspect them directly). Every axis has a title with its unit."""
+"""Plotly figures: data in, ``go.Figure`` out. The one figure-building code path for the
+Streamlit pages and the HTML report of ``llrc compare`` (``report.py``); no Streamlit here, so
+tests can build and inspect them directly. Every axis has a title with its unit."""
 from __future__ import annotations
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
-
-LOSS_TERMS = ("loss", "loss_compression", "loss_distill", "loss_tv")
-
 
 def _layout(fig: go.Figure, title: str, x: str, y: str, **kw) -> go.Figure:
     fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, height=kw.pop("height", 380),
@@ -59,9 +57,9 @@ def loss_curves(steps: list[dict]) -> go.Figure:
     """Each loss term against the step, and alpha(t) on a secondary axis."""
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     x = [e["step"] for e in steps]
-    for term in LOSS_TERMS:
-        if steps and term in steps[0]:
-            fig.add_trace(go.Scatter(x=x, y=[e[term] for e in steps], name=term, mode="lines"))
+    terms = [k for k in steps[0] if k == "loss" or k.startswith("loss_")] if steps else []
+    for term in terms:                  # every method's own terms (LLRC, ARS, ARA)
+        fig.add_trace(go.Scatter(x=x, y=[e[term] for e in steps], name=term, mode="lines"))
     if steps and "alpha" in steps[0]:
         fig.add_trace(go.Scatter(x=x, y=[e["alpha"] for e in steps], name="alpha(t)",
                                  mode="lines", line_dash="dot"), secondary_y=True)
@@ -91,18 +89,50 @@ def grouped_ranks(ranks: dict[str, dict[str, int]]) -> go.Figure:
                    "kept rank (singular values)", legend="method")
 
 
-def rank_heatmap(ranks: dict[str, dict[str, int]]) -> go.Figure:
+def _rank_trace(ranks: dict[str, dict[str, int]], **kw) -> go.Heatmap:
+    """Methods x layers (the first method's layers); a layer a method lacks is a gap."""
     labels = list(ranks)
     layers = list(next(iter(ranks.values()))) if ranks else []
-    fig = go.Figure(go.Heatmap(z=[[ranks[lb].get(ly) for ly in layers] for lb in labels],
-                               x=layers, y=labels, colorscale="Viridis",
-                               colorbar_title="kept rank"))
+    return go.Heatmap(z=[[ranks[lb].get(ly) for ly in layers] for lb in labels],
+                      x=layers, y=labels, **kw)
+
+
+def rank_heatmap(ranks: dict[str, dict[str, int]]) -> go.Figure:
+    fig = go.Figure(_rank_trace(ranks, colorscale="Viridis", colorbar_title="kept rank"))
     return _layout(fig, "Kept rank per layer and method", "target layer (block.module)",
-                   "method", height=120 + 40 * max(1, len(labels)))
+                   "method", height=120 + 40 * max(1, len(ranks)))
 
 
-def ppl_vs_ratio(rows: list[dict], scope: str, dense: float | None = None) -> go.Figure:
-    """``rows``: label, ratio, ppl; one line per label; ``dense``: the uncompressed model."""
+def rank_heatmaps(by_ratio: dict[float, dict[str, dict[str, int]]]) -> go.Figure:
+    """``by_ratio``: target ratio -> ``rank_heatmap``'s ``ranks``; one heatmap per ratio,
+    stacked, on one colour scale."""
+    ratios = list(by_ratio)
+    fig = make_subplots(rows=max(1, len(ratios)), cols=1,
+                        subplot_titles=[f"target ratio {r:g}" for r in ratios],
+                        row_heights=[max(1, len(by_ratio[r])) for r in ratios] or None,
+                        vertical_spacing=0.3 / max(1, len(ratios)) if len(ratios) > 1 else 0.1)
+    for i, ratio in enumerate(ratios, 1):
+        fig.add_trace(_rank_trace(by_ratio[ratio], coloraxis="coloraxis"), row=i, col=1)
+        fig.update_yaxes(title_text="method", row=i, col=1)
+    fig.update_xaxes(title_text="target layer (block.module)", row=max(1, len(ratios)), col=1)
+    n = sum(max(1, len(m)) for m in by_ratio.values())
+    fig.update_layout(coloraxis={"colorscale": "Viridis", "colorbar": {"title": "kept rank"}})
+    return _layout(fig, "Kept rank per layer and method", None, None,
+                   height=100 + 40 * n + 110 * max(1, len(ratios)))
+
+
+METRICS = {   # metric -> (title, y axis title, log y)
+    "ppl": ("Perplexity against parameter ratio", "WikiText-2 test perplexity (log scale)", True),
+    "fidelity": ("Embedding fidelity against parameter ratio",
+                 "embedding fidelity (mean cosine to the original, fraction)", False),
+}
+
+
+def ppl_vs_ratio(rows: list[dict], scope: str, dense: float | None = None,
+                 metric: str = "ppl") -> go.Figure:
+    """``rows``: label, ratio and ``metric`` (``ppl``, or ``fidelity`` for an encoder); one
+    line per label; ``dense``: the uncompressed model's value."""
+    title, y_title, log = METRICS[metric]
     fig = go.Figure()
     if dense is not None and rows:
         # A trace, not add_hline: shapes on a log axis take log10 coordinates.
@@ -110,13 +140,12 @@ def ppl_vs_ratio(rows: list[dict], scope: str, dense: float | None = None) -> go
         fig.add_trace(go.Scatter(x=xs, y=[dense, dense], mode="lines", name="dense",
                                  line={"dash": "dot", "color": "gray"}))
     for label in dict.fromkeys(r["label"] for r in rows):
-        pts = sorted((r["ratio"], r["ppl"]) for r in rows if r["label"] == label)
+        pts = sorted((r["ratio"], r[metric]) for r in rows if r["label"] == label)
         fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts],
                                  mode="lines+markers", name=label))
-    fig.update_yaxes(type="log")
-    return _layout(fig, "Perplexity against parameter ratio",
-                   f"target parameter ratio ({scope} scope, fraction)",
-                   "WikiText-2 test perplexity (log scale)", legend="method")
+    fig.update_yaxes(type="log" if log else "linear")
+    return _layout(fig, title, f"target parameter ratio ({scope} scope, fraction)", y_title,
+                   legend="method")
 
 
 def task_accuracy(acc: dict[str, dict[str, float]]) -> go.Figure:
