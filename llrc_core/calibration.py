@@ -126,6 +126,25 @@ def self_generate(model, tokenizer, n_samples: int, seq_len: int, seed: int) -> 
     return out[:, :seq_len].cpu()
 
 
+def local_text(src: str, seq_len: int) -> str | None:
+    """The text of a local calibration file or folder, checked not empty; ``None`` for a Hub
+    set name. Anything else is refused, naming the accepted sources."""
+    if Path(src).expanduser().exists():
+        text = read_local_text(src)
+        _check_not_empty(src, text, seq_len)
+        return text
+    if src.lower() in HUB_SOURCES:
+        return None
+    raise CalibrationError(f"calibration source {src!r} is neither an existing file or "
+                           f"folder nor one of {sorted(HUB_SOURCES)} or 'selfgen'")
+
+
+def _check_not_empty(src: str, text: str, seq_len: int) -> None:
+    if not text.strip():
+        raise CalibrationError(f"calibration source {src!r} is empty; give a text with at least "
+                               f"{seq_len + 1} tokens")
+
+
 def load_calibration(tokenizer, cfg: CalibConfig, model=None) -> torch.Tensor:
     """Token windows (n_samples, seq_len) for ``cfg.source``."""
     src = str(cfg.source)
@@ -133,14 +152,8 @@ def load_calibration(tokenizer, cfg: CalibConfig, model=None) -> torch.Tensor:
         if model is None:
             raise CalibrationError("selfgen calibration needs the model")
         return self_generate(model, tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed)
-    if Path(src).expanduser().exists():
-        text = read_local_text(src)
-    elif src.lower() in HUB_SOURCES:
+    text = local_text(src, cfg.seq_len)
+    if text is None:
         text = _hub_text(src.lower())
-    else:
-        raise CalibrationError(f"calibration source {src!r} is neither an existing file or "
-                               f"folder nor one of {sorted(HUB_SOURCES)} or 'selfgen'")
-    if not text.strip():
-        raise CalibrationError(f"calibration source {src!r} is empty; give a text with at least "
-                               f"{cfg.seq_len + 1} tokens")
+        _check_not_empty(src, text, cfg.seq_len)
     return windows_from_ids(tokenize(tokenizer, text), cfg.n_samples, cfg.seq_len, cfg.seed)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .counting import check_ratio
 from .decompose import DECOMPOSITIONS
 from .errors import LLRCError
 from .files import atomic_write, prepare_destination
@@ -21,10 +20,14 @@ def _bar(desc: str):
 
 def _common(p: argparse.ArgumentParser, calib_required: bool = False) -> None:
     p.add_argument("--model", required=True, help="Hub id or local folder")
-    p.add_argument("--device", default=None, help="cuda, cpu (default: cuda when present)")
-    p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: auto)")
+    p.add_argument("--device", default=None, help="cuda or cpu; unset: cuda when present")
+    p.add_argument("--dtype", default=None, help="compute dtype: float32, float16, bfloat16; "
+                   "unset (auto): bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model's own code to run (off unless asked)")
+    p.add_argument("--allow-compressed", action="store_true",
+                   help="accept an LLRC low-rank export as --model: load it dense (A B "
+                   "multiplied back) to compress it again (refused unless asked)")
     p.add_argument("--calib", required=calib_required,
                    help="local .txt/.jsonl/.json file or folder, 'wikitext2', 'c4', 'selfgen'")
     p.add_argument("--n-calib", type=int, default=32, help="calibration windows")
@@ -44,7 +47,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args):
     from .models import load_model
-    return load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    return load_model(args.model, args.device, args.dtype, args.trust_remote_code,
+                      allow_compressed=args.allow_compressed)
 
 
 def _decompose(args, loaded):
@@ -115,18 +119,18 @@ class _EventBar:
 
 
 def cmd_compress(args) -> dict:
-    from .evaluate import eval_windows
+    from .evaluate import eval_info, eval_windows
     from .events import JsonlLog, fan_out
     from .export import export_model
-    from .pipeline import method_config
+    from .preflight import check_compress
     from .workflow import compress
 
-    check_ratio(args.ratio)
     opts = _method_options(args)
-    method_config(args.method, args.decomposition, **opts)   # bad options fail before loading
-    prepare_destination(Path(args.out), args.force)
-    if args.eval_text and not Path(args.eval_text).exists():
-        raise FileNotFoundError(f"--eval-text not found: {args.eval_text!r}")
+    # Everything checkable without weights fails here, before loading (seconds, not minutes).
+    early = check_compress(args.model, args.method, args.decomposition, opts, calib=args.calib,
+                           n_calib=args.n_calib, seq_len=args.seq_len, out=args.out,
+                           force=args.force, eval_text=args.eval_text,
+                           trust_remote_code=args.trust_remote_code)
     t0 = time.time()
     loaded = _load(args)
     dec, windows = _decompose(args, loaded)
@@ -134,7 +138,8 @@ def cmd_compress(args) -> dict:
     if args.eval_text:
         from .models import context_length   # windows longer than the context crash
         ev = eval_windows(loaded.tokenizer, args.eval_text,
-                          min(args.seq_len, context_length(loaded.model)), args.max_eval_windows)
+                          min(args.eval_seq_len, context_length(loaded.model)),
+                          args.max_eval_windows)
     resuming = bool(args.checkpoint) and Path(args.checkpoint).exists()
     log = JsonlLog(args.log, append=resuming) if args.log else None
     with _EventBar(args.method) as bar:
@@ -145,28 +150,39 @@ def cmd_compress(args) -> dict:
               "selection": args.selection, "target_ratio": args.ratio,
               "ratio_scope": args.ratio_scope, **res.plan.summary(),
               **({"ppl_before": res.ppl_before, "ppl_after": res.ppl_after,
-                  "eval_text": args.eval_text} if ev is not None else {}),
+                  **eval_info(ev, args.eval_text)} if ev is not None else {}),
               "stopped": res.stopped, "select_seconds": res.select_seconds,
-              "seconds": time.time() - t0}
+              "seconds": time.time() - t0, "warnings": [*early, *res.warnings]}
     export_model(loaded.model, loaded.tokenizer, res.plan, args.out, report=report,
-                 force=args.force, merged_dense=args.merged_dense)
-    return {k: v for k, v in report.items() if k != "ranks"} | {"out": args.out}
+                 force=args.force, merged_dense=args.merged_dense,
+                 dtype=loaded.source_dtype, source=loaded.source_info())
+    _print_warnings(report["warnings"])
+    return {k: v for k, v in report.items() if k not in ("ranks", "warnings")} | {
+        "out": args.out, "warnings": len(report["warnings"])}
+
+
+def _print_warnings(warnings: list[dict]) -> None:
+    """The run's warnings as the CLI's last lines (stderr; also in report.json)."""
+    for w in warnings:
+        print(f"warning: {w['message']}", file=sys.stderr)
 
 
 def cmd_export(args) -> dict:
     """Re-export an LLRC folder (e.g. ``--merged-dense`` or another ``--dtype``), or compress
     ``--model`` with a saved ``--plan`` (its decomposition) and export it."""
-    from .export import export_model, load_compressed
-    from .models import pick_dtype
+    from .export import export_kind, export_model, load_compressed, recorded_source
     from .pipeline import compress_
     from .plan import RankPlan
 
     prepare_destination(Path(args.out), args.force)
-    src = Path(args.model)
-    if (src / "config.json").is_file() and "llrc" in json.loads((src / "config.json").read_text()):
+    src, kind = Path(args.model), export_kind(args.model)
+    if kind == "merged" and not args.plan:
+        raise LLRCError(f"{args.model!r} is a merged-dense export (every layer dense again): "
+                        "re-export from its low-rank folder, or pass --plan to compress it")
+    if kind == "low-rank":   # stored as --dtype, else as its source was
         model, tok, plan = load_compressed(src, args.device)
-        if args.dtype:
-            model.to(pick_dtype(args.dtype, model.device))
+        source = recorded_source(src)
+        dtype = args.dtype or (source or {}).get("dtype")
         report = json.loads((src / "report.json").read_text()) \
             if (src / "report.json").is_file() else None
     else:
@@ -179,25 +195,34 @@ def cmd_export(args) -> dict:
         dec, _ = _decompose(args, loaded)
         compress_(loaded.model, dec, plan)
         model, tok, report = loaded.model, loaded.tokenizer, {"model": args.model, **plan.summary()}
-    export_model(model, tok, plan, args.out, report=report, force=args.force,
-                 merged_dense=args.merged_dense)
-    return {"out": args.out, "merged_dense": args.merged_dense,
-            "ratio_linear": plan.ratio("linear"), "ratio_model": plan.ratio("model")}
+        source, dtype = loaded.source_info(), args.dtype or loaded.source_dtype
+    out = export_model(model, tok, plan, args.out, report=report, force=args.force,
+                       merged_dense=args.merged_dense, dtype=dtype, source=source)
+    storage = json.loads((out / "config.json").read_text())[
+        "llrc_merged" if args.merged_dense else "llrc"]["storage"]
+    merged = args.merged_dense            # a merged folder stores every weight dense again
+    return {"out": args.out, "merged_dense": merged,
+            "plan_ratio_linear": plan.ratio("linear"), "plan_ratio_model": plan.ratio("model"),
+            "stored_ratio_linear": 1.0 if merged else plan.ratio("linear"),
+            "stored_ratio_model": storage["stored_ratio_model"],
+            "storage_dtype": storage["dtype"], "weights_bytes": storage["weights_bytes"],
+            "source_weights_bytes": storage["source"]["weights_bytes"]}
 
 
 def cmd_eval(args) -> dict:
-    from .evaluate import eval_windows, perplexity
-    from .export import load_compressed
-    from .models import load_model
-    path = Path(args.model)
-    if (path / "config.json").exists() and "llrc" in json.loads((path / "config.json").read_text()):
-        model, tok, _ = load_compressed(path, args.device)
+    from .evaluate import eval_info, eval_windows, perplexity
+    from .export import export_kind, load_compressed
+    from .models import load_model, pick_device, pick_dtype
+    if export_kind(args.model):   # computed in the dtype compress computes in (--dtype)
+        dev = pick_device(args.device)
+        model, tok, _ = load_compressed(args.model, dev, pick_dtype(args.dtype, dev))
     else:
         loaded = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
         model, tok = loaded.model, loaded.tokenizer
     from .models import context_length      # windows longer than the context crash
     ev = eval_windows(tok, args.text, min(args.seq_len, context_length(model)), args.max_windows)
-    return perplexity(model, ev, args.batch_size, progress=_bar("eval"))
+    return {**perplexity(model, ev, args.batch_size, progress=_bar("eval")),
+            **eval_info(ev, args.text)}
 
 
 def cmd_compare(args) -> dict:
@@ -213,6 +238,7 @@ def cmd_compare(args) -> dict:
         calib=args.calib, n_calib=args.n_calib, seq_len=args.seq_len, eval_text=args.eval_text,
         eval_seq_len=args.eval_seq_len, max_eval_windows=args.max_eval_windows,
         tasks=args.tasks or (), task_limit=args.limit, options=options,
+        allow_compressed=args.allow_compressed,
         batch_size=args.batch_size, device=args.device)
     bar, cell = tqdm(desc="compare", unit="cell", leave=False), [""]
 
@@ -235,6 +261,7 @@ def cmd_compare(args) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from .counting import SCOPES
+    from .evaluate import EVAL_SEQ_LEN, EVAL_WINDOWS
     from .selectors import SELECTORS, any_k_methods
     from .selectors.base import SELECTIONS
     ap = argparse.ArgumentParser(prog="llrc", description="Low-rank compression of language "
@@ -250,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="select ranks, apply, evaluate, export")
     _common(p, calib_required=True)
     p.add_argument("--method", default="uniform",
-                   help=f"rank selector: {', '.join(sorted(SELECTORS))} (default: %(default)s)")
+                   help=f"rank selector: {', '.join(sorted(SELECTORS))}")
     p.add_argument("--ratio", type=float, required=True, help="kept parameter ratio in (0, 1]")
     p.add_argument("--ratio-scope", default="linear", choices=list(SCOPES))
     p.add_argument("--selection", default="top-k", choices=list(SELECTIONS),
@@ -261,7 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="learned methods: state file, written every 50 steps "
                    "and at the end; a run with the same options resumes from it")
     p.add_argument("--eval-text", help="text file for perplexity before and after")
-    p.add_argument("--max-eval-windows", type=int, default=None)
+    p.add_argument("--eval-seq-len", type=int, default=EVAL_SEQ_LEN,
+                   help="tokens per evaluation window")
+    p.add_argument("--max-eval-windows", type=int, default=EVAL_WINDOWS,
+                   help="evaluation windows (the first ones of the text)")
     _export_args(p)
     p.set_defaults(func=cmd_compress)
 
@@ -274,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity of a model or an exported folder on a text")
     p.add_argument("--model", required=True)
     p.add_argument("--text", required=True)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=EVAL_SEQ_LEN, help="tokens per window")
+    p.add_argument("--max-windows", type=int, default=EVAL_WINDOWS,
+                   help="windows evaluated (the first ones of the text)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
@@ -304,8 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method hyperparameter, repeatable (e.g. --opt strs.candidates=[0.4,0.8])")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--device", default=None)
+    p.add_argument("--allow-compressed", action="store_true",
+                   help="accept an LLRC export as --model (loaded dense, compressed again)")
     p.add_argument("--out", required=True, help="results folder (re-running resumes)")
     p.set_defaults(func=cmd_compare)
+    for p in sub.choices.values():      # every subcommand's --help shows its defaults
+        p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     return ap
 
 

@@ -33,6 +33,7 @@ from .config import ConfigMixin, option
 from .counting import check_ratio, check_scope
 from .decompose import DECOMPOSITIONS
 from .errors import Stopped
+from .evaluate import EVAL_SEQ_LEN, EVAL_WINDOWS
 from .files import atomic_json
 from .selectors.base import SELECTIONS
 from .zeroshot import DEFAULT_DATA_DIR
@@ -52,8 +53,8 @@ class CompareConfig(ConfigMixin):
     n_calib: int = option(8, "calibration windows")
     seq_len: int = option(128, "tokens per calibration window")
     eval_text: str = option(str(WIKI / "test.txt"), "perplexity / fidelity text")
-    eval_seq_len: int = option(256, "tokens per evaluation window")
-    max_eval_windows: int | None = option(16, "evaluation windows (None: whole text)")
+    eval_seq_len: int = option(EVAL_SEQ_LEN, "tokens per evaluation window")
+    max_eval_windows: int | None = option(EVAL_WINDOWS, "evaluation windows (None: whole text)")
     fidelity_lines: int = option(256, "WikiText lines embedded for encoder fidelity")
     tasks: tuple = option((), "zero-shot tasks (zeroshot.TASKS); causal LMs only")
     task_limit: int | None = option(None, "docs per task (quick runs)")
@@ -61,6 +62,8 @@ class CompareConfig(ConfigMixin):
     batch_size: int = option(8, "windows per forward pass")
     device: str | None = option(None, "cuda / cpu (default: cuda when present)")
     seed: int = option(0, "calibration seed")
+    allow_compressed: bool = option(False, "an LLRC export as the model: loaded dense (A B "
+                                    "multiplied back) and compressed again")
 
     def __post_init__(self):
         for name in ("methods", "ratios", "selections", "decompositions", "tasks"):
@@ -132,7 +135,7 @@ EVAL_FIELDS = ("eval_text", "eval_seq_len", "max_eval_windows", "fidelity_lines"
 def _fingerprint(cfg: CompareConfig, method: str, skip: tuple = ()) -> str:
     common = {k: v for k, v in cfg.to_dict().items()
               if k not in ("methods", "ratios", "selections", "decompositions", "options",
-                           "device", "batch_size") + skip}
+                           "device", "batch_size", "allow_compressed") + skip}
     return _hash({"common": common, "options": method_options(method, cfg)
                    if method != "dense" else {}})
 
@@ -164,8 +167,8 @@ class Session:
         from .models import load_model
         from .pipeline import calibrate
         self.cfg, self.log = cfg, log
-        self.loaded = loaded if loaded is not None else load_model(resolve_model(cfg.model),
-                                                                   cfg.device)
+        self.loaded = loaded if loaded is not None else load_model(
+            resolve_model(cfg.model), cfg.device, allow_compressed=cfg.allow_compressed)
         self.windows = windows if windows is not None else calibrate(
             self.loaded, cfg.calib, cfg.n_calib, cfg.seq_len, cfg.seed)
         self.decs: dict = dict(decs or {})
@@ -203,8 +206,9 @@ class Session:
             lines, ref = self._eval
             out = {"fidelity": fidelity.mean_cosine(ref, fidelity.embed(model, tok, lines))}
         else:
-            from .evaluate import perplexity
-            out = {"ppl": perplexity(model, self._eval, cfg.batch_size)["ppl"]}
+            from .evaluate import eval_info, perplexity
+            out = {"ppl": perplexity(model, self._eval, cfg.batch_size)["ppl"],
+                   **eval_info(self._eval, cfg.eval_text)}
             if cfg.tasks:
                 from .zeroshot import evaluate_tasks
                 res = evaluate_tasks(model, tok, cfg.tasks, limit=cfg.task_limit,

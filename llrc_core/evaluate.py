@@ -1,4 +1,9 @@
-"""Perplexity over a text: non-overlapping windows of ``seq_len`` tokens, mean token NLL."""
+"""Perplexity over a text: non-overlapping windows of ``seq_len`` tokens, mean token NLL.
+
+One evaluation contract for every face (``compress``, ``eval``, ``compare``, the studio): the
+same default window length and count, and every perplexity reported with its window length,
+window count and token total (``eval_info``), so two numbers are comparable or say why not.
+"""
 from __future__ import annotations
 
 import time
@@ -9,6 +14,17 @@ import torch
 from .blocks import inference_mode
 from .calibration import read_local_text, tokenize
 from .losses import next_token_loss, ppl_of
+
+
+EVAL_SEQ_LEN = 256      # tokens per evaluation window
+EVAL_WINDOWS = 16       # windows evaluated (the first ones of the text)
+
+
+def eval_info(windows: torch.Tensor, text: str | Path | None = None) -> dict:
+    """What a perplexity was measured on: window length and count, tokens, the text."""
+    return {"eval_text": None if text is None else str(text),
+            "eval_seq_len": int(windows.shape[1]), "eval_windows": int(windows.shape[0]),
+            "eval_tokens": int(windows.numel())}
 
 
 def eval_windows(tokenizer, text_path: str | Path, seq_len: int,
@@ -41,6 +57,6 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress=lambd
             count += ids[:, 1:].numel()
     seconds = time.time() - t0
     mean = nll / count
-    return {"ppl": ppl_of(mean), "nll": mean,
+    return {"ppl": ppl_of(mean), "nll": mean, "seq_len": windows.shape[1],
             "tokens": windows.numel(), "windows": windows.shape[0], "seconds": seconds,
             "tokens_per_s": windows.numel() / max(seconds, 1e-9)}

@@ -4,14 +4,22 @@ A factorised export folder holds:
   model.safetensors   factor weights ``{layer}.A.weight (m, k)``, ``{layer}.B.weight (k, n)``,
                       ``{layer}.A.bias``; original weights for dense layers and everything else
                       (tied weights once); metadata: the kept indices each layer was written for
-  config.json         the base config + ``auto_map`` to ``modeling_llrc.py`` + an ``llrc``
-                      section: base class, dtype, the rank plan (shape, kept indices, rank per
-                      layer), method and settings, both ratios, the files written with sizes
+  config.json         the export's own ``model_type: "llrc"`` (so stock transformers refuses it
+                      without ``trust_remote_code`` instead of building the base class with
+                      random layers), the base config's fields, ``auto_map`` (AutoConfig and
+                      AutoModelForCausalLM) to ``modeling_llrc.py``, and an ``llrc`` section:
+                      base class and model type, dtype, the rank plan (shape, kept indices, rank
+                      per layer), method and settings, both ratios, storage (compute and stored
+                      dtype, weights size next to the source's), the files written with sizes
   modeling_llrc.py    self-contained loader for ``trust_remote_code=True`` (llrc_core/hf_remote)
   tokenizer files, generation_config.json, rank_plan.json, rank_plan.csv, report.json, README.md
 
 ``merged_dense=True`` writes instead a plain model of the original architecture (``A B``
 multiplied back), loadable by any tool without remote code; it saves no memory.
+
+Dtype: the weights are written in ``dtype`` (None: the model's own); callers pass the source
+model's dtype so that an fp16 model is not stored as float32. Casting happens on the tensors
+written (``A B`` of a merged layer is formed in float64 first), never on the caller's model.
 
 Safety: everything is written into a hidden temporary folder beside the destination and
 renamed into place at the end, so a failure or an interrupt leaves nothing at the destination.
@@ -32,10 +40,61 @@ from .errors import ModelLoadError
 from .files import atomic_folder, prepare_destination
 from .hf_remote import MODELING_FILE
 from .hf_remote import modeling_llrc as remote
+from .card import model_card
+from .models import DTYPES
 from .plan import RankPlan
 
 WEIGHTS = remote.WEIGHTS
 AUTO_CLASS = "AutoModelForCausalLM"
+CONFIG_CLASS = "LLRCExportConfig"
+
+
+# --- recognising an export -----------------------------------------------------------------------
+
+def _read_config(path) -> dict | None:
+    try:
+        return json.loads((Path(path).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def export_kind(path) -> str | None:
+    """``"low-rank"`` for an LLRC factorised export, ``"merged"`` for a merged-dense one,
+    None for anything else (a base model folder, a Hub id), from the manifest in config.json
+    (its ``llrc`` / ``llrc_merged`` section); reads no weights."""
+    raw = _read_config(path)
+    if not isinstance(raw, dict):
+        return None
+    if isinstance(raw.get("llrc"), dict):
+        return "low-rank"
+    return "merged" if isinstance(raw.get("llrc_merged"), dict) else None
+
+
+def export_info(path) -> dict:
+    """The manifest of an export (its ``llrc`` or ``llrc_merged`` section), {} otherwise."""
+    raw = _read_config(path) or {}
+    return raw.get("llrc") or raw.get("llrc_merged") or {}
+
+
+def describe_export(path) -> str:
+    """``"llrc, rho_linear 0.80"``: the method and ratio of an export, for messages."""
+    info = export_info(path)
+    ratio = info.get("ratio_linear")
+    return f"{info.get('method', '?')}, rho_linear " + (f"{ratio:.2f}" if ratio else "?")
+
+
+def recorded_source(path) -> dict | None:
+    """The source model an export was made from (``model``, ``dtype``, ``weights_bytes``), as
+    its manifest records it; None for an export written before this was recorded."""
+    return (export_info(path).get("storage") or {}).get("source")
+
+
+def base_config_of(path):
+    """The base model's config of a low-rank export (e.g. ``BertConfig``), built from the raw
+    config.json (no AutoConfig on its ``llrc`` model type), without the plan."""
+    config = remote.base_config(_read_config(path) or {})
+    del config.llrc
+    return config
 
 
 # --- what to save --------------------------------------------------------------------------------
@@ -71,15 +130,16 @@ def weights_to_save(model) -> dict[str, torch.Tensor]:
     return dict(sorted(out.items()))
 
 
-def merged_weights(tensors: dict[str, torch.Tensor], plan: RankPlan, model) -> dict:
-    """Factor weights multiplied back: ``W = A B`` (in float64, then the model's dtype) under
-    the original key, transposed for GPT-2 style ``Conv1D`` layers."""
+def merged_weights(tensors: dict[str, torch.Tensor], plan: RankPlan, model,
+                   dtype: torch.dtype | None = None) -> dict:
+    """Factor weights multiplied back: ``W = A B`` (in float64, then ``dtype``, by default the
+    factors' own) under the original key, transposed for GPT-2 style ``Conv1D`` layers."""
     out = dict(tensors)
     for name, lp in plan.layers.items():
         if lp.dense:
             continue
         A, B = out.pop(f"{name}.A.weight"), out.pop(f"{name}.B.weight")  # (m, k), (k, n)
-        W = (A.double() @ B.double()).to(A.dtype)                         # (m, n)
+        W = (A.double() @ B.double()).to(dtype or A.dtype)                # (m, n)
         out[f"{name}.weight"] = W.t().contiguous() if _is_conv1d(model, name) else W
         if f"{name}.A.bias" in out:
             out[f"{name}.bias"] = out.pop(f"{name}.A.bias")
@@ -97,24 +157,68 @@ def _is_conv1d(model, name: str) -> bool:
     return type(skeleton.get_submodule(name)).__name__ == "Conv1D"
 
 
+def dtype_name(dtype) -> str:
+    """``"float16"`` for ``torch.float16``, ``"fp16"``, ``"float16"``."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    return str(dtype).removeprefix("torch.")
+
+
 def _dtype_name(tensors: dict[str, torch.Tensor]) -> str:
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(dtypes) != 1:
         raise ValueError(f"the model mixes dtypes {sorted(map(str, dtypes))}; cast it to one "
-                         "(model.to(torch.float16), ...) before exporting")
-    return str(dtypes.pop()).removeprefix("torch.")
+                         "(model.to(torch.float16), ...) or pass dtype= to export_model")
+    return dtype_name(dtypes.pop())
 
 
-def _config_dict(model, plan: RankPlan, dtype: str, merged: bool, report: dict | None) -> dict:
+def cast_weights(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """Floating tensors in ``dtype`` (new tensors: the model is untouched); a value that does
+    not fit the dtype (inf after the cast) is an error naming the tensor."""
+    want = getattr(torch, dtype)
+    out = {}
+    for key, t in tensors.items():
+        if t.is_floating_point() and t.dtype != want:
+            c = t.to(want).contiguous()
+            if not torch.isfinite(c).all() and torch.isfinite(t).all():
+                raise ValueError(f"{key} overflows {dtype} (largest |value| "
+                                 f"{t.abs().max().item():.3g}); export in a wider dtype "
+                                 "(--dtype float32 or bfloat16)")
+            t = c
+        out[key] = t
+    return out
+
+
+def source_of(model, plan: RankPlan, source: dict | None) -> dict:
+    """What the export is compared with: the caller's ``source`` (``model``, ``dtype``,
+    ``weights_bytes``, ``weights_from``), else the uncompressed model as it was in memory
+    (the plan's parameter count in the model's dtype)."""
+    if source and source.get("dtype") and source.get("weights_bytes"):
+        return dict(source)
+    dt = dtype_name((source or {}).get("dtype") or next(model.parameters()).dtype)
+    return {"model": (source or {}).get("model"), "dtype": dt,
+            "weights_bytes": plan.total_params * torch.tensor([], dtype=getattr(torch, dt))
+            .element_size(), "weights_from": "parameters x bytes per number"}
+
+
+def _config_dict(model, plan: RankPlan, storage: dict, merged: bool,
+                 report: dict | None) -> dict:
+    """config.json. Factorised: the export's own ``model_type`` (``llrc``) with the base
+    config's fields, ``auto_map`` for AutoConfig and AutoModelForCausalLM, and the ``llrc``
+    section (base model type kept there). Merged dense: the plain base config plus
+    ``llrc_merged``."""
     cfg = json.loads(model.config.to_json_string(use_diff=False))
-    base = base_class_name(model)
+    base, dtype = base_class_name(model), storage["dtype"]
     for key in ("auto_map", "llrc", "llrc_merged", "_name_or_path"):
         cfg.pop(key, None)
     cfg.update(architectures=[base], dtype=dtype)
-    info = {"format": remote.FORMAT, "base_class": base, "dtype": dtype,
-            "method": plan.method, "decomposition": plan.decomposition,
+    info = {"format": remote.FORMAT, "base_class": base, "base_model_type": cfg["model_type"],
+            "dtype": dtype, "method": plan.method, "decomposition": plan.decomposition,
             "selection": plan.selection, "settings": plan.meta,
             "ratio_linear": plan.ratio("linear"), "ratio_model": plan.ratio("model"),
+            "storage": storage,
             "ppl": {k: report[k] for k in ("ppl_before", "ppl_after", "eval_text")
                     if k in (report or {})}}
     if merged:
@@ -123,19 +227,28 @@ def _config_dict(model, plan: RankPlan, dtype: str, merged: bool, report: dict |
     layers = plan.to_dict()
     for name, entry in layers["layers"].items():
         entry["rank"] = plan.layers[name].rank
-    cfg["auto_map"] = {AUTO_CLASS: "modeling_llrc.LLRCModel"}
+    cfg.update(model_type=remote.MODEL_TYPE, architectures=["LLRCModel"],
+               auto_map={"AutoConfig": f"modeling_llrc.{CONFIG_CLASS}",
+                         AUTO_CLASS: "modeling_llrc.LLRCModel"})
     cfg["llrc"] = info | {"plan": layers}
-    return cfg
+    return {"model_type": cfg.pop("model_type"), **cfg}
 
 
 # --- writing -------------------------------------------------------------------------------------
 
 def export_model(model, tokenizer, plan: RankPlan, out: str | Path, *, report: dict | None = None,
-                 force: bool = False, merged_dense: bool = False) -> Path:
+                 force: bool = False, merged_dense: bool = False, dtype=None,
+                 source: dict | None = None) -> Path:
     """Save the compressed ``model`` (``plan`` applied) atomically into ``out``; with
-    ``merged_dense`` save the plain original architecture with ``A B`` multiplied back."""
+    ``merged_dense`` save the plain original architecture with ``A B`` multiplied back.
+
+    ``dtype`` is the dtype stored (None: the model's own; the CLI and the app pass the source
+    model's). ``source`` describes the uncompressed model (``LoadedModel.source_info()``:
+    ``model``, ``dtype``, ``weights_bytes``); report.json, config.json and the card state the
+    compute and stored dtype and the weights size next to the source's."""
     out = Path(out).expanduser().absolute()
     prepare_destination(out, force)          # before any work: a clear refusal
+    store = None if dtype is None else dtype_name(dtype)
     missing = [n for n, lp in plan.layers.items()
                if not lp.dense and not isinstance(model.get_submodule(n), (LowRankLinear,
                                                                             remote.LowRankLinear))]
@@ -145,13 +258,21 @@ def export_model(model, tokenizer, plan: RankPlan, out: str | Path, *, report: d
 
     def fill(tmp: Path) -> None:
         tensors = weights_to_save(model)
-        dtype = _dtype_name(tensors)
+        compute = _dtype_name(tensors) if store is None else \
+            "/".join(sorted({dtype_name(t.dtype) for t in tensors.values()
+                             if t.is_floating_point()}))
+        stored = store or compute
         meta = {"format": "pt", "llrc_format": str(remote.FORMAT)}
         if merged_dense:
-            tensors = merged_weights(tensors, plan, model)
+            tensors = merged_weights(tensors, plan, model, getattr(torch, stored))
         else:
             meta["llrc_layers"] = json.dumps({n: lp.kept for n, lp in plan.layers.items()})
+        tensors = cast_weights(tensors, stored)
         save_file(tensors, str(tmp / WEIGHTS), metadata=meta)
+        storage = {"dtype": stored, "compute_dtype": compute,
+                   "weights_bytes": (tmp / WEIGHTS).stat().st_size,
+                   "stored_ratio_model": 1.0 if merged_dense else plan.ratio("model"),
+                   "source": source_of(model, plan, source)}
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
@@ -159,10 +280,11 @@ def export_model(model, tokenizer, plan: RankPlan, out: str | Path, *, report: d
         plan.save(tmp / "rank_plan.json")
         (tmp / "rank_plan.csv").write_text(plan.to_csv())
         if report is not None:
-            (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
+            (tmp / "report.json").write_text(json.dumps(report | {"storage": storage}, indent=1,
+                                                        default=str))
         if not merged_dense:
             shutil.copyfile(MODELING_FILE, tmp / "modeling_llrc.py")
-        cfg = _config_dict(model, plan, dtype, merged_dense, report)
+        cfg = _config_dict(model, plan, storage, merged_dense, report)
         (tmp / "README.md").write_text(model_card(cfg, plan, tensors, out.name))
         if not merged_dense:   # config.json last: the manifest lists every other file but
             cfg["llrc"]["files"] = {p.name: p.stat().st_size   # the card (free to edit)
@@ -172,107 +294,52 @@ def export_model(model, tokenizer, plan: RankPlan, out: str | Path, *, report: d
     return atomic_folder(out, fill, force)
 
 
-def model_card(cfg: dict, plan: RankPlan, tensors: dict, name: str) -> str:
-    """README.md: what the folder holds and how to load it both ways."""
-    merged = "llrc_merged" in cfg
-    info = cfg["llrc_merged" if merged else "llrc"]
-    params = sum(t.numel() for t in tensors.values())
-    ppl = info["ppl"]
-    rows = [("base architecture", f"`{info['base_class']}` ({cfg.get('model_type')})"),
-            ("rank selection", f"{info['method']} ({info['selection']})"),
-            ("decomposition", info["decomposition"]),
-            ("kept parameters, target linear layers (rho_linear)", f"{info['ratio_linear']:.4f}"),
-            ("kept parameters, whole model (rho_model)", f"{info['ratio_model']:.4f}"),
-            ("parameters stored", f"{params:,} in {info['dtype']}"),
-            ("layers low-rank / dense", f"{sum(not lp.dense for lp in plan.layers.values())} / "
-                                        f"{sum(lp.dense for lp in plan.layers.values())}")]
-    on = f" on `{Path(str(ppl['eval_text'])).name}`" if "eval_text" in ppl else ""
-    rows += [(f"perplexity {'before' if k == 'ppl_before' else 'after'} compression{on}",
-              f"{v:.3f}") for k, v in ppl.items() if k.startswith("ppl_")]
-    if not any(k.startswith("ppl_") for k in ppl):
-        rows.append(("perplexity", "not measured for this export"))
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    settings = json.dumps(info["settings"], indent=1, default=str) if info["settings"] else "{}"
-    if merged:
-        how = f"""This is a **merged dense** export: each low-rank layer's factors were multiplied
-back (`W = A B`), so the folder is a plain `{info['base_class']}` that any tool loads. It keeps
-the compressed model's outputs but not its memory saving.
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("{name}")
-tokenizer = AutoTokenizer.from_pretrained("{name}")
-```"""
-    else:
-        how = f"""Low-rank layers are stored as two factors, `B (k x n)` then `A (m x k)` with
-the original bias, and keep exactly the singular-value indices listed in `config.json`
-(`llrc.plan.layers`) and `rank_plan.csv`. Layers at or above break-even rank stay dense.
-
-With stock transformers (runs `modeling_llrc.py` from this folder):
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("{name}")
-```
-
-Without remote code, with LLRC Studio installed:
-
-```python
-from llrc_core.export import load_compressed
-model, tokenizer, plan = load_compressed("{name}")
-```"""
-    return f"""# {name}: low-rank compressed `{info['base_class']}`
-
-Compressed with LLRC Studio by truncating singular values of the linear layers inside the
-transformer blocks (embeddings, norms and the LM head are untouched).
-
-| | |
-|---|---|
-{table}
-
-Ratios count weight matrices of the target layers (`rho_linear`) and every parameter of the
-model, tied weights once (`rho_model`).
-
-## How to load
-
-{how}
-
-Weights are in safetensors only. The loaders check the folder first (files and sizes, layer
-shapes, kept indices) and stop with an error naming the layer if anything was edited.
-
-## Method settings
-
-```json
-{settings}
-```
-"""
-
-
 # --- loading without remote code -----------------------------------------------------------------
 
-def load_compressed(path: str | Path, device: str | None = None):
+def load_compressed(path: str | Path, device: str | None = None, dtype=None):
     """Load an export folder with llrc_core's own layers (no remote code runs). Returns
-    ``(model, tokenizer, plan)``; a merged-dense folder loads as the plain architecture."""
+    ``(model, tokenizer, plan)`` in the stored dtype, or ``dtype`` when given (the compute
+    dtype); a merged-dense folder loads as the plain architecture."""
     from transformers import AutoTokenizer
 
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{str(path / 'config.json')!r} is missing: not an export folder")
     raw = json.loads((path / "config.json").read_text())
+    kind = export_kind(path)
+    if kind is None:
+        raise ModelLoadError(f"{str(path)!r} has no 'llrc' or 'llrc_merged' section in its "
+                             "config.json: not an LLRC export (load it with load_model)")
     try:
-        if "llrc_merged" in raw and "llrc" not in raw:
-            model = _load_merged(path, raw)
-        else:
-            model = _load_low_rank(path, raw)
+        model = (_load_merged if kind == "merged" else _load_low_rank)(path, raw)
     except remote.LLRCExportError as exc:
         raise ModelLoadError(f"{path}: {exc}") from exc
-    plan_dict = raw["llrc"]["plan"] if "llrc" in raw else json.loads(
+    plan_dict = raw["llrc"]["plan"] if kind == "low-rank" else json.loads(
         (path / "rank_plan.json").read_text())
-    model.to(device or "cpu").eval()
-    tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() \
-        else None
+    model.to(device or "cpu", getattr(torch, dtype_name(dtype)) if dtype else None).eval()
+    # the base config, never AutoConfig on the folder: its model_type "llrc" is remote code
+    tok = AutoTokenizer.from_pretrained(path, config=model.config) \
+        if (path / "tokenizer_config.json").exists() else None
     return model, tok, RankPlan.from_dict(plan_dict)
+
+
+def load_dense(path: str | Path, device: str | None = None, dtype=None):
+    """An export as a plain model of its base architecture, every low-rank layer multiplied
+    back (``W = A B`` in float64, as a merged export is written): what compressing an export
+    again starts from. Returns ``(model, tokenizer, plan)``; ``dtype`` None keeps the stored
+    one."""
+    import copy
+
+    import transformers
+    model, tok, plan = load_compressed(path, dtype=dtype)
+    if export_kind(path) == "low-rank":
+        want = next(model.parameters()).dtype
+        config = copy.deepcopy(model.config)
+        del config.llrc                       # a plain config: no plan travels on
+        dense = getattr(transformers, base_class_name(model))._from_config(config, dtype=want)
+        _load_state(dense, merged_weights(weights_to_save(model), plan, model, want))
+        model = dense
+    return model.to(device or "cpu").eval(), tok, plan
 
 
 def _load_merged(path: Path, raw: dict):
@@ -285,7 +352,6 @@ def _load_merged(path: Path, raw: dict):
 
 def _load_low_rank(path: Path, raw: dict):
     import transformers
-    from transformers import AutoConfig
 
     sec = remote.llrc_section(raw)
     specs = remote.check_folder(str(path), sec)
@@ -293,16 +359,21 @@ def _load_low_rank(path: Path, raw: dict):
     if base is None:
         raise remote.LLRCExportError(f"base architecture {sec.get('base_class')!r} is not in "
                                      f"transformers {transformers.__version__}; upgrade it")
-    config = AutoConfig.from_pretrained(path)
+    config = remote.base_config(raw)          # from the dict: no AutoConfig on "llrc"
+    config.name_or_path = str(path)
     model = base._from_config(config, dtype=getattr(torch, sec["dtype"]))
     remote.swap_low_rank_(model, specs, make_layer=LowRankLinear)
     remote.check_weights(str(path / WEIGHTS), specs, model)
-    state = load_file(str(path / WEIGHTS))
+    _load_state(model, load_file(str(path / WEIGHTS)))
+    return model
+
+
+def _load_state(model, state: dict) -> None:
+    """Load ``state`` strictly, except keys tied to a loaded tensor (written once)."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     ptr = {k: v.data_ptr() for k, v in model.state_dict().items()}
     loaded = {ptr[k] for k in state if k in ptr}
     untied = [k for k in missing if ptr[k] not in loaded]
     if unexpected or untied:
-        raise remote.LLRCExportError(f"weights do not match {base.__name__}: missing "
+        raise remote.LLRCExportError(f"weights do not match {type(model).__name__}: missing "
                                      f"{untied[:3]}, unexpected {unexpected[:3]}")
-    return model

@@ -34,14 +34,15 @@ def atomic_json(path: str | Path, obj) -> Path:
     return atomic_text(path, json.dumps(obj, indent=1, default=str))
 
 
-def prepare_destination(out: str | Path, force: bool) -> None:
-    """Refuse an output folder that is a file, or not empty without ``force``."""
+def prepare_destination(out: str | Path, force: bool, fix: str = "pass --force") -> None:
+    """Refuse an output folder that is a file, or not empty without ``force``; ``fix`` says
+    how to allow replacing it in the caller's words (the CLI's flag, the app's checkbox)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"destination {str(out)!r} is a file; choose a folder path")
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"destination {str(out)!r} exists and is not empty; choose another "
-                              "folder or pass --force to replace it")
+                              f"folder or {fix} to replace it")
 
 
 def atomic_folder(out: str | Path, fill: Callable[[Path], object], force: bool = False) -> Path:

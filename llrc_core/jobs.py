@@ -8,6 +8,10 @@ one lock, so a poller on another thread reads consistent snapshots.
     job = start_job(lambda emit, should_stop: select_plan(..., callback=emit,
                                                           should_stop=should_stop))
     job.status, job.events_since(0), job.latest("masks"), job.stop()
+
+A ``JobQueue`` bounds how many heavy jobs run at once in a process (a hosted studio: many
+sessions, few cores or GPUs): a job submitted to it waits its turn, in order ("queued", with
+its position), and a stop while it waits cancels it before it runs.
 """
 from __future__ import annotations
 
@@ -18,15 +22,59 @@ from typing import Any, Callable
 
 from .errors import LLRCError, Stopped
 
-STATUSES = ("pending", "running", "done", "stopped", "error")
+STATUSES = ("pending", "queued", "running", "done", "stopped", "error")
 JobFn = Callable[[Callable[[dict], None], Callable[[], bool]], Any]
+
+
+class JobQueue:
+    """First come, first served: at most ``slots`` jobs of this queue run at once."""
+
+    def __init__(self, slots: int = 1):
+        if slots < 1:
+            raise ValueError(f"a job queue needs at least one slot, got {slots}")
+        self.slots = slots
+        self._cond = threading.Condition()
+        self._waiting: list[Job] = []
+        self._running = 0
+
+    def acquire(self, job: "Job") -> bool:
+        """Block until ``job`` is first in line and a slot is free (True), or until it is
+        stopped while waiting (False: it leaves the line)."""
+        with self._cond:
+            self._waiting.append(job)
+            while self._waiting[0] is not job or self._running >= self.slots:
+                if job.stop_requested:
+                    self._waiting.remove(job)
+                    self._cond.notify_all()
+                    return False
+                self._cond.wait(0.1)
+            self._waiting.pop(0)
+            self._running += 1
+            self._cond.notify_all()
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._running -= 1
+            self._cond.notify_all()
+
+    def position(self, job: "Job") -> int:
+        """1 for the next job to run, 2 behind it, ...; 0 when not waiting."""
+        with self._cond:
+            return self._waiting.index(job) + 1 if job in self._waiting else 0
+
+    @property
+    def running(self) -> int:
+        with self._cond:
+            return self._running
 
 
 class Job:
     """A function running on a worker thread, with its events, result and error."""
 
-    def __init__(self, fn: JobFn, name: str = "job"):
+    def __init__(self, fn: JobFn, name: str = "job", queue: JobQueue | None = None):
         self.name = name
+        self.queue = queue
         self._fn = fn
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -52,6 +100,20 @@ class Job:
         return self._stop.is_set()
 
     def _run(self) -> None:
+        if self.queue is not None:
+            with self._lock:
+                self._status = "queued"
+            if not self.queue.acquire(self):          # stopped while waiting: never ran
+                with self._lock:
+                    self._status, self.finished = "stopped", time.time()
+                return
+        try:
+            self._work()
+        finally:
+            if self.queue is not None:
+                self.queue.release()
+
+    def _work(self) -> None:
         with self._lock:
             self._status, self.started = "running", time.time()
         try:
@@ -85,7 +147,13 @@ class Job:
 
     @property
     def running(self) -> bool:
-        return self.status in ("pending", "running")
+        """Not finished yet: pending, waiting in its queue, or running."""
+        return self.status in ("pending", "queued", "running")
+
+    @property
+    def position(self) -> int:
+        """Place in its queue's line (1: next), 0 when not waiting."""
+        return self.queue.position(self) if self.queue is not None else 0
 
     @property
     def stop_requested(self) -> bool:
@@ -117,6 +185,7 @@ class Job:
         return not self._thread.is_alive()
 
 
-def start_job(fn: JobFn, name: str = "job") -> Job:
-    """Create a ``Job`` for ``fn(emit, should_stop)`` and start its worker thread."""
-    return Job(fn, name).start()
+def start_job(fn: JobFn, name: str = "job", queue: JobQueue | None = None) -> Job:
+    """Create a ``Job`` for ``fn(emit, should_stop)`` and start its worker thread (waiting for
+    a slot of ``queue`` first, when given)."""
+    return Job(fn, name, queue).start()

@@ -48,9 +48,24 @@ class LoadedModel:
     tokenizer: object
     source: str
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype                       # the compute dtype (what the model is in now)
     causal: bool
     seconds: float
+    source_dtype: torch.dtype | None = None  # the dtype the source stores (config, weights)
+    source_bytes: int | None = None          # its safetensors files, when a local folder
+
+    def source_info(self) -> dict:
+        """The source as an export records it: ``model``, ``dtype``, ``weights_bytes`` (the
+        safetensors files of a local folder, else parameters x bytes per number) and how
+        that size was found."""
+        dt = self.source_dtype or self.dtype
+        if self.source_bytes:
+            size, how = self.source_bytes, "safetensors files"
+        else:
+            size = count_params(self.model) * torch.tensor([], dtype=dt).element_size()
+            how = "parameters x bytes per number"
+        return {"model": self.source, "dtype": str(dt).removeprefix("torch."),
+                "weights_bytes": size, "weights_from": how}
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -72,35 +87,133 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
 
 
 def _looks_local(src: str) -> bool:
-    return src.startswith((".", "/", "~")) or src.count("/") > 1 or Path(src).exists()
+    """A path rather than a Hub id: absolute or relative markers, more than one ``/``, or a
+    first component that exists here (``assets/demo_model`` when ``assets/`` exists)."""
+    return (src.startswith((".", "/", "~")) or src.count("/") > 1 or Path(src).exists()
+            or ("/" in src and Path(src.split("/")[0]).expanduser().is_dir()))
+
+
+def resolve_source(source: str | Path) -> str:
+    """A local folder (checked at once, with the nearest existing name as a hint) or a Hub
+    id, unchanged."""
+    src = str(source)
+    if not _looks_local(src):
+        return src
+    path = Path(src).expanduser()
+    if not path.is_dir():
+        import difflib
+        parent = path.parent if path.parent.is_dir() else None
+        near = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()
+                                                     if p.is_dir()], 1) if parent else []
+        hint = f" (did you mean {str(parent / near[0])!r}?)" if near else ""
+        raise ModelLoadError(f"model folder not found: {str(path)!r}{hint}; pass an existing "
+                             "folder with config.json and weights, or a Hub id such as 'gpt2'")
+    return str(path)
+
+
+def read_config(src: str, trust_remote_code: bool = False):
+    """The model's config (no weights read); of an LLRC low-rank export, its base model's
+    (the shapes it has once loaded dense with ``allow_compressed``)."""
+    from transformers import AutoConfig
+
+    from .export import base_config_of, export_kind
+    if export_kind(src) == "low-rank":      # model_type "llrc" is remote code: not AutoConfig
+        return base_config_of(src)
+    try:
+        return AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises OSError/ValueError with long texts
+        raise ModelLoadError(f"could not read a model config from {src!r}: {exc}. Check the "
+                             "path or Hub id (Hub ids need network access)") from exc
+
+
+def auto_class(config, causal: bool | None = None):
+    """``(AutoModelForCausalLM or AutoModel, causal)``: causal LMs (and BERT with
+    ``is_decoder``) load with a head, encoders without."""
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if causal is None:
+        causal = bool(getattr(config, "is_decoder", False)) or (
+            config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type != "bert")
+    return (AutoModelForCausalLM if causal else AutoModel), causal
+
+
+def skeleton(source: str | Path, trust_remote_code: bool = False) -> nn.Module:
+    """The model built on the meta device from its config alone: shapes and parameter counts
+    of any size of model, no memory, no weights read (planning, validation)."""
+    config = read_config(resolve_source(source), trust_remote_code)
+    auto, _ = auto_class(config)
+    with torch.device("meta"):
+        return auto.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _source_dtype(src: str, config) -> torch.dtype | None:
+    """The dtype the source stores: its config's ``dtype`` / ``torch_dtype``, else the first
+    floating tensor in a local folder's safetensors header (None when neither says)."""
+    for key in ("dtype", "torch_dtype"):
+        value = getattr(config, key, None)
+        if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+            value = getattr(torch, value)
+        if isinstance(value, torch.dtype):
+            return value
+    from safetensors import safe_open
+    names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+             "F64": torch.float64}
+    for f in sorted(Path(src).glob("*.safetensors")) if Path(src).is_dir() else []:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                if st.get_slice(key).get_dtype() in names:
+                    return names[st.get_slice(key).get_dtype()]
+    return None
+
+
+def _source_bytes(src: str) -> int | None:
+    """The safetensors files of a local folder, in bytes (None for a Hub id or none)."""
+    files = sorted(Path(src).glob("*.safetensors")) if Path(src).is_dir() else []
+    return sum(f.stat().st_size for f in files) or None
+
+
+def _load_export(src: str, allow_compressed: bool, dev, dt) -> LoadedModel | None:
+    """An LLRC low-rank export is refused before any weight is read, or with
+    ``allow_compressed`` loaded as a plain dense model (``A B`` multiplied back); None for
+    anything else."""
+    from .export import describe_export, export_info, export_kind, load_dense
+    if export_kind(src) != "low-rank":
+        return None
+    if not allow_compressed:
+        raise ModelLoadError(
+            f"{src!r} is an LLRC export ({describe_export(src)}), not a base model: evaluate it "
+            f"with `llrc eval --model {src}`, or pass --allow-compressed "
+            "(allow_compressed=True) to load it as a dense model and compress it again")
+    t0 = time.time()
+    model, tok, _ = load_dense(src, dev, dt)
+    stored = DTYPES[export_info(src)["dtype"]]
+    return LoadedModel(model, tok, src, dev, dt, True, time.time() - t0, stored,
+                       _source_bytes(src))
 
 
 def load_model(source: str | Path, device: str | None = None, dtype=None,
-               trust_remote_code: bool = False, causal: bool | None = None) -> LoadedModel:
+               trust_remote_code: bool = False, causal: bool | None = None,
+               allow_compressed: bool = False) -> LoadedModel:
     """Load a model and tokenizer from a local folder or a Hub id.
 
     Causal LMs load through ``AutoModelForCausalLM``; encoders such as BERT (without
     ``is_decoder``) through ``AutoModel``. ``trust_remote_code`` stays off unless asked for.
+    An LLRC low-rank export is refused with a message saying what to do, unless
+    ``allow_compressed`` (then it loads as a dense model, its factors multiplied back).
+    ``source_dtype`` records the dtype the source stores, so an export can keep it.
     """
-    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer)
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers import AutoTokenizer
 
-    src = str(Path(source).expanduser()) if _looks_local(str(source)) else str(source)
-    if _looks_local(str(source)) and not Path(src).is_dir():
-        raise ModelLoadError(f"model folder not found: {src!r}; pass an existing folder with "
-                             "config.json and weights, or a Hub id such as 'gpt2'")
+    src = resolve_source(source)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    exported = _load_export(src, allow_compressed, dev, dt)
+    if exported is not None:
+        find_targets(exported.model)
+        return exported
     t0 = time.time()
-    try:
-        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # transformers raises OSError/ValueError with long texts
-        raise ModelLoadError(f"could not read a model config from {src!r}: {exc}. Check the "
-                             "path or Hub id (Hub ids need network access)") from exc
-    if causal is None:
-        causal = bool(getattr(config, "is_decoder", False)) or (
-            config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type != "bert")
-    auto = AutoModelForCausalLM if causal else AutoModel
+    config = read_config(src, trust_remote_code)
+    auto, causal = auto_class(config, causal)
     try:
         model = auto.from_pretrained(src, dtype=dt, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
@@ -111,7 +224,9 @@ def load_model(source: str | Path, device: str | None = None, dtype=None,
         raise ModelLoadError(f"could not load weights or tokenizer from {src!r}: {exc}") from exc
     model.to(dev).eval()
     find_targets(model)  # fail early on an architecture without target layers
-    return LoadedModel(model, tokenizer, src, dev, dt, causal, time.time() - t0)
+    return LoadedModel(model, tokenizer, src, dev, dt, causal, time.time() - t0,
+                       _source_dtype(src, config) or next(model.parameters()).dtype,
+                       _source_bytes(src))
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -29,6 +29,7 @@ class Decomposed:
     decomposition: str
     seconds: float
     stats: dict = field(default_factory=dict)   # kept only when asked (LLRC/ARS need none)
+    warnings: list[dict] = field(default_factory=list)   # layers damped or decomposed by SVD
 
     @property
     def shapes(self) -> dict[str, tuple[int, int]]:
@@ -51,13 +52,27 @@ def decompose_model(model, decomposition: str = "svd", windows: torch.Tensor | N
     targets = targets or find_targets(model)
     modules = dict(model.named_modules())
     needs = DECOMPOSITIONS[decomposition].needs
-    factors, kept_stats = {}, {}
+    factors, kept_stats, warnings = {}, {}, []
     t0 = time.time()
 
     def run(names, stats):
         for name in names:
             W = weight_of(modules[name]).detach()
-            factors[name] = decompose(W, decomposition, stats.get(name), alpha=alpha)
+            st = stats.get(name)
+            if st is not None and st.degenerate:     # nothing to weigh the input by
+                factors[name] = decompose(W, "svd")
+                warnings.append({"kind": "degenerate_input", "layer": name, "fallback": "svd",
+                                 "message": f"{name}: its input was zero on every calibration "
+                                 f"token, so {decomposition} has no statistics to use; it was "
+                                 "decomposed by plain SVD instead"})
+            else:
+                factors[name] = decompose(W, decomposition, st, alpha=alpha)
+            if factors[name].damping > 0:
+                warnings.append({"kind": "damped_gram", "layer": name,
+                                 "damping": factors[name].damping,
+                                 "message": f"{name}: its Gram matrix was not positive definite "
+                                 f"and was damped by {factors[name].damping:.2e} x its mean "
+                                 "diagonal; more calibration tokens make this unnecessary"})
             if keep_stats and name in stats:
                 kept_stats[name] = stats[name]
 
@@ -76,7 +91,7 @@ def decompose_model(model, decomposition: str = "svd", windows: torch.Tensor | N
         missing = [t.name for t in targets if t.name not in factors]
         if missing:
             raise RuntimeError(f"no calibration statistics reached {missing[:3]}")
-    return Decomposed(targets, factors, decomposition, time.time() - t0, kept_stats)
+    return Decomposed(targets, factors, decomposition, time.time() - t0, kept_stats, warnings)
 
 
 def make_context(model, dec: Decomposed, windows=None, **kw) -> SelectionContext:

@@ -32,6 +32,13 @@ class LayerStats:
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / max(self.tokens, 1)
 
+    @property
+    def degenerate(self) -> bool:
+        """The layer's input was zero on every calibration token (or no token reached it):
+        its statistics say nothing, and data-aware decompositions cannot use them."""
+        seen = self.abs_sum if self.abs_sum is not None else self.gram.diagonal()
+        return self.tokens == 0 or not bool((seen > 0).any())
+
 
 class _Accumulator:
     """Owns the hooks of one block's target layers; always removed on exit."""

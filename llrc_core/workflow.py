@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from .errors import Stopped
-from .evaluate import perplexity
+from .evaluate import eval_info, perplexity
 from .pipeline import Decomposed, compress_, decompose_model, select_plan
 from .plan import RankPlan
 from .selectors import get_selector
@@ -42,6 +42,7 @@ class CompressionResult:
     select_seconds: float = 0.0
     seconds: float = 0.0
     report: dict = field(default_factory=dict)
+    warnings: list[dict] = field(default_factory=list)   # what the run had to bend
 
     @property
     def ppl_before(self) -> float | None:
@@ -103,15 +104,17 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
         emit({"type": "eval", **{f"{k}_before": v for k, v in metrics_before.items()},
               **{f"{k}_after": v for k, v in metrics_after.items()}})
     config = {k: v for k, v in options.items() if k not in PLUMBING}
+    warnings = [*dec.warnings, *plan.meta.get("warnings", [])]
     report = {"method": method, "decomposition": dec.decomposition, **config,
               **{k: v for k, v in plan.summary().items() if k != "ranks"},
               **{f"{k}_before": v for k, v in metrics_before.items()},
               **{f"{k}_after": v for k, v in metrics_after.items()},
               "stopped": stopped, "select_seconds": select_seconds,
-              "seconds": time.time() - t0}
+              **(eval_info(eval_ids) if eval_ids is not None else {}),
+              "seconds": time.time() - t0, "warnings": warnings}
     emit({"type": "phase", "phase": "finished"})
     return CompressionResult(model, plan, method, config, metrics_before, metrics_after,
-                             stopped, select_seconds, time.time() - t0, report)
+                             stopped, select_seconds, time.time() - t0, report, warnings)
 
 
 @torch.no_grad()

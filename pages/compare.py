@@ -10,6 +10,7 @@ import streamlit as st
 from llrc_core import SELECTORS, compare, report
 from llrc_core import figures as charts
 from llrc_core.decompose import DECOMPOSITIONS
+from llrc_core.evaluate import EVAL_SEQ_LEN, EVAL_WINDOWS
 from llrc_core.jobs import start_job
 from llrc_core.selectors import any_k_methods
 from llrc_core.zeroshot import TASKS
@@ -34,7 +35,7 @@ def make_config(methods, ratios, both, scope, decomp, steps, n_eval, tasks, limi
         selections=("any-k", "top-k") if both else ("any-k",),
         decompositions=(DECOMPS[decomp],), scope=scope, calib=calib["key"],
         n_calib=int(windows.shape[0]), seq_len=int(windows.shape[1]),
-        eval_text=str(common.WIKI_TEST), eval_seq_len=128, max_eval_windows=int(n_eval),
+        eval_text=str(common.WIKI_TEST), eval_seq_len=EVAL_SEQ_LEN, max_eval_windows=int(n_eval),
         tasks=tuple(tasks), task_limit=int(limit) if tasks else None,
         options={"*": {"steps": int(steps)}})
 
@@ -63,7 +64,7 @@ def start_grid(cfg: compare.CompareConfig):
         report.write_results(report.tidy(rows), rows, out)
         return rows
 
-    job = start_job(work, name="compare")
+    job = start_job(work, name="compare", queue=common.job_queue())
     st.session_state.update(compare_job=job, compare_done=None, compare_out=str(out))
 
 
@@ -83,7 +84,8 @@ with common.error_box():
         decomp = c2.selectbox("Decomposition", list(DECOMPS), key="cmp_decomp")
         steps = c2.number_input("Training steps (learned methods)", 1, 5000, 100,
                                 key="cmp_steps")
-        n_eval = c3.number_input("Perplexity windows (128 tokens)", 1, 256, 4, key="cmp_eval")
+        n_eval = c3.number_input(f"Perplexity windows ({EVAL_SEQ_LEN} tokens)", 1, 256,
+                                 EVAL_WINDOWS, key="cmp_eval")
         tasks = c3.multiselect("Zero-shot tasks (lm-eval, local files)", list(TASKS),
                                key="cmp_tasks")
         limit = c3.number_input("Questions per task", 1, 10000, 50, key="cmp_limit",
@@ -104,7 +106,12 @@ def grid_panel():
             st.info("Pick methods and ratios, then press **Run comparison**.")
             return
         grid = job.latest("grid") or {"done": 0, "total": 1}
-        if job.running:
+        if job.status == "queued":
+            c = st.columns([4, 1])
+            c[0].info(common.waiting_text(job))
+            if c[1].button("Stop", key="cmp_stop", disabled=job.stop_requested):
+                job.stop()
+        elif job.running:
             step = job.latest("step")             # of this cell, not an earlier one
             fresh = step is not None and step["time"] >= grid.get("time", 0)
             where = f" - step {step['step']}" if fresh else ""

@@ -4,10 +4,11 @@ import streamlit as st
 
 from llrc_core import SELECTORS, analysis, get_selector
 from llrc_core.jobs import start_job
+from llrc_core.evaluate import EVAL_SEQ_LEN, EVAL_WINDOWS
 from llrc_core.pipeline import method_config
 from llrc_core.workflow import compress
 from llrc_core import figures as charts
-from studio import common, forms
+from studio import common, forms, workspace
 
 st.title("Compress")
 
@@ -27,7 +28,11 @@ def _live_panel():
     total = int(steps[-1].get("total_steps", 0)) if steps else 0
     done_steps = steps[-1]["step"] if steps else 0
     top = st.columns([4, 1])
-    if job.running:
+    if job.status == "queued":
+        top[0].info(common.waiting_text(job))
+        if top[1].button("Stop", key="stop", type="secondary", disabled=job.stop_requested):
+            job.stop()
+    elif job.running:
         frac = min(1.0, done_steps / total) if total else 0.0
         top[0].progress(frac, text=f"{phase['phase']}: step {done_steps}"
                         + (f" of {total}" if total else "") + f" - {job.seconds:.0f} s")
@@ -68,6 +73,13 @@ def _live_panel():
             m[2].metric("Perplexity before", f"{result.ppl_before:.2f}")
             m[3].metric("Perplexity after", f"{result.ppl_after:.2f}",
                         f"{result.ppl_after - result.ppl_before:+.2f}", delta_color="inverse")
+        if result.ppl_before is not None:
+            r = result.report
+            st.caption(f"Perplexity on the first {r['eval_windows']} windows of "
+                       f"{r['eval_seq_len']} tokens of WikiText-2 test ({r['eval_tokens']} "
+                       "tokens), before and after, same windows.")
+        for w in result.warnings:
+            st.warning(w["message"])
         st.page_link("pages/export.py", label="Next: export this model", icon=":material/east:")
 
     if not job.running and st.session_state.get("compress_finalised") is not job:
@@ -98,21 +110,22 @@ with common.error_box():
                           help="each method starts on the decomposition its paper uses")
     with st.form("compress_form"):
         options, plumbing = forms.selector_options(spec, prefix=f"cfg_{method}")
-        n_eval = st.number_input("Perplexity windows (WikiText-2 test, 128 tokens each; "
-                                 "0 skips)", 0, 256, 4, key="n_eval")
+        n_eval = st.number_input(f"Perplexity windows (WikiText-2 test, {EVAL_SEQ_LEN} tokens "
+                                 "each; 0 skips)", 0, 256, EVAL_WINDOWS, key="n_eval")
         start = st.form_submit_button("Start compression", type="primary", disabled=busy)
 
     if start:
         method_config(method, decomp, **options)   # validate in the script thread: errors here
         with st.status("Preparing the decomposition ...") as status:
             dec = common.decomposed(decomp)
-            eval_ids = common.eval_ids(int(n_eval), 128) if n_eval else None
+            eval_ids = common.eval_ids(int(n_eval), EVAL_SEQ_LEN) if n_eval else None
             status.update(label="Decomposition ready", state="complete")
         base, windows = loaded.model, common.windows()
         job = start_job(lambda emit, stop: compress(
             base, dec, method, windows, eval_ids=eval_ids, copy=True, emit=emit,
-            should_stop=stop, **options, **plumbing),
-            name=f"compress-{method}")
+            should_stop=stop, cache_dir=str(workspace.workspace() / "cache"), **options,
+            **plumbing),
+            name=f"compress-{method}", queue=common.job_queue())
         label = (f"{method} {options.get('selection', '')} {options['ratio']:.2f} "
                  f"{options['scope']} ({decomp})")
         st.session_state.update(compress_job=job, compress_label=label,

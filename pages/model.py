@@ -3,7 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from llrc_core.counting import break_even
-from studio import common
+from studio import common, workspace
 
 st.title("Model")
 st.caption("Load a model and its calibration text. Every other page works on this model; "
@@ -37,6 +37,8 @@ with st.form("load"):
     seq_len = c4.number_input("Tokens per window", 8, 4096, common.DEFAULT_CALIB["seq_len"],
                               key="seq_len")
     submitted = st.form_submit_button("Load model", type="primary")
+st.caption("Local folders and files are read only from: "
+           + ", ".join(f"`{r}`" for r in workspace.allowed_roots()) + ".")
 
 with common.error_box():
     if submitted:

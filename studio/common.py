@@ -13,7 +13,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from llrc_core import calibrate, find_targets
 from llrc_core.models import count_params, load_model
 from llrc_core.workflow import decompose_copy
+from studio import workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "assets" / "demo-model"
@@ -32,8 +32,9 @@ WIKI_VALID = DATA / "wikitext-2" / "valid.txt"
 WIKI_TEST = DATA / "wikitext-2" / "test.txt"
 DEFAULT_CALIB = dict(kind="file" if WIKI_VALID.exists() else "selfgen", path=str(WIKI_VALID),
                      n_samples=16, seq_len=128)
-#: Where the Compare page keeps its grids (one folder per model and calibration).
-RUNS = Path(os.environ.get("LLRC_STUDIO_RUNS") or ROOT / "out" / "compare")
+#: Where the Compare page keeps its grids (one folder per model and calibration), shared by
+#: every session: inside the workspace unless the operator names another folder.
+RUNS = Path(os.environ.get("LLRC_STUDIO_RUNS") or workspace.workspace() / "compare")
 log = logging.getLogger("llrc_studio")
 
 
@@ -65,14 +66,43 @@ def decomposition(model_key: tuple, calib_key: str, method: str, _base, _windows
     return decompose_copy(_base, method, None if method == "svd" else _windows)
 
 
+@st.cache_resource(show_spinner=False)
+def job_queue():
+    """One queue for every session's heavy jobs (compressions, comparisons): at most
+    ``LLRC_STUDIO_JOBS`` run at once (default one per GPU, one on CPU); the rest wait in
+    order and show their place."""
+    from llrc_core.jobs import JobQueue
+    slots = int(os.environ.get("LLRC_STUDIO_JOBS") or max(1, torch.cuda.device_count()))
+    return JobQueue(slots)
+
+
+def waiting_text(job) -> str:
+    """What a queued job's session sees."""
+    return (f"Waiting for a free slot: place {job.position} in line (other sessions' jobs run "
+            f"first; at most {job.queue.slots} at once) - press Stop to leave the line.")
+
+
 # --- per-session state ---------------------------------------------------------------------------
 def model_key() -> tuple | None:
     return st.session_state.get("model_key")
 
 
+def session_id() -> str:
+    return st.session_state.setdefault("session_id", workspace.new_session_id())
+
+
+def session_dir() -> Path:
+    """This browser session's own folder in the workspace (uploads, exports)."""
+    return workspace.session_dir(session_id())
+
+
 def load_into_session(source: str, device: str = "auto", dtype: str = "auto",
                       calib: dict | None = None) -> None:
-    """Load (or reuse) a base model and calibrate it for this session."""
+    """Load (or reuse) a base model and calibrate it for this session. A local folder must lie
+    inside the studio's allowed roots (``workspace.readable``); Hub ids pass."""
+    source = workspace.model_source(source)
+    if calib and calib.get("kind") == "file":                  # checked before any loading
+        calib = {**calib, "path": str(workspace.readable(calib["path"], "calibration file"))}
     base_model(source, device, dtype)          # load (or reuse) the shared model
     st.session_state["model_key"] = (source, device, dtype)
     st.session_state["calib"] = None
@@ -85,6 +115,8 @@ def set_calibration(calib: dict) -> None:
     loaded = current()
     src = {"file": calib.get("path"), "upload": calib.get("path"), "hub": calib.get("dataset"),
            "selfgen": "selfgen"}[calib["kind"]]
+    if calib["kind"] in ("file", "upload"):
+        src = str(workspace.readable(src, "calibration file"))
     if calib["kind"] == "selfgen":   # generation touches config flags: use a copy
         loaded = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
     windows = calibrate(loaded, src, int(calib["n_samples"]), int(calib["seq_len"]))
@@ -140,11 +172,18 @@ def results() -> dict:
 
 
 def upload_path(uploaded) -> str:
-    """Write an uploaded calibration file to a per-session temporary folder; return its path."""
-    folder = st.session_state.setdefault("upload_dir", tempfile.mkdtemp(prefix="llrc-upload-"))
-    suffix = Path(uploaded.name).suffix or ".txt"
-    path = Path(folder) / f"calibration{suffix}"
-    path.write_bytes(uploaded.getvalue())
+    """Write an uploaded calibration file into this session's workspace folder (size-checked;
+    Streamlit's ``server.maxUploadSize`` bounds it first); return its path."""
+    data = uploaded.getvalue()
+    if len(data) > workspace.UPLOAD_LIMIT_MB * 2 ** 20:
+        raise workspace.PathRefused(f"the upload is {len(data) / 2 ** 20:.1f} MB; the limit is "
+                                    f"{workspace.UPLOAD_LIMIT_MB} MB")
+    suffix = Path(uploaded.name).suffix.lower()
+    if suffix not in (".txt", ".jsonl", ".json"):
+        suffix = ".txt"
+    path = session_dir() / "uploads" / f"calibration{suffix}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
     return str(path)
 
 
@@ -158,7 +197,7 @@ def _eval_ids(model_key: tuple, n_windows: int, seq_len: int, _tokenizer):
     return eval_windows(_tokenizer, WIKI_TEST, seq_len, n_windows)
 
 
-def eval_ids(n_windows: int, seq_len: int = 128) -> torch.Tensor:
+def eval_ids(n_windows: int, seq_len: int) -> torch.Tensor:
     """The first ``n_windows`` WikiText-2 test windows (read-only, shared)."""
     if not WIKI_TEST.exists():
         raise FileNotFoundError(f"WikiText-2 test text not found at {WIKI_TEST}; set the "

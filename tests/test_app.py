@@ -133,6 +133,7 @@ def at(tmp_path_factory):
     from streamlit.testing.v1 import AppTest
     runs = tmp_path_factory.mktemp("compare-runs")   # the Compare page's disk cache
     os.environ["LLRC_STUDIO_RUNS"] = str(runs)
+    os.environ["LLRC_STUDIO_WORKSPACE"] = str(tmp_path_factory.mktemp("workspace"))
     if "studio.common" in sys.modules:
         sys.modules["studio.common"].RUNS = runs
     app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
@@ -140,6 +141,7 @@ def at(tmp_path_factory):
     app.session_state["compare_test_runs"] = runs
     yield app
     os.environ.pop("LLRC_STUDIO_RUNS", None)
+    os.environ.pop("LLRC_STUDIO_WORKSPACE", None)
 
 
 def test_model_page_loads_demo_and_shows_parameters(at):
@@ -157,10 +159,11 @@ def test_model_page_loads_demo_and_shows_parameters(at):
 
 def test_model_page_bad_folder_is_an_error_message(at):
     at.radio(key="model_source").set_value("Local folder")
-    at.text_input(key="model_path").set_value("/no/such/model")
+    missing = os.path.join(os.environ["LLRC_STUDIO_WORKSPACE"], "no-such-model")
+    at.text_input(key="model_path").set_value(missing)
     at.button(key="FormSubmitter:load-Load model").click().run()
     assert not at.exception
-    assert "not found" in at.error[0].value and "/no/such/model" in at.error[0].value
+    assert "not found" in at.error[0].value and missing in at.error[0].value
     at.radio(key="model_source").set_value("Demo model (MiniLM-L6 decoder, WikiText-2)")
     at.button(key="FormSubmitter:load-Load model").click().run()
     no_errors(at)
@@ -334,10 +337,16 @@ def test_export_page_saves_zips_and_reloads(at, tmp_path):
     no_errors(at)
     label = at.session_state["compress_label"]
     assert at.selectbox(key="export_choice").value == label
-    out = tmp_path / "exported"
-    at.text_input(key="export_folder").set_value(str(out))
+    for bad in (str(tmp_path / "exported"), "../exported"):     # only a name, in the workspace
+        at.text_input(key="export_folder").set_value(bad)
+        at.button(key="FormSubmitter:export_form-Save to folder").click().run()
+        assert not at.exception and "not a plain folder name" in at.error[0].value
+    assert not (tmp_path / "exported").exists()
+    at.text_input(key="export_folder").set_value("exported")
     at.button(key="FormSubmitter:export_form-Save to folder").click().run()
     no_errors(at)
+    out = Path(os.environ["LLRC_STUDIO_WORKSPACE"], "sessions", at.session_state["session_id"],
+               "exports", "exported")
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "rank_plan.json", "rank_plan.csv",
             "README.md"} <= names
@@ -353,7 +362,20 @@ def test_export_page_saves_zips_and_reloads(at, tmp_path):
     assert diff <= 1e-5 and "same outputs" in at.success[-1].value
     # Saving again into the now non-empty folder without "replace": a message, files intact.
     at.button(key="FormSubmitter:export_form-Save to folder").click().run()
-    assert not at.exception and "not empty" in at.error[0].value
+    assert not at.exception and "already holds an export" in at.error[0].value
+    assert {p.name for p in out.iterdir()} == names
+    # "Replace" works on a folder the studio wrote, and never on one it did not write.
+    foreign = out.parent / "foreign"
+    foreign.mkdir()
+    (foreign / "data.txt").write_text("not the studio's")
+    at.checkbox(key="export_force").check()
+    at.text_input(key="export_folder").set_value("foreign")
+    at.button(key="FormSubmitter:export_form-Save to folder").click().run()
+    assert not at.exception and "not written by this studio" in at.error[0].value
+    assert [p.name for p in foreign.iterdir()] == ["data.txt"]
+    at.text_input(key="export_folder").set_value("exported")
+    at.button(key="FormSubmitter:export_form-Save to folder").click().run()
+    no_errors(at)
     assert {p.name for p in out.iterdir()} == names
 
 

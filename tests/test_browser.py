@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from conftest import ROOT, WIKI_TEST
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
+WORKSPACE = ARTIFACTS / "workspace"          # the served studio's LLRC_STUDIO_WORKSPACE
 ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -60,8 +62,9 @@ def server():
     port = free_port()
     # One intra-op thread: predictable on a shared 2-core runner (threads thrash under load).
     env = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", "LLRC_STUDIO_WORKSPACE": str(WORKSPACE)}
     ARTIFACTS.mkdir(exist_ok=True)
+    shutil.rmtree(WORKSPACE, ignore_errors=True)
     log = open(ARTIFACTS / "streamlit.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
                              "--server.headless", "true", "--server.port", str(port),
@@ -156,7 +159,7 @@ def run_flow(page, url: str, tmp_path: Path):
     page.get_by_text("More options", exact=True).click()     # expander with the rest
     set_number(page, "mask_every", 2)
     set_number(page, "batch_size", 2)
-    set_number(page, "Perplexity windows (WikiText-2 test, 128 tokens each; 0 skips)", 2)
+    set_number(page, "Perplexity windows (WikiText-2 test, 256 tokens each; 0 skips)", 2)
     page.get_by_role("button", name="Start compression").click()
 
     def moment():
@@ -192,12 +195,12 @@ def run_flow(page, url: str, tmp_path: Path):
 
     # Export: save, zip, reload and check.
     nav(page, "Export")
-    out = tmp_path / "export"
-    box = page.get_by_label("Folder", exact=True)
-    box.fill(str(out))
+    box = page.get_by_label("Folder name (in your workspace)", exact=True)
+    box.fill("export")
     box.press("Tab")
     page.get_by_role("button", name="Save to folder").click()
     expect(page.get_by_role("button", name="Download folder (zip)")).to_be_visible()
+    (out,) = WORKSPACE.glob("sessions/*/exports/export")       # the session's own folder
     assert (out / "model.safetensors").exists() and (out / "README.md").exists()
     plan = json.loads((out / "rank_plan.json").read_text())
     assert plan["method"] == "llrc" and plan["meta"]

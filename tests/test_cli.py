@@ -180,11 +180,14 @@ def test_compress_end_to_end_on_the_demo_model(tmp_path, shared_data, capsys):
     assert 1 < report["ppl_before"] < report["ppl_after"] < 3 * report["ppl_before"]
     assert report["seconds"] > 0
     assert json.loads(proc.stdout)["out"] == str(out)
+    # One evaluation contract: compress and eval default to the same windows, and say which.
+    assert (report["eval_seq_len"], report["eval_windows"], report["eval_tokens"]) == \
+        (256, 4, 1024)
     # the exported folder reproduces the perplexity measured in memory
-    assert main(["eval", "--model", str(out), "--text", str(WIKI_TEST), "--seq-len", "128",
-                 "--max-windows", "4"]) == 0
+    assert main(["eval", "--model", str(out), "--text", str(WIKI_TEST), "--max-windows",
+                 "4"]) == 0
     ev = json.loads(capsys.readouterr().out)
-    assert ev["windows"] == 4
+    assert (ev["eval_seq_len"], ev["eval_windows"], ev["eval_tokens"]) == (256, 4, 1024)
     assert ev["ppl"] == pytest.approx(report["ppl_after"], rel=1e-4)
 
 

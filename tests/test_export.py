@@ -191,7 +191,9 @@ def test_folder_contents_and_card(reloaded):
             "rank_plan.csv", "README.md", "report.json", "tokenizer.json"} <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
     cfg = json.loads((folder / "config.json").read_text())
-    assert cfg["auto_map"] == {"AutoModelForCausalLM": "modeling_llrc.LLRCModel"}
+    assert cfg["auto_map"] == {"AutoConfig": "modeling_llrc.LLRCExportConfig",
+                               "AutoModelForCausalLM": "modeling_llrc.LLRCModel"}
+    assert (cfg["model_type"], cfg["llrc"]["base_model_type"]) == ("llrc", "bert")
     plan = cases["demo"]["plan"]
     layer = next(iter(plan.layers))
     assert cfg["llrc"]["plan"]["layers"][layer]["rank"] == plan.layers[layer].rank

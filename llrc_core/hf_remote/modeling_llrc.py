@@ -5,7 +5,10 @@ This file is copied into every LLRC export folder and is named by the ``auto_map
 
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
-rebuilds the original architecture (``config.llrc["base_class"]``, a transformers class),
+reads the export's own config type (``model_type: "llrc"``, ``LLRCExportConfig``;
+without ``trust_remote_code`` transformers refuses the folder instead of building the plain
+base class with random low-rank layers), rebuilds the base config (``llrc.base_model_type`` and
+the fields around it) and the original architecture (``llrc.base_class``),
 swaps every factorised layer for a ``LowRankLinear`` (``y = A (B x) + bias``) and lets
 transformers load ``model.safetensors`` as usual. Before any weight is read the folder is
 checked: every file the export wrote is present with its size, each planned layer exists with
@@ -23,9 +26,12 @@ import os
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
-FORMAT = 1                      # version of the ``llrc`` section in config.json
+FORMAT = 2                      # version of the ``llrc`` section in config.json
+READS = (1, 2)                  # formats this loader reads (1: base model_type at the top)
 WEIGHTS = "model.safetensors"
+MODEL_TYPE = "llrc"             # the export's own model_type: no stock class claims it
 
 
 class LLRCExportError(ValueError):
@@ -59,10 +65,46 @@ def llrc_section(config) -> dict:
     if not isinstance(sec, dict) or "plan" not in sec:
         raise LLRCExportError("config.json has no 'llrc' section with a 'plan': this folder is "
                               "not an LLRC low-rank export")
-    if sec.get("format") != FORMAT:
+    if sec.get("format") not in READS:
         raise LLRCExportError(f"config.json llrc format {sec.get('format')!r} is not supported "
-                              f"(this loader reads format {FORMAT}); re-export with this version")
+                              f"(this loader reads formats {READS}); re-export with this version")
     return sec
+
+
+# fields of the export's own config that are not the base model's
+_OWN_FIELDS = ("model_type", "auto_map", "architectures", "transformers_version", "_name_or_path")
+
+
+def base_config(config, raw: dict | None = None):
+    """The base model's config (e.g. ``BertConfig``) from an export config
+    (``LLRCExportConfig`` object or dict): ``llrc.base_model_type`` with every other field;
+    keys missing from the object (transformers drops a few, e.g. ``use_cache``) are taken
+    from ``raw``, the file. The ``llrc`` section stays on it (``_low_rank_class`` reads the
+    plan there)."""
+    from transformers import AutoConfig, __version__
+
+    fields = {**(raw or {}), **(config if isinstance(config, dict) else config.to_dict())}
+    sec = llrc_section(fields)
+    base_type = sec.get("base_model_type") or fields.get("model_type")   # format 1: at the top
+    if base_type in (None, MODEL_TYPE):
+        raise LLRCExportError("config.json names no base model type (llrc.base_model_type); "
+                              "the config was edited: export again")
+    try:
+        cfg = AutoConfig.for_model(base_type, **{k: v for k, v in fields.items()
+                                                 if k not in _OWN_FIELDS})
+    except ValueError:
+        raise LLRCExportError(f"base model type {base_type!r} is not in transformers "
+                              f"{__version__}; upgrade transformers") from None
+    cfg.architectures = [sec.get("base_class")]
+    return cfg
+
+
+class LLRCExportConfig(PretrainedConfig):
+    """The export's config: the base model's fields, ``model_type "llrc"`` and the ``llrc``
+    section (plan, base class, base model type). ``base_config`` turns it back into the
+    base model's config."""
+
+    model_type = MODEL_TYPE
 
 
 def layer_specs(sec: dict) -> dict:
@@ -214,9 +256,11 @@ def _low_rank_class(config):
 
 
 class LLRCModel:
-    """Entry point for ``auto_map``: builds ``LLRC<BaseClass>`` for the config it is given and
-    delegates to its (stock) ``from_pretrained`` / ``_from_config``."""
+    """Entry point for ``auto_map``: builds ``LLRC<BaseClass>`` for the base config of the
+    ``LLRCExportConfig`` it is given and delegates to its (stock) ``from_pretrained`` /
+    ``_from_config``."""
 
+    config_class = LLRCExportConfig
     _auto_class = None
 
     @classmethod
@@ -225,17 +269,19 @@ class LLRCModel:
 
     @classmethod
     def _from_config(cls, config, **kwargs):
+        if getattr(config, "model_type", None) == MODEL_TYPE:
+            config = base_config(config)
         return _low_rank_class(config)._from_config(config, **kwargs)
 
     @classmethod
     def from_pretrained(cls, folder, *args, config=None, **kwargs):
-        if config is None:
-            from transformers import AutoConfig
-            config = AutoConfig.from_pretrained(folder)
         folder = str(folder)
         if not os.path.isdir(folder):
             raise LLRCExportError(f"{folder!r} is not a folder; LLRC exports load from a local "
                                   "folder (download the repository first)")
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            raw = json.load(f)
+        config = base_config(raw if config is None else config, raw)
         sec = llrc_section(config)
         specs = check_folder(folder, sec)
         klass = _low_rank_class(config)

@@ -7,13 +7,14 @@ with ``get_selector``.
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from ..config import ConfigMixin, option
-from ..counting import break_even, check_ratio, check_scope, layer_cost, linear_budget
+from ..counting import break_even, check_ratio, check_scope, layer_cost, linear_budget, ratios
 from ..plan import LayerPlan, RankPlan
 
 SELECTIONS = ("top-k", "any-k")
@@ -61,11 +62,21 @@ class SelectionContext:
         """Weight parameters the target layers may keep."""
         return linear_budget(ratio, scope, self.dense_linear, self.total_params)
 
+    def min_ratio(self, scope: str) -> float:
+        """The smallest reachable ratio in ``scope``: rank 1 in every target layer."""
+        return ratios(sum(m + n for m, n in self.shapes.values()), self.dense_linear,
+                      self.total_params)[scope]
+
     def reachable_budget(self, cfg: "SelectConfig") -> int:
-        """``cfg``'s budget, refused (``ValueError`` with the fix) when rank 1 in every layer
-        already exceeds it: every method checks the target the same way."""
+        """``cfg``'s budget, refused (``ValueError`` naming the minimum) when rank 1 in every
+        layer already exceeds it: every method checks the target the same way, and
+        ``preflight`` does so from the layer shapes before any weight is read."""
         budget = self.budget(cfg.ratio, cfg.scope)
-        check_reachable(self, budget)
+        if budget < sum(m + n for m, n in self.shapes.values()):
+            least = math.ceil(self.min_ratio(cfg.scope) * 1e4) / 1e4
+            raise ValueError(f"target ratio {cfg.ratio:g} ({cfg.scope} scope) is unreachable: "
+                             f"rank 1 in every layer already keeps {least:.4f}; choose "
+                             f"--ratio {least:.4f} or more")
         return budget
 
     def plan(self, kept: dict[str, list[int] | None], method: str, cfg: SelectConfig,
@@ -132,10 +143,3 @@ def bisect_monotone(cost: Callable[[float], int], budget: int, lo: float = 0.0,
         lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid)
     return lo
 
-
-def check_reachable(ctx: SelectionContext, budget: int) -> None:
-    floor = sum(m + n for m, n in ctx.shapes.values())   # rank 1 everywhere
-    if budget < floor:
-        raise ValueError(f"the target ratio is below what rank 1 in every layer keeps "
-                         f"({floor / ctx.dense_linear:.4f} of the target layers); choose a "
-                         "larger ratio")

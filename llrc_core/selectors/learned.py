@@ -291,7 +291,7 @@ def train_masks(ctx: SelectionContext, cfg: SelectConfig, trainer_cls: type[Mask
     budget = ctx.reachable_budget(cfg)
     trainer = trainer_cls(ctx, cfg, budget)
     emit = ctx.callback or (lambda event: None)
-    step, stopped, t0 = 0, False, time.time()
+    step, stopped, t0, seen = 0, False, time.time(), []    # seen: the trained ratio per step
     if ctx.checkpoint and Path(ctx.checkpoint).exists():
         step = _resume(trainer, cfg, ctx.checkpoint)
     with masked_session(ctx.model, {n: ctx.factors[n] for n in trainer.names}) as layers, \
@@ -313,6 +313,7 @@ def train_masks(ctx: SelectionContext, cfg: SelectConfig, trainer_cls: type[Mask
             step += 1
             counts, extra = trainer.update()
             now = achieved(ctx, counts)
+            seen.append(now[cfg.scope])
             emit({"type": "step", "step": step, "total_steps": cfg.steps, "loss": loss.item(),
                   **terms, "ratio_linear": now["linear"], "ratio_model": now["model"],
                   "target_ratio": cfg.ratio, **extra, "ranks": counts,
@@ -325,9 +326,25 @@ def train_masks(ctx: SelectionContext, cfg: SelectConfig, trainer_cls: type[Mask
             _save(trainer, cfg, ctx.checkpoint, step)
     kept, meta = trainer.finalise()
     plan = ctx.plan(kept, name, cfg, steps=step, stopped=stopped, seconds=time.time() - t0,
-                    objective=trainer.objective.kind, **meta)
+                    objective=trainer.objective.kind, warnings=_landing_warnings(seen, cfg),
+                    **meta)
     emit({"type": "done", "step": step, "plan": plan.to_dict(), "stopped": stopped})
     return plan
+
+
+def _landing_warnings(seen: list[float], cfg: SelectConfig) -> list[dict]:
+    """Say when the target came from the final budget landing rather than from training."""
+    slack = getattr(cfg, "tolerance", 0.005)
+    if not seen or seen[-1] <= cfg.ratio + slack:
+        return []
+    fix = "train longer (steps) or with a larger lr"
+    if max(seen) == min(seen):
+        return [{"kind": "masks_never_moved", "message": (
+            f"the trained masks never moved in {len(seen)} steps (ratio stayed "
+            f"{seen[-1]:.4f}): the plan comes from the budget landing alone; {fix}")}]
+    return [{"kind": "target_by_landing", "message": (
+        f"training ended at ratio {seen[-1]:.4f}, above the target {cfg.ratio:g}: the budget "
+        f"landing closed the rest in score order; {fix}")}]
 
 
 def _fmt(terms: dict) -> str:
