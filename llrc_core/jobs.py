@@ -43,7 +43,7 @@ class JobQueue:
         with self._cond:
             self._waiting.append(job)
             while self._waiting[0] is not job or self._running >= self.slots:
-                if job.stop_requested:
+                if job.should_stop():
                     self._waiting.remove(job)
                     self._cond.notify_all()
                     return False
@@ -72,9 +72,11 @@ class JobQueue:
 class Job:
     """A function running on a worker thread, with its events, result and error."""
 
-    def __init__(self, fn: JobFn, name: str = "job", queue: JobQueue | None = None):
+    def __init__(self, fn: JobFn, name: str = "job", queue: JobQueue | None = None,
+                 alive: Callable[[], bool] | None = None):
         self.name = name
         self.queue = queue
+        self._alive = alive or (lambda: True)       # False once the job's owner has gone
         self._fn = fn
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -97,7 +99,8 @@ class Job:
             self._latest[event.get("type", "")] = event
 
     def should_stop(self) -> bool:
-        return self._stop.is_set()
+        """Asked to stop, or its owner (a browser session) has gone away."""
+        return self._stop.is_set() or not self._alive()
 
     def _run(self) -> None:
         if self.queue is not None:
@@ -118,7 +121,7 @@ class Job:
             self._status, self.started = "running", time.time()
         try:
             result = self._fn(self.emit, self.should_stop)
-            status, error, tb = ("stopped" if self._stop.is_set() else "done"), None, None
+            status, error, tb = ("stopped" if self.should_stop() else "done"), None, None
         except Stopped:                      # the one stop contract: never an error
             result, status, error, tb = None, "stopped", None, None
         except (LLRCError, ValueError, FileNotFoundError, FileExistsError) as exc:
@@ -185,7 +188,8 @@ class Job:
         return not self._thread.is_alive()
 
 
-def start_job(fn: JobFn, name: str = "job", queue: JobQueue | None = None) -> Job:
+def start_job(fn: JobFn, name: str = "job", queue: JobQueue | None = None,
+              alive: Callable[[], bool] | None = None) -> Job:
     """Create a ``Job`` for ``fn(emit, should_stop)`` and start its worker thread (waiting for
-    a slot of ``queue`` first, when given)."""
-    return Job(fn, name, queue).start()
+    a slot of ``queue`` first, when given; stopping once ``alive()`` turns false)."""
+    return Job(fn, name, queue, alive).start()

@@ -64,7 +64,8 @@ def start_grid(cfg: compare.CompareConfig):
         report.write_results(report.tidy(rows), rows, out)
         return rows
 
-    job = start_job(work, name="compare", queue=common.job_queue())
+    job = start_job(work, name="compare", queue=common.job_queue(),
+                    alive=common.owner_alive())
     st.session_state.update(compare_job=job, compare_done=None, compare_out=str(out))
 
 

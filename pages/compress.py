@@ -125,7 +125,7 @@ with common.error_box():
             base, dec, method, windows, eval_ids=eval_ids, copy=True, emit=emit,
             should_stop=stop, cache_dir=str(workspace.workspace() / "cache"), **options,
             **plumbing),
-            name=f"compress-{method}", queue=common.job_queue())
+            name=f"compress-{method}", queue=common.job_queue(), alive=common.owner_alive())
         label = (f"{method} {options.get('selection', '')} {options['ratio']:.2f} "
                  f"{options['scope']} ({decomp})")
         st.session_state.update(compress_job=job, compress_label=label,

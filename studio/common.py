@@ -76,6 +76,19 @@ def job_queue():
     return JobQueue(slots)
 
 
+def owner_alive():
+    """A callable telling whether this browser session is still connected (None outside a
+    served session): a job started by a visitor who has gone away stops, and leaves the
+    queue if it was waiting."""
+    from streamlit.runtime import exists, get_instance
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+    ctx = get_script_run_ctx()
+    if ctx is None or not exists() or not get_instance().is_active_session(ctx.session_id):
+        return None
+    runtime, sid = get_instance(), ctx.session_id
+    return lambda: runtime.is_active_session(sid)
+
+
 def waiting_text(job) -> str:
     """What a queued job's session sees."""
     return (f"Waiting for a free slot: place {job.position} in line (other sessions' jobs run "
@@ -102,7 +115,7 @@ def load_into_session(source: str, device: str = "auto", dtype: str = "auto",
     inside the studio's allowed roots (``workspace.readable``); Hub ids pass."""
     source = workspace.model_source(source)
     if calib and calib.get("kind") == "file":                  # checked before any loading
-        calib = {**calib, "path": str(workspace.readable(calib["path"], "calibration file"))}
+        workspace.readable(calib["path"], "calibration file")
     base_model(source, device, dtype)          # load (or reuse) the shared model
     st.session_state["model_key"] = (source, device, dtype)
     st.session_state["calib"] = None
@@ -116,7 +129,7 @@ def set_calibration(calib: dict) -> None:
     src = {"file": calib.get("path"), "upload": calib.get("path"), "hub": calib.get("dataset"),
            "selfgen": "selfgen"}[calib["kind"]]
     if calib["kind"] in ("file", "upload"):
-        src = str(workspace.readable(src, "calibration file"))
+        workspace.readable(src, "calibration file")
     if calib["kind"] == "selfgen":   # generation touches config flags: use a copy
         loaded = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
     windows = calibrate(loaded, src, int(calib["n_samples"]), int(calib["seq_len"]))

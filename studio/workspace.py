@@ -61,8 +61,10 @@ def readable(path: str | Path, what: str = "path") -> Path:
 
 
 def model_source(text: str) -> str:
-    """A Hub id as it is; a local folder only inside an allowed root."""
-    return text if not _looks_local(text) else str(readable(text, "model folder"))
+    """A Hub id, or a local folder inside an allowed root, as given (else ``PathRefused``)."""
+    if _looks_local(text):
+        readable(text, "model folder")
+    return text
 
 
 def new_session_id() -> str:

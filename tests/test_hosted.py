@@ -145,3 +145,26 @@ def test_queue_bounds_concurrency():
     jobs = [start_job(fn, queue=queue) for _ in range(6)]
     assert all(j.wait(10) for j in jobs) and all(j.status == "done" for j in jobs)
     assert live[1] == 2
+
+
+def test_a_job_whose_owner_left_stops_and_leaves_the_queue():
+    import threading
+    import time
+
+    from llrc_core.jobs import JobQueue, start_job
+    queue, gate, here = JobQueue(slots=1), threading.Event(), {"a": True, "b": True}
+
+    def run(emit, should_stop):
+        while not should_stop():
+            time.sleep(0.01)
+        return "partial"
+
+    a = start_job(run, queue=queue, alive=lambda: here["a"])
+    b = start_job(lambda e, s: gate.wait(5), queue=queue, alive=lambda: here["b"])
+    while b.position != 1:
+        time.sleep(0.01)
+    here["b"] = False                         # b's visitor left while it waited
+    assert b.wait(5) and b.status == "stopped" and b.started is None     # never ran
+    here["a"] = False                         # a's visitor left while it ran
+    assert a.wait(5) and (a.status, a.result) == ("stopped", "partial")
+    assert queue.running == 0
