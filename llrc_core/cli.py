@@ -130,7 +130,8 @@ def cmd_compress(args) -> dict:
     early = check_compress(args.model, args.method, args.decomposition, opts, calib=args.calib,
                            n_calib=args.n_calib, seq_len=args.seq_len, out=args.out,
                            force=args.force, eval_text=args.eval_text,
-                           trust_remote_code=args.trust_remote_code)
+                           trust_remote_code=args.trust_remote_code, device=args.device,
+                           dtype=args.dtype, batch_size=args.batch_size)
     t0 = time.time()
     loaded = _load(args)
     dec, windows = _decompose(args, loaded)
@@ -225,6 +226,18 @@ def cmd_eval(args) -> dict:
             **eval_info(ev, args.text)}
 
 
+def cmd_plan_memory(args) -> dict | None:
+    """Bytes per phase of compressing ``--model`` (its config only: no weights are read)."""
+    from .planner import plan_memory
+    plan = plan_memory(args.model, args.dtype, args.method, args.decomposition, args.n_calib,
+                       args.seq_len, args.batch_size, args.gpus, args.gpu_memory,
+                       args.trust_remote_code)
+    if args.json:
+        return plan.to_dict()
+    print(plan.table())
+    return None
+
+
 def cmd_compare(args) -> dict:
     from .compare import CompareConfig, run_compare
     options: dict = {}
@@ -313,6 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("plan-memory", help="memory per phase of a compression, from the config "
+                       "alone (any model size: no weights are read)")
+    p.add_argument("--model", required=True, help="Hub id or folder (config.json is enough)")
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype")
+    p.add_argument("--method", default="llrc", help="rank selector")
+    p.add_argument("--decomposition", default="whiten", choices=list(DECOMPOSITIONS))
+    p.add_argument("--n-calib", type=int, default=64, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per training step")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (0: a CPU run)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    p.set_defaults(func=cmd_plan_memory)
+
     from .compare import CompareConfig
     d = CompareConfig()
     p = sub.add_parser("compare", help="grid of methods x ratios; resumable; tables and figures")
@@ -354,5 +382,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
-    print(json.dumps(result, indent=1))
+    if result is not None:
+        print(json.dumps(result, indent=1))
     return 0

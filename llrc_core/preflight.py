@@ -18,7 +18,8 @@ from .files import prepare_destination
 def check_compress(model: str, method: str, decomposition: str, options: dict, *,
                    calib: str | None, n_calib: int, seq_len: int, out: str | None = None,
                    force: bool = False, eval_text: str | None = None,
-                   trust_remote_code: bool = False) -> list[dict]:
+                   trust_remote_code: bool = False, device: str | None = None,
+                   dtype: str | None = None, batch_size: int = 8) -> list[dict]:
     """Raise the first problem (``ValueError``/``LLRCError``/``FileNotFoundError`` naming the
     fix); return the warnings a run should carry (e.g. overlapping calibration windows)."""
     from .models import context_length, count_params, find_targets, resolve_source, skeleton
@@ -39,6 +40,11 @@ def check_compress(model: str, method: str, decomposition: str, options: dict, *
     meta = skeleton(src, trust_remote_code)
     shapes = {t.name: (t.m, t.n) for t in find_targets(meta)}
     SelectionContext(shapes, {}, count_params(meta)).reachable_budget(cfg)
+    from .models import pick_device, pick_dtype
+    from .planner import check_fits
+    compute = str(pick_dtype(dtype, pick_device(device))).removeprefix("torch.")
+    check_fits(src, method, decomposition, dtype=compute, n_calib=n_calib, seq_len=seq_len,
+               batch_size=getattr(cfg, "batch_size", batch_size), device=device, meta=meta)
     warnings = []
     seq_len = min(seq_len, context_length(meta))         # as ``pipeline.calibrate`` clamps
     if text is not None:

@@ -1,0 +1,98 @@
+"""The memory planner counts from the config alone (a folder with only config.json), asserted
+against counts worked out by hand for Llama-2-7B, 13B and 70B; ``compress`` refuses a run
+whose plan does not fit, before any weight is read."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import transformers
+
+from llrc_core import models, planner
+from llrc_core.cli import main
+
+# name -> (hidden, intermediate, blocks, heads, kv heads, vocab, params as published)
+LLAMA2 = {"7b": (4096, 11008, 32, 32, 32, 32000, 6_738_415_616),
+          "13b": (5120, 13824, 40, 40, 40, 32000, 13_015_864_320),
+          "70b": (8192, 28672, 80, 64, 8, 32000, 68_976_648_192)}
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("configs")
+    for name, (d, i, n, h, kv, v, _) in LLAMA2.items():
+        transformers.LlamaConfig(hidden_size=d, intermediate_size=i, num_hidden_layers=n,
+                                 num_attention_heads=h, num_key_value_heads=kv,
+                                 vocab_size=v).save_pretrained(root / name)
+    return root
+
+
+def by_hand(d, i, n, kv_dim):
+    """Per model: target layers, dense weights and full-rank factor numbers r (m + n)."""
+    shapes = [(d, d), (kv_dim, d), (kv_dim, d), (d, d), (i, d), (i, d), (d, i)]  # q k v o g u d
+    dense = n * sum(m * k for m, k in shapes)
+    factors = n * sum(min(m, k) * (m + k) for m, k in shapes)
+    return 7 * n, dense, factors, n * sum(min(m, k) for m, k in shapes)
+
+
+@pytest.mark.parametrize("name", list(LLAMA2))
+def test_counts_match_the_hand_count(configs, name):
+    d, i, n, h, kv, v, params = LLAMA2[name]
+    plan = planner.plan_memory(str(configs / name), "bfloat16", "llrc", "whiten",
+                               n_calib=64, seq_len=512, batch_size=4, gpus=1, gpu_memory=80)
+    f = plan.facts
+    targets, dense, factors, spectrum = by_hand(d, i, n, kv * d // h)
+    assert (f["params"], f["targets"], f["dense_linear"], f["factor_numbers"]) == \
+        (params, targets, dense, factors)
+    assert plan.phases["load"] == 2 * params                                   # bf16 weights
+    assert f["factors_fp32_bytes"] == 4 * (factors + spectrum)
+    tokens = 64 * 512
+    assert f["stats_block_bytes"] == 8 * (6 * d * d + i * i)     # a float64 Gram per layer
+    assert f["distill_targets_bytes"] == 2 * tokens * d * 2     # middle + last, bf16
+    assert plan.phases["statistics"] == 2 * params + 2 * tokens * d * 2 + \
+        f["stats_block_bytes"]
+    sel = (2 * params + 4 * (factors + spectrum) + 2 * (factors + spectrum)
+           + f["distill_targets_bytes"] + f["activations_bytes_estimate"] + 12 * spectrum)
+    assert plan.phases["selection"] == sel == plan.peak_gpu_bytes
+    assert plan.peak_phase == "selection" and not plan.fits    # today's data path: too big
+
+
+def test_seven_b_figures_of_the_issue(configs):
+    """Issue 11's own count: U and V of Llama-2-7B hold 10.2 G numbers (41 GB in float32),
+    13.5 GB of bf16 weights, 20.5 GB of bf16 factor copies: ~75 GB before activations."""
+    f = planner.plan_memory(str(configs / "7b")).facts
+    assert round(f["factor_numbers"] / 1e9, 1) == 10.2
+    assert round(f["factors_fp32_bytes"] / 1e9) == 41
+    assert round(f["weights_bytes"] / 1e9, 1) == 13.5
+    assert round(f["factor_copies_bytes"] / 1e9, 1) == 20.5
+
+
+def test_a_non_learned_method_fits_where_llrc_does_not(configs):
+    svdllm = planner.plan_memory(str(configs / "7b"), method="svdllm", gpu_memory=80)
+    assert svdllm.fits and svdllm.peak_phase in ("decomposition", "apply", "evaluate")
+    assert planner.plan_memory(str(configs / "7b"), gpu_memory=141).fits      # an H200
+
+
+def test_cli_plan_memory_json(configs, capsys):
+    assert main(["plan-memory", "--model", str(configs / "13b"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"peak_gpu_bytes", "fits", "phases"} <= set(out)
+    assert set(out["phases"]) == set(planner.PHASES) and out["fits"] is False
+    assert out["peak_gpu_bytes"] == max(out["phases"].values())
+    assert main(["plan-memory", "--model", str(configs / "7b")]) == 0
+    assert "does NOT fit" in capsys.readouterr().out
+
+
+def test_compress_refuses_a_plan_that_does_not_fit(configs, tmp_path, monkeypatch, capsys):
+    from conftest import WIKI_VALID, tiny_model, tiny_tokenizer
+    tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    monkeypatch.setattr(planner, "device_memory_gib", lambda device: (0, 1e-4))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("weights were read"))
+    argv = ["compress", "--model", str(tmp_path / "tiny"), "--calib", str(WIKI_VALID),
+            "--n-calib", "4", "--seq-len", "16", "--ratio", "0.8", "--method", "llrc",
+            "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "needs" in err and "more than this machine's" in err and "--batch-size" in err
+    assert not (tmp_path / "out").exists()
