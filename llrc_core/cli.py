@@ -131,7 +131,8 @@ def cmd_compress(args) -> dict:
                            n_calib=args.n_calib, seq_len=args.seq_len, out=args.out,
                            force=args.force, eval_text=args.eval_text,
                            trust_remote_code=args.trust_remote_code, device=args.device,
-                           dtype=args.dtype, batch_size=args.batch_size)
+                           dtype=args.dtype, batch_size=args.batch_size,
+                           allow_compressed=args.allow_compressed)
     t0 = time.time()
     loaded = _load(args)
     dec, windows = _decompose(args, loaded)

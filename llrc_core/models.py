@@ -172,18 +172,25 @@ def _source_bytes(src: str) -> int | None:
     return sum(f.stat().st_size for f in files) or None
 
 
-def _load_export(src: str, allow_compressed: bool, dev, dt) -> LoadedModel | None:
-    """An LLRC low-rank export is refused before any weight is read, or with
-    ``allow_compressed`` loaded as a plain dense model (``A B`` multiplied back); None for
-    anything else."""
-    from .export import describe_export, export_info, export_kind, load_dense
-    if export_kind(src) != "low-rank":
-        return None
-    if not allow_compressed:
+def refuse_export(src: str, allow_compressed: bool = False) -> None:
+    """``ModelLoadError`` for an LLRC low-rank export unless ``allow_compressed`` (reads only
+    its config.json): compressing a compressed model must be asked for."""
+    from .export import describe_export, export_kind
+    if export_kind(src) == "low-rank" and not allow_compressed:
         raise ModelLoadError(
             f"{src!r} is an LLRC export ({describe_export(src)}), not a base model: evaluate it "
             f"with `llrc eval --model {src}`, or pass --allow-compressed "
             "(allow_compressed=True) to load it as a dense model and compress it again")
+
+
+def _load_export(src: str, allow_compressed: bool, dev, dt) -> LoadedModel | None:
+    """An LLRC low-rank export is refused before any weight is read, or with
+    ``allow_compressed`` loaded as a plain dense model (``A B`` multiplied back); None for
+    anything else."""
+    from .export import export_info, export_kind, load_dense
+    if export_kind(src) != "low-rank":
+        return None
+    refuse_export(src, allow_compressed)
     t0 = time.time()
     model, tok, _ = load_dense(src, dev, dt)
     stored = DTYPES[export_info(src)["dtype"]]

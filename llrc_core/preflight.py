@@ -19,10 +19,12 @@ def check_compress(model: str, method: str, decomposition: str, options: dict, *
                    calib: str | None, n_calib: int, seq_len: int, out: str | None = None,
                    force: bool = False, eval_text: str | None = None,
                    trust_remote_code: bool = False, device: str | None = None,
-                   dtype: str | None = None, batch_size: int = 8) -> list[dict]:
+                   dtype: str | None = None, batch_size: int = 8,
+                   allow_compressed: bool = False) -> list[dict]:
     """Raise the first problem (``ValueError``/``LLRCError``/``FileNotFoundError`` naming the
     fix); return the warnings a run should carry (e.g. overlapping calibration windows)."""
-    from .models import context_length, count_params, find_targets, resolve_source, skeleton
+    from .models import (context_length, count_params, find_targets, refuse_export,
+                         resolve_source, skeleton)
     from .pipeline import method_config
     from .selectors import SelectionContext, get_selector
 
@@ -37,6 +39,7 @@ def check_compress(model: str, method: str, decomposition: str, options: dict, *
                                "calibration data: pass --calib FILE (or 'selfgen')")
     text = local_text(calib, seq_len) if calib and calib != "selfgen" else None
     src = resolve_source(model)
+    refuse_export(src, allow_compressed)       # an LLRC export: said before anything else
     meta = skeleton(src, trust_remote_code)
     shapes = {t.name: (t.m, t.n) for t in find_targets(meta)}
     SelectionContext(shapes, {}, count_params(meta)).reachable_budget(cfg)
