@@ -168,3 +168,15 @@ def test_a_job_whose_owner_left_stops_and_leaves_the_queue():
     here["a"] = False                         # a's visitor left while it ran
     assert a.wait(5) and (a.status, a.result) == ("stopped", "partial")
     assert queue.running == 0
+
+
+def test_compress_page_refuses_a_run_that_would_not_fit(app, monkeypatch):
+    """The memory guard: the planner's verdict on this machine, before any job starts."""
+    from llrc_core import planner
+    monkeypatch.setattr(planner, "device_memory_gib", lambda device: (0, 1e-4))
+    app.switch_page("pages/compress.py").run()
+    app.selectbox(key="compress_method").set_value("uniform").run()
+    app.button(key="FormSubmitter:compress_form-Start compression").click().run()
+    assert not app.exception
+    assert "more than this machine's" in app.error[0].value
+    assert "compress_job" not in app.session_state                          # nothing started
