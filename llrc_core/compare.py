@@ -11,11 +11,11 @@ plotly figures: ``ppl_vs_ratio.html`` and ``ranks_heatmap.html`` (methods x laye
 ``report.py``.
 
 Axes that do not apply to a method are skipped, not faked:
-* selection: ``any-k`` only for methods that offer it (``supported_selections`` on the
-  method's config: LLRC); others top-k.
-* decomposition: ``auto`` runs each method on its own (``preferred_decomposition`` on the
-  selector, else ``asvd``); a method with a ``decompositions`` attribute (``svdllm``:
-  whitening only) is skipped on the others.
+* selection: ``any-k`` only for methods whose registration offers it (LLRC, ARS); others
+  top-k.
+* decomposition: ``auto`` runs each method on the one it prefers (the registry's
+  ``preferred``); a method registered for some decompositions only (``svdllm``: whitening)
+  is skipped on the others.
 Causal LMs are scored by perplexity (and zero-shot accuracy with ``tasks``); an encoder
 (MiniLM) by embedding fidelity (``fidelity.py``) in the ``fidelity`` column.
 """
