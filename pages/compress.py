@@ -28,7 +28,8 @@ def _live_panel():
     steps = job.events_since(0, "step")
     phase = job.latest("phase") or {"phase": "starting"}
     total = int(steps[-1].get("total_steps", 0)) if steps else 0
-    done_steps = steps[-1]["step"] if steps else 0
+    done = job.latest("done")                 # a run resumed at its end trains no step
+    done_steps = done["step"] if done else steps[-1]["step"] if steps else 0
     top = st.columns([4, 1])
     if job.status == "queued":
         top[0].info(common.waiting_text(job))
@@ -129,6 +130,11 @@ with common.error_box():
             eval_ids = common.eval_ids(int(n_eval), EVAL_SEQ_LEN) if n_eval else None
             status.update(label="Decomposition ready", state="complete")
         base, windows = loaded.model, common.windows()
+        if spec.trains:   # a checkpoint per exact run: a restart (or a rerun) resumes it
+            plumbing["checkpoint"] = str(common.checkpoint_path(decomp, method, options))
+            resumed = common.checkpoint_step(plumbing["checkpoint"])
+            if resumed:
+                st.toast(f"Resuming this exact run from its checkpoint at step {resumed}.")
         job = start_job(lambda emit, stop: compress(
             base, dec, method, windows, eval_ids=eval_ids, copy=True, emit=emit,
             should_stop=stop, cache_dir=str(workspace.workspace() / "cache"), **options,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import re
@@ -87,6 +88,23 @@ def owner_alive():
         return None
     runtime, sid = get_instance(), ctx.session_id
     return lambda: runtime.is_active_session(sid)
+
+
+def checkpoint_path(decomposition: str, method: str, options: dict) -> Path:
+    """The workspace's checkpoint of one exact learned run: this model and calibration, this
+    decomposition, method and options. Kept after the run (and across server restarts), so
+    starting the same run again resumes it to the same plan."""
+    key = json.dumps([model_key(), st.session_state["calib"]["key"], decomposition, method,
+                      sorted(options.items())], default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return workspace.workspace() / "checkpoints" / f"{method}-{digest}.pt"
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step a checkpoint holds (0 when there is none)."""
+    if not Path(path).is_file():
+        return 0
+    return int(torch.load(path, weights_only=True, map_location="cpu")["step"])
 
 
 def waiting_text(job) -> str:

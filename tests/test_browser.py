@@ -234,22 +234,22 @@ def test_sessions_share_one_queue(server, sessions):
         expect.set_options(timeout=180_000)
         pages = []
         try:
-            for _ in range(sessions):
+            for i in range(sessions):          # runs differ (steps): none resumes another's
                 page = browser.new_context(viewport={"width": 1400, "height": 1400}).new_page()
                 page.set_default_timeout(180_000)
                 page.goto(server)
                 expect(page.get_by_text("Target layers", exact=True)).to_be_visible()
                 nav(page, "Compress")
                 expect(page.get_by_label("steps", exact=True)).to_be_visible()
-                set_number(page, "steps", 60)
-                set_number(page, "hold_steps", 60)
+                set_number(page, "steps", 60 + i)
+                set_number(page, "hold_steps", 60 + i)
                 set_number(page, "Perplexity windows (WikiText-2 test, 256 tokens each; 0 skips)",
                            0)
                 pages.append(page)
             # The first run trains; each later one, started while it trains, waits its turn.
             for i, page in enumerate(pages):
                 page.get_by_role("button", name="Start compression").click()
-                expect(page.get_by_text(re.compile(r"step \d+ of 60") if i == 0 else
+                expect(page.get_by_text(re.compile(r"step \d+ of 60\b") if i == 0 else
                                         f"Waiting for a free slot: place {i} in line")
                        ).to_be_visible()
             done: list[int] = []
@@ -260,9 +260,9 @@ def test_sessions_share_one_queue(server, sessions):
                         done.append(i)
                 pages[0].wait_for_timeout(300)
             assert done == list(range(sessions)), done          # first come, first served
-            for page in pages:
+            for i, page in enumerate(pages):
                 assert page.get_by_test_id("stException").count() == 0
-                expect(page.get_by_text("(60 steps)")).to_be_visible()
+                expect(page.get_by_text(f"({60 + i} steps)")).to_be_visible()
         finally:
             for i, page in enumerate(pages):
                 shot(page, f"queue-{sessions}-{i}")

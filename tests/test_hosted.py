@@ -180,3 +180,38 @@ def test_compress_page_refuses_a_run_that_would_not_fit(app, monkeypatch):
     assert not app.exception
     assert "more than this machine's" in app.error[0].value
     assert "compress_job" not in app.session_state                          # nothing started
+
+
+def test_a_learned_run_resumes_from_its_checkpoint_in_a_new_session(ws):
+    """Resilience: a learned run checkpoints into the workspace; the same run started again
+    from a new session (as after a server restart) resumes it to the same plan."""
+    import time
+
+    from streamlit.testing.v1 import AppTest
+    _, space, _ = ws
+
+    def run_once():
+        at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+        at.run()
+        at.switch_page("pages/compress.py").run()
+        for key, value in (("cfg_llrc_steps", 6), ("cfg_llrc_hold_steps", 6),
+                           ("cfg_llrc_batch_size", 2), ("cfg_llrc_mask_every", 0),
+                           ("n_eval", 0)):
+            at.number_input(key=key).set_value(value)
+        at.button(key="FormSubmitter:compress_form-Start compression").click().run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        job = at.session_state["compress_job"]
+        t0 = time.time()
+        while job.running:
+            assert time.time() - t0 < 240
+            time.sleep(0.2)
+        assert job.status == "done", job.error
+        return job
+
+    first = run_once()
+    assert [e["step"] for e in first.events_since(0, "step")] == [1, 2, 3, 4, 5, 6]
+    (ckpt,) = (space / "checkpoints").glob("llrc-*.pt")
+    second = run_once()
+    assert second.events_since(0, "step") == []                  # nothing trained again
+    assert second.latest("done")["step"] == 6
+    assert second.result.plan.to_dict()["layers"] == first.result.plan.to_dict()["layers"]
