@@ -172,7 +172,8 @@ def _print_warnings(warnings: list[dict]) -> None:
 def cmd_export(args) -> dict:
     """Re-export an LLRC folder (e.g. ``--merged-dense`` or another ``--dtype``), or compress
     ``--model`` with a saved ``--plan`` (its decomposition) and export it."""
-    from .export import export_kind, export_model, load_compressed, recorded_source
+    from .export import (export_info, export_kind, export_model, load_compressed,
+                         recorded_source)
     from .pipeline import compress_
     from .plan import RankPlan
 
@@ -200,8 +201,7 @@ def cmd_export(args) -> dict:
         source, dtype = loaded.source_info(), args.dtype or loaded.source_dtype
     out = export_model(model, tok, plan, args.out, report=report, force=args.force,
                        merged_dense=args.merged_dense, dtype=dtype, source=source)
-    storage = json.loads((out / "config.json").read_text())[
-        "llrc_merged" if args.merged_dense else "llrc"]["storage"]
+    storage = export_info(out)["storage"]
     merged = args.merged_dense            # a merged folder stores every weight dense again
     return {"out": args.out, "merged_dense": merged,
             "plan_ratio_linear": plan.ratio("linear"), "plan_ratio_model": plan.ratio("model"),
@@ -231,7 +231,8 @@ def cmd_plan_memory(args) -> dict | None:
     """Bytes per phase of compressing ``--model`` (its config only: no weights are read)."""
     from .planner import plan_memory
     plan = plan_memory(args.model, args.dtype, args.method, args.decomposition, args.n_calib,
-                       args.seq_len, args.batch_size, args.gpus, args.gpu_memory,
+                       args.seq_len, args.batch_size, args.gpus,
+                       args.gpu_memory if args.gpus else None,   # a host plan is not checked
                        args.trust_remote_code)
     if args.json:
         return plan.to_dict()

@@ -41,7 +41,7 @@ from .files import atomic_folder, prepare_destination
 from .hf_remote import MODELING_FILE
 from .hf_remote import modeling_llrc as remote
 from .card import model_card
-from .models import DTYPES
+from .models import DTYPES, source_estimate
 from .plan import RankPlan
 
 WEIGHTS = remote.WEIGHTS
@@ -198,9 +198,7 @@ def source_of(model, plan: RankPlan, source: dict | None) -> dict:
     if source and source.get("dtype") and source.get("weights_bytes"):
         return dict(source)
     dt = dtype_name((source or {}).get("dtype") or next(model.parameters()).dtype)
-    return {"model": (source or {}).get("model"), "dtype": dt,
-            "weights_bytes": plan.total_params * torch.tensor([], dtype=getattr(torch, dt))
-            .element_size(), "weights_from": "parameters x bytes per number"}
+    return source_estimate((source or {}).get("model"), plan.total_params, getattr(torch, dt))
 
 
 def _config_dict(model, plan: RankPlan, storage: dict, merged: bool,

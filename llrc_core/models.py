@@ -59,13 +59,17 @@ class LoadedModel:
         safetensors files of a local folder, else parameters x bytes per number) and how
         that size was found."""
         dt = self.source_dtype or self.dtype
-        if self.source_bytes:
-            size, how = self.source_bytes, "safetensors files"
-        else:
-            size = count_params(self.model) * torch.tensor([], dtype=dt).element_size()
-            how = "parameters x bytes per number"
+        if not self.source_bytes:
+            return source_estimate(self.source, count_params(self.model), dt)
         return {"model": self.source, "dtype": str(dt).removeprefix("torch."),
-                "weights_bytes": size, "weights_from": how}
+                "weights_bytes": self.source_bytes, "weights_from": "safetensors files"}
+
+
+def source_estimate(name: str | None, params: int, dtype: torch.dtype) -> dict:
+    """A source's weights size when no files tell it: parameters x bytes per number."""
+    return {"model": name, "dtype": str(dtype).removeprefix("torch."),
+            "weights_bytes": params * dtype.itemsize,
+            "weights_from": "parameters x bytes per number"}
 
 
 def pick_device(device: str | None = None) -> torch.device:

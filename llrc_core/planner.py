@@ -45,7 +45,7 @@ class MemoryPlan:
     dtype: str
     method: str
     gpus: int
-    gpu_memory: float | None                  # GiB per GPU; None: not checked
+    gpu_memory: float | None                  # GiB per GPU (host when gpus == 0); None: unchecked
     phases: dict[str, int]                    # phase -> bytes on the first GPU (or host)
     cpu_phases: dict[str, int]                # phase -> host bytes
     facts: dict = field(default_factory=dict)  # counts the phases were built from
@@ -55,14 +55,23 @@ class MemoryPlan:
         return max(self.phases.values())
 
     @property
+    def _used(self) -> dict[str, int]:
+        """Bytes per phase on the device that holds the run: the first GPU, or the host."""
+        return self.phases if self.gpus else self.cpu_phases
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self._used.values())
+
+    @property
     def peak_phase(self) -> str:
-        return max(self.phases, key=self.phases.get)
+        return max(self._used, key=self._used.get)
 
     @property
     def fits(self) -> bool:
         if self.gpu_memory is None:
             return True
-        return self.peak_gpu_bytes <= 0.95 * self.gpu_memory * GIB
+        return self.peak_bytes <= 0.95 * self.gpu_memory * GIB
 
     def to_dict(self) -> dict:
         return {"model": self.model, "dtype": self.dtype, "method": self.method,
@@ -77,14 +86,11 @@ class MemoryPlan:
         lines += [f"{p:<14}{self.phases[p] / GIB:>16.2f}{self.cpu_phases[p] / GIB:>10.2f}"
                   for p in PHASES]
         verdict = "fits" if self.fits else "does NOT fit"
-        cap = f"{self.gpu_memory:g} GiB" if self.gpu_memory is not None else "unchecked"
-        lines.append(f"peak {self.peak_gpu_bytes / GIB:.2f} GiB in {self.peak_phase}: "
-                     f"{verdict} ({cap} per GPU, 5 % margin)")
+        cap = "unchecked" if self.gpu_memory is None else \
+            f"{self.gpu_memory:g} GiB {'per GPU' if self.gpus else 'of host memory'}, 5 % margin"
+        lines.append(f"peak {self.peak_bytes / GIB:.2f} GiB in {self.peak_phase}: "
+                     f"{verdict} ({cap})")
         return "\n".join(lines)
-
-
-def _bytes(dtype: str) -> int:
-    return torch.tensor([], dtype=DTYPES[dtype]).element_size()
 
 
 def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
@@ -92,7 +98,8 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
                 batch_size: int = 4, gpus: int = 1, gpu_memory: float | None = 80.0,
                 trust_remote_code: bool = False, meta=None) -> MemoryPlan:
     """Count the memory of compressing ``model`` (a folder or Hub id; only its config is
-    read) with ``method`` at these settings. ``meta``: an already built meta-device model."""
+    read) with ``method`` at these settings. ``meta``: an already built model (meta-device,
+    or loaded: only its shapes, parameter count and config are used)."""
     from .selectors import get_selector
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -100,7 +107,7 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
         raise ValueError("gpus must be >= 0 and n_calib, seq_len, batch_size >= 1")
     spec = get_selector(method)
     meta = meta if meta is not None else skeleton(model, trust_remote_code)
-    b = _bytes(dtype)
+    b = DTYPES[dtype].itemsize                                             # bytes per number
     targets = find_targets(meta)
     params = count_params(meta)
     cfg = meta.config
@@ -154,17 +161,23 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
              "hidden_states_block_bytes": hidden, "svd_work_bytes": svd_work,
              "calibration_tokens": tokens,
              "placement": "one device (multi-GPU placement not implemented yet)", **facts_sel}
-    return MemoryPlan(str(model), dtype, method, gpus, gpu_memory if gpus else None, phases,
-                      host, facts)
+    return MemoryPlan(str(model), dtype, method, gpus, gpu_memory, phases, host, facts)
 
 
 def refusal(plan: MemoryPlan) -> str:
-    """The message ``compress`` stops with when a plan does not fit."""
-    need = plan.peak_gpu_bytes / GIB
-    return (f"{plan.model} with {plan.method} needs {need:.1f} GiB on one GPU in its "
-            f"{plan.peak_phase} phase, more than {plan.gpu_memory:g} GiB (5 % margin): use a "
-            "GPU with more memory, a smaller --batch-size or --n-calib/--seq-len, or a "
-            "non-learned method; `llrc plan-memory` shows each phase")
+    """The message ``compress`` stops with when a plan does not fit (a GPU or the host)."""
+    need = plan.peak_bytes / GIB
+    if plan.gpus:
+        where, cap = "on one GPU", f"{plan.gpu_memory:g} GiB (5 % margin)"
+        fix = "a GPU with more memory, a smaller --batch-size or --n-calib/--seq-len, or a " \
+              "non-learned method"
+    else:
+        where, cap = "of memory", f"this machine's {plan.gpu_memory:.1f} GiB"
+        fix = "a machine with more memory or a GPU, a smaller --batch-size or " \
+              "--n-calib/--seq-len"
+    return (f"{plan.model} with {plan.method} needs {need:.1f} GiB {where} in its "
+            f"{plan.peak_phase} phase, more than {cap}: use {fix}; `llrc plan-memory` shows "
+            "each phase")
 
 
 def device_memory_gib(device: str | None) -> tuple[int, float]:
@@ -182,11 +195,6 @@ def check_fits(model: str, method: str, decomposition: str, *, dtype: str, n_cal
     gpus, gib = device_memory_gib(device)
     plan = plan_memory(model, dtype, method, decomposition, n_calib, seq_len, batch_size,
                        gpus=gpus, gpu_memory=gib, meta=meta)
-    peak = plan.peak_gpu_bytes if gpus else max(plan.cpu_phases.values())
-    if peak > 0.95 * gib * GIB:
-        raise LLRCError(refusal(plan) if gpus else
-                        f"{model} with {method} needs {peak / GIB:.1f} GiB of memory in its "
-                        f"{plan.peak_phase} phase, more than this machine's {gib:.1f} GiB: use a "
-                        "machine with more memory or a GPU, a smaller --batch-size or "
-                        "--n-calib/--seq-len; `llrc plan-memory` shows each phase")
+    if not plan.fits:
+        raise LLRCError(refusal(plan))
     return plan

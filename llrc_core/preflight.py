@@ -23,9 +23,10 @@ def check_compress(model: str, method: str, decomposition: str, options: dict, *
                    allow_compressed: bool = False) -> list[dict]:
     """Raise the first problem (``ValueError``/``LLRCError``/``FileNotFoundError`` naming the
     fix); return the warnings a run should carry (e.g. overlapping calibration windows)."""
-    from .models import (context_length, count_params, find_targets, refuse_export,
-                         resolve_source, skeleton)
+    from .models import (context_length, count_params, find_targets, pick_device, pick_dtype,
+                         refuse_export, resolve_source, skeleton)
     from .pipeline import method_config
+    from .planner import check_fits
     from .selectors import SelectionContext, get_selector
 
     cfg = method_config(method, decomposition, **options)
@@ -33,8 +34,7 @@ def check_compress(model: str, method: str, decomposition: str, options: dict, *
         prepare_destination(Path(out), force)
     if eval_text and not Path(eval_text).expanduser().is_file():
         raise FileNotFoundError(f"--eval-text not found: {eval_text!r}")
-    spec = get_selector(method)
-    if calib is None and (decomposition != "svd" or spec.trains or method == "strs"):
+    if calib is None and (decomposition != "svd" or get_selector(method).calibration):
         raise CalibrationError(f"{method} on the {decomposition} decomposition needs "
                                "calibration data: pass --calib FILE (or 'selfgen')")
     text = local_text(calib, seq_len) if calib and calib != "selfgen" else None
@@ -43,8 +43,6 @@ def check_compress(model: str, method: str, decomposition: str, options: dict, *
     meta = skeleton(src, trust_remote_code)
     shapes = {t.name: (t.m, t.n) for t in find_targets(meta)}
     SelectionContext(shapes, {}, count_params(meta)).reachable_budget(cfg)
-    from .models import pick_device, pick_dtype
-    from .planner import check_fits
     compute = str(pick_dtype(dtype, pick_device(device))).removeprefix("torch.")
     check_fits(src, method, decomposition, dtype=compute, n_calib=n_calib, seq_len=seq_len,
                batch_size=getattr(cfg, "batch_size", batch_size), device=device, meta=meta)

@@ -82,7 +82,7 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
     if evaluate is not None and before:
         emit({"type": "phase", "phase": "ppl_before"})
         metrics_before = evaluate(model)
-        emit({"type": "eval", **{f"{k}_before": v for k, v in metrics_before.items()}})
+        emit({"type": "eval", **_suffixed(metrics_before, {})})
     select_seconds, stopped = 0.0, False
     if plan is None:
         emit({"type": "phase", "phase": "select"})
@@ -101,20 +101,24 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
     if evaluate is not None:
         emit({"type": "phase", "phase": "ppl_after"})
         metrics_after = evaluate(model)
-        emit({"type": "eval", **{f"{k}_before": v for k, v in metrics_before.items()},
-              **{f"{k}_after": v for k, v in metrics_after.items()}})
+        emit({"type": "eval", **_suffixed(metrics_before, metrics_after)})
     config = {k: v for k, v in options.items() if k not in PLUMBING}
     warnings = [*dec.warnings, *plan.meta.get("warnings", [])]
     report = {"method": method, "decomposition": dec.decomposition, **config,
               **{k: v for k, v in plan.summary().items() if k != "ranks"},
-              **{f"{k}_before": v for k, v in metrics_before.items()},
-              **{f"{k}_after": v for k, v in metrics_after.items()},
+              **_suffixed(metrics_before, metrics_after),
               "stopped": stopped, "select_seconds": select_seconds,
               **(eval_info(eval_ids) if eval_ids is not None else {}),
               "seconds": time.time() - t0, "warnings": warnings}
     emit({"type": "phase", "phase": "finished"})
     return CompressionResult(model, plan, method, config, metrics_before, metrics_after,
                              stopped, select_seconds, time.time() - t0, report, warnings)
+
+
+def _suffixed(before: dict, after: dict) -> dict:
+    """``{"ppl": 1}, {"ppl": 2}`` -> ``{"ppl_before": 1, "ppl_after": 2}``."""
+    return {**{f"{k}_before": v for k, v in before.items()},
+            **{f"{k}_after": v for k, v in after.items()}}
 
 
 @torch.no_grad()

@@ -5,7 +5,6 @@ import streamlit as st
 from llrc_core import SELECTORS, analysis, get_selector
 from llrc_core.jobs import start_job
 from llrc_core.evaluate import EVAL_SEQ_LEN, EVAL_WINDOWS
-from llrc_core.models import skeleton
 from llrc_core.pipeline import method_config
 from llrc_core.planner import check_fits
 from llrc_core.workflow import compress
@@ -124,7 +123,7 @@ with common.error_box():
         check_fits(loaded.source, method, decomp, dtype=str(loaded.dtype).removeprefix("torch."),
                    n_calib=int(w.shape[0]), seq_len=int(w.shape[1]),
                    batch_size=getattr(cfg, "batch_size", 8), device=loaded.device.type,
-                   meta=skeleton(loaded.source))
+                   meta=loaded.model)     # shapes and counts of the model already loaded
         with st.status("Preparing the decomposition ...") as status:
             dec = common.decomposed(decomp)
             eval_ids = common.eval_ids(int(n_eval), EVAL_SEQ_LEN) if n_eval else None

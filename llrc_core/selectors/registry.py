@@ -24,6 +24,7 @@ class Method:
     decompositions: tuple[str, ...] = ()        # empty: every registered decomposition
     preferred: str = "asvd"                     # the decomposition its paper uses
     trains: bool = False                        # runs a mask-training loop (live charts)
+    calibration: bool = False                   # runs the model on calibration windows
 
     @property
     def allowed_decompositions(self) -> tuple[str, ...]:
@@ -49,7 +50,7 @@ SELECTORS: dict[str, Method] = {}
 def register_selector(name: str, config: type = SelectConfig, *,
                       selections: tuple[str, ...] = ("top-k",),
                       decompositions: tuple[str, ...] = (), preferred: str = "asvd",
-                      trains: bool = False):
+                      trains: bool = False, calibration: bool = False):
     """Decorator registering ``fn(ctx, cfg) -> RankPlan`` under ``name`` (once)."""
     bad = set(selections) - set(SELECTIONS)
     if bad or not selections:
@@ -61,7 +62,7 @@ def register_selector(name: str, config: type = SelectConfig, *,
             raise ValueError(f"a method named {name!r} is already registered "
                              f"({SELECTORS[name].select.__module__}); pick another name")
         SELECTORS[name] = Method(name, fn, config, tuple(selections), tuple(decompositions),
-                                 preferred, trains)
+                                 preferred, trains, calibration or trains)
         return fn
     return deco
 

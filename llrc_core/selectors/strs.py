@@ -249,7 +249,7 @@ def threshold_search(table, base, shapes, budget: int) -> tuple[dict[str, int], 
     return ranks, thr
 
 
-@register_selector("strs", STRSConfig, preferred="asvd")
+@register_selector("strs", STRSConfig, preferred="asvd", calibration=True)
 def select_strs(ctx: SelectionContext, cfg: STRSConfig):
     if ctx.model is None or ctx.windows is None:
         raise ValueError("STRS needs the model and calibration windows (pass --calib)")
