@@ -2,9 +2,10 @@
 
     python bench/compare_table.py OUT_DIR [--metric ppl|fidelity|acc]
 
-One row per method (and selection), one column per target ratio: the metric, then the
-selection seconds. ``--metric acc``: one column per zero-shot task (accuracy in %), their
-mean and the perplexity, one table per ratio. Reads ``OUT_DIR/cells/*.json``, so it also works on a grid still running.
+One row per method (and selection), one column per target ratio: the metric (mean ± sample
+sd over seeds where a cell ran with several), then the mean selection seconds. ``--metric
+acc``: one column per zero-shot task (accuracy in %), their mean and the perplexity, one table
+per ratio. Reads ``OUT_DIR/cells/*.json``, so it also works on a grid still running.
 """
 from __future__ import annotations
 
@@ -29,11 +30,13 @@ def table(df: pd.DataFrame, metric: str) -> str:
     lines = ["| method | decomposition | " + " | ".join(f"{metric} @ {r}" for r in ratios)
              + " | " + " | ".join(f"s @ {r}" for r in ratios) + " | max abs(achieved - target) |",
              "|---|---|" + "---|" * (2 * len(ratios) + 1)]
+    fmt = ".3f" if metric == "fidelity" else ".2f"
     for (label, dec), g in body.groupby(["label", "decomposition"], sort=False):
-        by = g.set_index("target_ratio")
-        fmt = ".3f" if metric == "fidelity" else ".2f"
-        vals = [f"{by.loc[r, metric]:{fmt}}" if r in by.index else "—" for r in ratios]
-        secs = [f"{by.loc[r, 'seconds']:.0f}" if r in by.index else "—" for r in ratios]
+        by = g.groupby("target_ratio")          # several rows per ratio: one per seed
+        mean, sd, secs_ = by[metric].mean(), by[metric].std(ddof=1), by["seconds"].mean()
+        vals = [(f"{mean[r]:{fmt}}" + (f" ± {sd[r]:{fmt}}" if sd[r] == sd[r] else ""))
+                if r in mean.index else "—" for r in ratios]        # sd NaN: one seed
+        secs = [f"{secs_[r]:.0f}" if r in secs_.index else "—" for r in ratios]
         gap = (g["achieved_ratio_linear"] - g["target_ratio"]).abs().max()
         lines.append(f"| {label} | {dec} | " + " | ".join(vals) + " | " + " | ".join(secs)
                      + f" | {gap:.4f} |")

@@ -1,6 +1,6 @@
 """Apply a rank plan to a model and undo it exactly.
 
-Each compressed target becomes a ``LowRankLinear`` (two matmuls, bias kept); a dense layer
+Each compressed target becomes a ``LowRankLinear`` (two GEMMs, bias kept); a dense layer
 (at or above break-even) keeps its original module. The originals are remembered on the
 model so ``restore_`` puts back the very same modules. Functions ending in ``_`` change the
 model in place.
@@ -8,6 +8,7 @@ model in place.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .decompose import Factors
@@ -18,7 +19,13 @@ _ORIGINALS = "_llrc_originals"
 
 
 class LowRankLinear(nn.Module):
-    """``y = A (B x) + bias`` with ``B (k x n)`` then ``A (m x k)``; drop-in for a linear layer."""
+    """``y = A (B x) + bias`` with ``B (k x n)`` then ``A (m x k)``; drop-in for a linear layer.
+
+    Same state-dict layout and forward as the export loader's layer
+    (``hf_remote.modeling_llrc.LowRankLinear``, which must stay self-contained; importing it
+    here would import transformers): one ``F.linear`` chain on the parameters, no submodule
+    calls, the bias added inside the second GEMM. ``from_factors`` stores the factors
+    contiguous in the dtype and device of ``A``."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  kept: list[int] | None = None, dtype=None, device=None):
@@ -41,7 +48,8 @@ class LowRankLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.A(self.B(x))   # (..., n) -> (..., k) -> (..., m)
+        h = F.linear(x, self.B.weight)                       # (..., n) -> (..., k)
+        return F.linear(h, self.A.weight, self.A.bias)       # (..., k) -> (..., m)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"

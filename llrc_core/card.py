@@ -29,6 +29,7 @@ def model_card(cfg: dict, plan: RankPlan, tensors: dict, name: str) -> str:
                                f"{src.get('weights_from', 'measured')})"),
             ("layers low-rank / dense", f"{sum(not lp.dense for lp in plan.layers.values())} / "
                                         f"{sum(lp.dense for lp in plan.layers.values())}")]
+    rows += _stored_dense_rows(info)
     on = f" on `{Path(str(ppl['eval_text'])).name}`" if "eval_text" in ppl else ""
     rows += [(f"perplexity {'before' if k == 'ppl_before' else 'after'} compression{on}, "
               f"computed in {storage['compute_dtype']}", f"{v:.3f}")
@@ -94,6 +95,23 @@ shapes, kept indices) and stop with an error naming the layer if anything was ed
 {settings}
 ```
 """
+
+
+def _stored_dense_rows(info: dict) -> list[tuple[str, str]]:
+    """Rows for low-rank layers stored dense (``W = A B``) because they ran slower factorised:
+    the recomputed stored ratios and the rule, so that the change is never silent."""
+    rule, storage = info.get("stored_dense"), info["storage"]
+    if not rule:
+        return []
+    names = ", ".join(f"`{n}`" for n in rule["layers"])
+    return [("stored ratio after storing slow layers dense (rho_linear / rho_model)",
+             f"{storage['stored_ratio_linear']:.4f} / {storage['stored_ratio_model']:.4f} "
+             f"(selected: {info['ratio_linear']:.4f} / {info['ratio_model']:.4f})"),
+            ("layers stored dense as `W = A B`",
+             f"{len(rule['layers'])}: {names}; each ran slower factorised than dense on "
+             f"{rule['device']} ({rule['dtype']}, {rule['batch']} x {rule['tokens']} tokens) "
+             f"and saved under {rule['dense_below']:.0%} of its weights; outputs unchanged "
+             "(timings: config.json `llrc.stored_dense`)")]
 
 
 def _mb(n: int) -> str:

@@ -43,6 +43,20 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--merged-dense", action="store_true",
                    help="export a plain model of the original architecture (A B multiplied back)")
+    p.add_argument("--dense-below", type=float, default=0.0, metavar="SHARE",
+                   help="store dense (W = A B, same outputs) each low-rank layer that runs slower "
+                   "factorised than dense on --device (timed at one decode step) and saves under "
+                   "SHARE of its weights; the stored ratio is recomputed and printed (0: off)")
+
+
+def _stored_dense(args, model, plan, already=None):
+    """The layers to store dense under ``--dense-below`` (timed here), told on stderr."""
+    from .speed import choose_stored_dense
+    if not args.dense_below:
+        return already
+    dense = choose_stored_dense(model, plan, args.dense_below, already=already)
+    print(f"note: {dense.describe(plan)}", file=sys.stderr)
+    return dense
 
 
 def _load(args):
@@ -118,14 +132,19 @@ class _EventBar:
         self.bar.set_postfix(post, refresh=False)
 
 
-def cmd_compress(args) -> dict:
+def cmd_compress(args) -> dict | None:
+    """Compress and export. Under ``torchrun`` every process trains on its share of each
+    batch (``distributed``); only rank 0 evaluates, logs and writes the folder."""
+    from . import distributed
     from .evaluate import eval_info, eval_windows
     from .events import JsonlLog, fan_out
-    from .export import export_model
+    from .export import export_info, export_model
     from .preflight import check_compress
+    from .speed import stored_summary
     from .workflow import compress
 
     opts = _method_options(args)
+    main = not distributed.init_from_env() or distributed.is_main()
     # Everything checkable without weights fails here, before loading (seconds, not minutes).
     early = check_compress(args.model, args.method, args.decomposition, opts, calib=args.calib,
                            n_calib=args.n_calib, seq_len=args.seq_len, out=args.out,
@@ -137,17 +156,21 @@ def cmd_compress(args) -> dict:
     loaded = _load(args)
     dec, windows = _decompose(args, loaded)
     ev = None
-    if args.eval_text:
+    if args.eval_text and main:
         from .models import context_length   # windows longer than the context crash
         ev = eval_windows(loaded.tokenizer, args.eval_text,
                           min(args.eval_seq_len, context_length(loaded.model)),
                           args.max_eval_windows)
     resuming = bool(args.checkpoint) and Path(args.checkpoint).exists()
-    log = JsonlLog(args.log, append=resuming) if args.log else None
+    log = JsonlLog(args.log, append=resuming) if args.log and main else None
     with _EventBar(args.method) as bar:
         res = compress(loaded.model, dec, args.method, windows, eval_ids=ev,
-                       emit=fan_out(bar, log), batch_size=args.batch_size,
+                       emit=fan_out(bar, log) if main else (lambda e: None),
+                       eval_batch_size=args.batch_size,
                        checkpoint=args.checkpoint, **opts)
+    if not main:                      # the same plan as rank 0's; rank 0 writes it
+        distributed.barrier()
+        return None
     report = {"model": args.model, "method": args.method, "decomposition": args.decomposition,
               "selection": args.selection, "target_ratio": args.ratio,
               "ratio_scope": args.ratio_scope, **res.plan.summary(),
@@ -157,10 +180,13 @@ def cmd_compress(args) -> dict:
               "seconds": time.time() - t0, "warnings": [*early, *res.warnings]}
     export_model(loaded.model, loaded.tokenizer, res.plan, args.out, report=report,
                  force=args.force, merged_dense=args.merged_dense,
-                 dtype=loaded.source_dtype, source=loaded.source_info())
+                 dtype=loaded.source_dtype, source=loaded.source_info(),
+                 dense=None if args.merged_dense else _stored_dense(args, loaded.model, res.plan))
     _print_warnings(report["warnings"])
+    distributed.barrier()
     return {k: v for k, v in report.items() if k not in ("ranks", "warnings")} | {
-        "out": args.out, "warnings": len(report["warnings"])}
+        "out": args.out, "warnings": len(report["warnings"]),
+        **stored_summary(export_info(args.out))}
 
 
 def _print_warnings(warnings: list[dict]) -> None:
@@ -173,7 +199,8 @@ def cmd_export(args) -> dict:
     """Re-export an LLRC folder (e.g. ``--merged-dense`` or another ``--dtype``), or compress
     ``--model`` with a saved ``--plan`` (its decomposition) and export it."""
     from .export import (export_info, export_kind, export_model, load_compressed,
-                         recorded_source)
+                         recorded_source, stored_dense_of)
+    from .speed import stored_summary
     from .pipeline import compress_
     from .plan import RankPlan
 
@@ -182,8 +209,10 @@ def cmd_export(args) -> dict:
     if kind == "merged" and not args.plan:
         raise LLRCError(f"{args.model!r} is a merged-dense export (every layer dense again): "
                         "re-export from its low-rank folder, or pass --plan to compress it")
+    already = None
     if kind == "low-rank":   # stored as --dtype, else as its source was
         model, tok, plan = load_compressed(src, args.device)
+        already = stored_dense_of(src)        # its layers stored dense stay dense
         source = recorded_source(src)
         dtype = args.dtype or (source or {}).get("dtype")
         report = json.loads((src / "report.json").read_text()) \
@@ -199,15 +228,14 @@ def cmd_export(args) -> dict:
         compress_(loaded.model, dec, plan)
         model, tok, report = loaded.model, loaded.tokenizer, {"model": args.model, **plan.summary()}
         source, dtype = loaded.source_info(), args.dtype or loaded.source_dtype
+    dense = already if args.merged_dense else _stored_dense(args, model, plan, already)
     out = export_model(model, tok, plan, args.out, report=report, force=args.force,
-                       merged_dense=args.merged_dense, dtype=dtype, source=source)
+                       merged_dense=args.merged_dense, dtype=dtype, source=source, dense=dense)
     storage = export_info(out)["storage"]
-    merged = args.merged_dense            # a merged folder stores every weight dense again
-    return {"out": args.out, "merged_dense": merged,
+    return {"out": args.out, "merged_dense": args.merged_dense,
             "plan_ratio_linear": plan.ratio("linear"), "plan_ratio_model": plan.ratio("model"),
-            "stored_ratio_linear": 1.0 if merged else plan.ratio("linear"),
-            "stored_ratio_model": storage["stored_ratio_model"],
-            "storage_dtype": storage["dtype"], "weights_bytes": storage["weights_bytes"],
+            **stored_summary(export_info(out)), "storage_dtype": storage["dtype"],
+            "weights_bytes": storage["weights_bytes"],
             "source_weights_bytes": storage["source"]["weights_bytes"]}
 
 
@@ -253,7 +281,7 @@ def cmd_compare(args) -> dict:
         calib=args.calib, n_calib=args.n_calib, seq_len=args.seq_len, eval_text=args.eval_text,
         eval_seq_len=args.eval_seq_len, max_eval_windows=args.max_eval_windows,
         tasks=args.tasks or (), task_limit=args.limit, options=options,
-        allow_compressed=args.allow_compressed,
+        allow_compressed=args.allow_compressed, seeds=args.seeds,
         batch_size=args.batch_size, device=args.device)
     bar, cell = tqdm(desc="compare", unit="cell", leave=False), [""]
 
@@ -351,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", default="0.9,0.8,0.6", help="comma list of target ratios")
     p.add_argument("--selection", default="top-k,any-k",
                    help="top-k and/or any-k (any-k only where a method supports it)")
-    p.add_argument("--decomposition", default="auto", help="auto or comma list svd,asvd,whiten")
+    p.add_argument("--decomposition", default="auto", help="auto or a comma list of "
+                   + ",".join(DECOMPOSITIONS))
     p.add_argument("--ratio-scope", default="linear", choices=list(SCOPES))
     p.add_argument("--calib", default=d.calib, help="calibration text")
     p.add_argument("--n-calib", type=int, default=d.n_calib)
@@ -363,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="docs per task")
     p.add_argument("--opt", action="append", metavar="[METHOD.]KEY=VALUE",
                    help="method hyperparameter, repeatable (e.g. --opt strs.candidates=[0.4,0.8])")
+    p.add_argument("--seeds", default=",".join(map(str, d.seeds)),
+                   help="comma list: each method that trains runs once per seed; summary.csv "
+                        "gives mean and sd per cell")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--device", default=None)
     p.add_argument("--allow-compressed", action="store_true",

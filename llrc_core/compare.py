@@ -16,6 +16,9 @@ Axes that do not apply to a method are skipped, not faked:
 * decomposition: ``auto`` runs each method on the one it prefers (the registry's
   ``preferred``); a method registered for some decompositions only (``svdllm``: whitening)
   is skipped on the others.
+* seed: a method that trains (LLRC, ARS, ARA) runs once per seed of ``seeds`` (its ``seed``
+  option: initialisation, noise, batch order), each seed its own cached cell; a method that
+  does not train is deterministic and runs once. ``report.summary`` gives mean and sd.
 Causal LMs are scored by perplexity (and zero-shot accuracy with ``tasks``); an encoder
 (MiniLM) by embedding fidelity (``fidelity.py``) in the ``fidelity`` column.
 """
@@ -47,10 +50,12 @@ class CompareConfig(ConfigMixin):
     methods: tuple = option((), "selector names; empty = every registered method")
     ratios: tuple = option((0.9, 0.8, 0.6), "target parameter ratios")
     selections: tuple = option(("top-k", "any-k"), "any-k is used only where a method supports it")
-    decompositions: tuple = option(("auto",), "'auto' (each method's own) or svd/asvd/whiten")
+    decompositions: tuple = option(("auto",), "'auto' (each method's own) or registered "
+                                "decompositions (svd, asvd, whiten, ...)")
     scope: str = option("linear", "ratio scope: linear (target layers) or model")
     calib: str = option(str(WIKI / "valid.txt"), "calibration text")
-    n_calib: int = option(8, "calibration windows")
+    n_calib: int | None = option(None, "calibration windows (None: enough for every target's "
+                                 "input Gram to be full rank, at least 16)")
     seq_len: int = option(128, "tokens per calibration window")
     eval_text: str = option(str(WIKI / "test.txt"), "perplexity / fidelity text")
     eval_seq_len: int = option(EVAL_SEQ_LEN, "tokens per evaluation window")
@@ -62,14 +67,22 @@ class CompareConfig(ConfigMixin):
     batch_size: int = option(8, "windows per forward pass")
     device: str | None = option(None, "cuda / cpu (default: cuda when present)")
     seed: int = option(0, "calibration seed")
+    seeds: tuple = option((0,), "seeds of the methods that train: one cell per seed (mean and "
+                          "sd in summary.csv); methods that do not train run once")
     allow_compressed: bool = option(False, "an LLRC export as the model: loaded dense (A B "
                                     "multiplied back) and compressed again")
 
     def __post_init__(self):
-        for name in ("methods", "ratios", "selections", "decompositions", "tasks"):
+        for name in ("methods", "ratios", "selections", "decompositions", "tasks", "seeds"):
             v = getattr(self, name)
             setattr(self, name, tuple(v.split(",")) if isinstance(v, str) else tuple(v))
         self.ratios = tuple(check_ratio(float(r)) for r in self.ratios)
+        try:
+            self.seeds = tuple(dict.fromkeys(int(x) for x in self.seeds))
+        except ValueError:
+            raise ValueError(f"seeds must be integers, e.g. seeds=[0, 1, 2]; got {self.seeds}")
+        if not self.seeds:
+            raise ValueError("give at least one seed, e.g. seeds=[0]")
         check_scope(self.scope)
         bad = set(self.selections) - set(SELECTIONS)
         if bad or not self.selections:
@@ -80,7 +93,7 @@ class CompareConfig(ConfigMixin):
                              f"got {sorted(bad)}")
         if not self.ratios:
             raise ValueError("give at least one ratio, e.g. ratios=[0.8]")
-        if min(self.n_calib, self.seq_len, self.eval_seq_len, self.batch_size) < 1:
+        if min(self.n_calib or 1, self.seq_len, self.eval_seq_len, self.batch_size) < 1:
             raise ValueError("n_calib, seq_len, eval_seq_len and batch_size must be >= 1")
 
 
@@ -109,14 +122,17 @@ def method_options(name: str, cfg: CompareConfig) -> dict:
 
 
 def grid(cfg: CompareConfig) -> list[dict]:
-    from .selectors import SELECTORS
+    from .selectors import SELECTORS, get_selector
     methods = cfg.methods or tuple(sorted(SELECTORS))
     cells = []
     for m in methods:
+        seeds = cfg.seeds if get_selector(m).trains else (None,)
         for dec, sel in method_axes(m, cfg):
             for r in cfg.ratios:
-                cells.append({"method": m, "decomposition": dec, "selection": sel,
-                              "target_ratio": r})
+                for seed in seeds:
+                    cell = {"method": m, "decomposition": dec, "selection": sel,
+                            "target_ratio": r}
+                    cells.append(cell if seed is None else {**cell, "seed": seed})
     return cells
 
 
@@ -125,7 +141,9 @@ def _hash(obj) -> str:
 
 
 def cell_id(cell: dict) -> str:
-    return f"{cell['method']}__{cell['decomposition']}__{cell['selection']}__{cell['target_ratio']:g}"
+    seed = f"__seed{cell['seed']}" if "seed" in cell else ""
+    return (f"{cell['method']}__{cell['decomposition']}__{cell['selection']}__"
+            f"{cell['target_ratio']:g}{seed}")
 
 
 EVAL_FIELDS = ("eval_text", "eval_seq_len", "max_eval_windows", "fidelity_lines", "tasks",
@@ -135,7 +153,7 @@ EVAL_FIELDS = ("eval_text", "eval_seq_len", "max_eval_windows", "fidelity_lines"
 def _fingerprint(cfg: CompareConfig, method: str, skip: tuple = ()) -> str:
     common = {k: v for k, v in cfg.to_dict().items()
               if k not in ("methods", "ratios", "selections", "decompositions", "options",
-                           "device", "batch_size", "allow_compressed") + skip}
+                           "device", "batch_size", "allow_compressed", "seeds") + skip}
     return _hash({"common": common, "options": method_options(method, cfg)
                    if method != "dense" else {}})
 
@@ -165,12 +183,13 @@ class Session:
                  windows=None, decs: dict | None = None):
         from .fidelity import resolve_model
         from .models import load_model
-        from .pipeline import calibrate
+        from .pipeline import calibrate, full_rank_windows
         self.cfg, self.log = cfg, log
         self.loaded = loaded if loaded is not None else load_model(
             resolve_model(cfg.model), cfg.device, allow_compressed=cfg.allow_compressed)
+        n_calib = cfg.n_calib or full_rank_windows(self.loaded.model, cfg.seq_len)
         self.windows = windows if windows is not None else calibrate(
-            self.loaded, cfg.calib, cfg.n_calib, cfg.seq_len, cfg.seed)
+            self.loaded, cfg.calib, n_calib, cfg.seq_len, cfg.seed)
         self.decs: dict = dict(decs or {})
         self.out: Path | None = None
         self._eval = self._eval_data()      # now, while the model is still dense
@@ -230,6 +249,8 @@ def run_cell(s: Session, cell: dict, emit: Callable[[dict], None] | None = None,
     dec = s.dec(cell["decomposition"])
     opts = {**method_options(cell["method"], cfg), "ratio": cell["target_ratio"],
             "scope": cfg.scope, "selection": cell["selection"]}
+    if "seed" in cell:                      # the seed axis wins over a seed in ``options``
+        opts["seed"] = cell["seed"]
     try:
         res = compress(s.loaded.model, dec, cell["method"], s.windows, evaluate=s.evaluate,
                        before=False, plan=RankPlan.from_dict(reuse["plan"]) if reuse else None,

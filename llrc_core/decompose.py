@@ -2,8 +2,9 @@
 
 Every decomposition returns ``Factors`` with ``W ~ U diag(S) V`` exactly at full rank, where
 ``V`` already holds the inverse of the input transform (``D^-1`` for ASVD, ``L^-1`` for
-whitening). Keeping any subset ``idx`` of singular values gives
-``A = U[:, idx] S[idx]^(1/2)`` (m x k) and ``B = S[idx]^(1/2) V[idx]`` (k x n).
+Cholesky whitening, ``Lambda^-1/2 Q^T`` for eigen-whitening). Keeping any subset ``idx`` of
+singular values gives ``A = U[:, idx] S[idx]^(1/2)`` (m x k) and ``B = S[idx]^(1/2) V[idx]``
+(k x n).
 """
 from __future__ import annotations
 
@@ -65,13 +66,9 @@ def asvd(W: torch.Tensor, abs_mean: torch.Tensor, alpha: float = 0.5) -> Factors
     return Factors(U, S, Vh / d)                                 # V = Vh D^-1
 
 
-def cholesky_damped(G: torch.Tensor, eps: float = 1e-6, tries: int = 6
-                    ) -> tuple[torch.Tensor, float]:
-    """Lower Cholesky factor of ``G``, damping the diagonal when it is not positive definite.
-
-    First ``G`` as is; then ``G + (-lambda_min + eps * mean diag) I``, with ``eps`` grown tenfold
-    on each retry. Returns ``(L, damping relative to mean diag)``.
-    """
+def _checked_gram(G: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(G in float64, mean of its diagonal)``; ``DecompositionError`` for a Gram matrix no
+    whitening can use (NaN/Inf entries, or zero)."""
     G = G.double()
     if not torch.isfinite(G).all():
         raise DecompositionError("the Gram matrix has NaN/Inf entries: the calibration "
@@ -80,6 +77,17 @@ def cholesky_damped(G: torch.Tensor, eps: float = 1e-6, tries: int = 6
     if scale <= 0:
         raise DecompositionError("the Gram matrix is zero: this layer saw no calibration "
                                  "tokens; check the calibration source")
+    return G, scale
+
+
+def cholesky_damped(G: torch.Tensor, eps: float = 1e-6, tries: int = 6
+                    ) -> tuple[torch.Tensor, float]:
+    """Lower Cholesky factor of ``G``, damping the diagonal when it is not positive definite.
+
+    First ``G`` as is; then ``G + (-lambda_min + eps * mean diag) I``, with ``eps`` grown tenfold
+    on each retry. Returns ``(L, damping relative to mean diag)``.
+    """
+    G, scale = _checked_gram(G)
     L, info = torch.linalg.cholesky_ex(G)
     if info.item() == 0:
         return L, 0.0
@@ -111,6 +119,37 @@ def whiten(W: torch.Tensor, gram: torch.Tensor, eps: float = 1e-6) -> Factors:
     return Factors(U.float(), S.float(), V.float(), damp)
 
 
+def eigen_whiten(W: torch.Tensor, gram: torch.Tensor, eps: float = 1e-6) -> Factors:
+    """SVD-LLM V2's loss-optimised truncation: whitening by an eigendecomposition, no Cholesky.
+
+    ``G = Q diag(lam) Q^T`` (``eigh`` in float64). Eigenvalues below ``eps * mean diag G`` (a
+    singular or near-singular Gram: fewer calibration tokens than inputs, or rounding that
+    makes them zero or negative) are clamped up to that floor, so ``S = Q diag(lam)^(1/2)`` is
+    always invertible and nothing can fail. SVD of ``W S``; ``V = Vh S^-1 = (Vh / lam^(1/2))
+    Q^T``: no inverse formed, the map back is a scaling and an orthogonal product.
+
+    With nothing clamped, ``S S^T = G = L L^T``, so ``S = L O`` with ``O`` orthogonal: the
+    spectrum and every truncation equal Cholesky whitening's, and ``||W X - W' X||_F^2`` is the
+    sum of the dropped ``S_i^2``. With some clamped, the kept factors act on the calibration
+    span as the pseudo-inverse would (the minimum loss on the calibration tokens, up to the
+    floor), and on directions the calibration never excited they keep ``U_k U_k^T W`` (the
+    weight projected on the kept outputs) instead of dropping the weight there. The floor is
+    the one Cholesky damping starts from; in a Gram summed from float32 products, eigenvalues
+    that small are mostly round-off. ``damping``: ``eps`` when the Gram is numerically singular
+    (``lambda_min <= n * machine eps * lambda_max``, the usual numerical-rank cut: a run reports
+    the layer as it reports a damped Cholesky one), else 0 (an ill-conditioned but positive
+    definite Gram, which Cholesky takes undamped, is clamped without a report).
+    """
+    G, scale = _checked_gram(gram)
+    lam, Q = torch.linalg.eigh(G)                                # (n,) ascending, (n, n)
+    root = lam.clamp_min(eps * scale).sqrt()                     # (n,) diag of Lambda^(1/2)
+    Wd = W.double().to(Q.device)
+    U, S, Vh = _svd((Wd @ Q) * root)                             # SVD of W S, S = Q Lambda^1/2
+    V = (Vh / root) @ Q.T                                        # (r, n): Vh S^-1
+    singular = lam[0].item() <= lam.numel() * torch.finfo(lam.dtype).eps * lam[-1].item()
+    return Factors(U.float(), S.float(), V.float(), eps if singular else 0.0)
+
+
 DECOMPOSITIONS: dict[str, Callable] = {}
 
 
@@ -136,6 +175,11 @@ def _asvd_entry(W, stats, alpha: float = 0.5, **_):
 @register_decomposition("whiten", needs=("gram",))
 def _whiten_entry(W, stats, eps: float = 1e-6, **_):
     return whiten(W, stats.gram, eps)
+
+
+@register_decomposition("whiten-eig", needs=("gram",))
+def _whiten_eig_entry(W, stats, eps: float = 1e-6, **_):
+    return eigen_whiten(W, stats.gram, eps)
 
 
 def decompose(W: torch.Tensor, method: str, stats=None, **options) -> Factors:

@@ -3,7 +3,8 @@
 A factorised export folder holds:
   model.safetensors   factor weights ``{layer}.A.weight (m, k)``, ``{layer}.B.weight (k, n)``,
                       ``{layer}.A.bias``; original weights for dense layers and everything else
-                      (tied weights once); metadata: the kept indices each layer was written for
+                      (tied weights once); ``W = A B`` for a layer stored dense (below);
+                      metadata: the kept indices each layer was written for
   config.json         the export's own ``model_type: "llrc"`` (so stock transformers refuses it
                       without ``trust_remote_code`` instead of building the base class with
                       random layers), the base config's fields, ``auto_map`` (AutoConfig and
@@ -16,6 +17,11 @@ A factorised export folder holds:
 
 ``merged_dense=True`` writes instead a plain model of the original architecture (``A B``
 multiplied back), loadable by any tool without remote code; it saves no memory.
+
+``dense`` (``speed.StoredDense``) stores the layers it names as one ``W = A B`` each (same
+outputs, saving given up): the plan in config.json marks them ``"stored": "dense"`` (format 3),
+``llrc.stored_dense`` keeps the rule and timings, ``storage`` the recomputed stored ratios
+(``stored_ratio_linear``, ``stored_ratio_model``: every export has them); the card says so.
 
 Dtype: the weights are written in ``dtype`` (None: the model's own); callers pass the source
 model's dtype so that an fp16 model is not stored as float32. Casting happens on the tensors
@@ -43,6 +49,7 @@ from .hf_remote import modeling_llrc as remote
 from .card import model_card
 from .models import DTYPES, source_estimate
 from .plan import RankPlan
+from .speed import StoredDense
 
 WEIGHTS = remote.WEIGHTS
 AUTO_CLASS = "AutoModelForCausalLM"
@@ -89,6 +96,12 @@ def recorded_source(path) -> dict | None:
     return (export_info(path).get("storage") or {}).get("source")
 
 
+def stored_dense_of(path) -> StoredDense | None:
+    """The low-rank layers an export stores dense (and why), None when it stores none."""
+    sec = export_info(path).get("stored_dense")
+    return StoredDense.from_dict(sec) if sec else None
+
+
 def base_config_of(path):
     """The base model's config of a low-rank export (e.g. ``BertConfig``), built from the raw
     config.json (no AutoConfig on its ``llrc`` model type), without the plan."""
@@ -131,12 +144,14 @@ def weights_to_save(model) -> dict[str, torch.Tensor]:
 
 
 def merged_weights(tensors: dict[str, torch.Tensor], plan: RankPlan, model,
-                   dtype: torch.dtype | None = None) -> dict:
+                   dtype: torch.dtype | None = None, names=None) -> dict:
     """Factor weights multiplied back: ``W = A B`` (in float64, then ``dtype``, by default the
-    factors' own) under the original key, transposed for GPT-2 style ``Conv1D`` layers."""
+    factors' own) under the original key, transposed for GPT-2 style ``Conv1D`` layers, for the
+    layers ``names`` (default: all low-rank); a layer already held dense is left as it is."""
     out = dict(tensors)
-    for name, lp in plan.layers.items():
-        if lp.dense:
+    names = [n for n, lp in plan.layers.items() if not lp.dense] if names is None else names
+    for name in names:
+        if f"{name}.A.weight" not in out and f"{name}.weight" in out:
             continue
         A, B = out.pop(f"{name}.A.weight"), out.pop(f"{name}.B.weight")  # (m, k), (k, n)
         W = (A.double() @ B.double()).to(dtype or A.dtype)                # (m, n)
@@ -202,11 +217,11 @@ def source_of(model, plan: RankPlan, source: dict | None) -> dict:
 
 
 def _config_dict(model, plan: RankPlan, storage: dict, merged: bool,
-                 report: dict | None) -> dict:
+                 report: dict | None, dense: StoredDense | None = None) -> dict:
     """config.json. Factorised: the export's own ``model_type`` (``llrc``) with the base
     config's fields, ``auto_map`` for AutoConfig and AutoModelForCausalLM, and the ``llrc``
-    section (base model type kept there). Merged dense: the plain base config plus
-    ``llrc_merged``."""
+    section (base model type kept there; layers stored dense marked, format 3). Merged dense:
+    the plain base config plus ``llrc_merged``."""
     cfg = json.loads(model.config.to_json_string(use_diff=False))
     base, dtype = base_class_name(model), storage["dtype"]
     for key in ("auto_map", "llrc", "llrc_merged", "_name_or_path"):
@@ -225,6 +240,10 @@ def _config_dict(model, plan: RankPlan, storage: dict, merged: bool,
     layers = plan.to_dict()
     for name, entry in layers["layers"].items():
         entry["rank"] = plan.layers[name].rank
+        if dense and name in dense.layers:
+            entry["stored"] = "dense"
+    if dense and dense.layers:
+        info.update(format=remote.FORMAT_STORED_DENSE, stored_dense=dense.to_dict())
     cfg.update(model_type=remote.MODEL_TYPE, architectures=["LLRCModel"],
                auto_map={"AutoConfig": f"modeling_llrc.{CONFIG_CLASS}",
                          AUTO_CLASS: "modeling_llrc.LLRCModel"})
@@ -236,20 +255,23 @@ def _config_dict(model, plan: RankPlan, storage: dict, merged: bool,
 
 def export_model(model, tokenizer, plan: RankPlan, out: str | Path, *, report: dict | None = None,
                  force: bool = False, merged_dense: bool = False, dtype=None,
-                 source: dict | None = None) -> Path:
+                 source: dict | None = None, dense: StoredDense | None = None) -> Path:
     """Save the compressed ``model`` (``plan`` applied) atomically into ``out``; with
     ``merged_dense`` save the plain original architecture with ``A B`` multiplied back.
 
     ``dtype`` is the dtype stored (None: the model's own; the CLI and the app pass the source
     model's). ``source`` describes the uncompressed model (``LoadedModel.source_info()``:
     ``model``, ``dtype``, ``weights_bytes``); report.json, config.json and the card state the
-    compute and stored dtype and the weights size next to the source's."""
+    compute and stored dtype and the weights size next to the source's. ``dense``: low-rank
+    layers stored as one ``W = A B`` (module docstring)."""
     out = Path(out).expanduser().absolute()
     prepare_destination(out, force)          # before any work: a clear refusal
     store = None if dtype is None else dtype_name(dtype)
+    stored_as = dense.names_in(plan) if dense else []   # may be plain modules already
+    dense = None if merged_dense or not stored_as else dense   # merged: every layer dense
     missing = [n for n, lp in plan.layers.items()
-               if not lp.dense and not isinstance(model.get_submodule(n), (LowRankLinear,
-                                                                            remote.LowRankLinear))]
+               if not lp.dense and n not in stored_as and not isinstance(
+                   model.get_submodule(n), (LowRankLinear, remote.LowRankLinear))]
     if missing:
         raise ValueError(f"layer {missing[0]!r} is planned low-rank but the model holds a dense "
                          "module: apply the plan first (pipeline.compress_)")
@@ -260,16 +282,20 @@ def export_model(model, tokenizer, plan: RankPlan, out: str | Path, *, report: d
             "/".join(sorted({dtype_name(t.dtype) for t in tensors.values()
                              if t.is_floating_point()}))
         stored = store or compute
-        meta = {"format": "pt", "llrc_format": str(remote.FORMAT)}
-        if merged_dense:
-            tensors = merged_weights(tensors, plan, model, getattr(torch, stored))
-        else:
+        kept = dense.stored_plan(plan) if dense else plan     # what the weights file holds
+        meta = {"format": "pt", "llrc_format": str(remote.FORMAT_STORED_DENSE if dense
+                                                   else remote.FORMAT)}
+        if merged_dense or dense:
+            tensors = merged_weights(tensors, plan, model, getattr(torch, stored),
+                                     None if merged_dense else stored_as)
+        if not merged_dense:
             meta["llrc_layers"] = json.dumps({n: lp.kept for n, lp in plan.layers.items()})
         tensors = cast_weights(tensors, stored)
         save_file(tensors, str(tmp / WEIGHTS), metadata=meta)
         storage = {"dtype": stored, "compute_dtype": compute,
                    "weights_bytes": (tmp / WEIGHTS).stat().st_size,
-                   "stored_ratio_model": 1.0 if merged_dense else plan.ratio("model"),
+                   "stored_ratio_linear": 1.0 if merged_dense else kept.ratio("linear"),
+                   "stored_ratio_model": 1.0 if merged_dense else kept.ratio("model"),
                    "source": source_of(model, plan, source)}
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -282,7 +308,7 @@ def export_model(model, tokenizer, plan: RankPlan, out: str | Path, *, report: d
                                                         default=str))
         if not merged_dense:
             shutil.copyfile(MODELING_FILE, tmp / "modeling_llrc.py")
-        cfg = _config_dict(model, plan, storage, merged_dense, report)
+        cfg = _config_dict(model, plan, storage, merged_dense, report, dense)
         (tmp / "README.md").write_text(model_card(cfg, plan, tensors, out.name))
         if not merged_dense:   # config.json last: the manifest lists every other file but
             cfg["llrc"]["files"] = {p.name: p.stat().st_size   # the card (free to edit)
@@ -361,7 +387,7 @@ def _load_low_rank(path: Path, raw: dict):
     config.name_or_path = str(path)
     model = base._from_config(config, dtype=getattr(torch, sec["dtype"]))
     remote.swap_low_rank_(model, specs, make_layer=LowRankLinear)
-    remote.check_weights(str(path / WEIGHTS), specs, model)
+    remote.check_weights(str(path / WEIGHTS), specs, model, sec)
     _load_state(model, load_file(str(path / WEIGHTS)))
     return model
 

@@ -3,8 +3,11 @@ Streamlit pages and the HTML report of ``llrc compare`` (``report.py``); no Stre
 tests can build and inspect them directly. Every axis has a title with its unit."""
 from __future__ import annotations
 
+import math
+
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
 
 def _layout(fig: go.Figure, title: str, x: str, y: str, **kw) -> go.Figure:
     fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, height=kw.pop("height", 380),
@@ -89,6 +92,20 @@ def grouped_ranks(ranks: dict[str, dict[str, int]]) -> go.Figure:
                    "kept rank (singular values)", legend="method")
 
 
+def rank_spread(ranks: dict[str, list[int]], label: str) -> go.Figure:
+    """``ranks``: layer -> kept rank under each seed of one learned method; a bar per layer at
+    the mean, the error bar from the lowest to the highest seed."""
+    mean = [sum(v) / len(v) for v in ranks.values()]
+    fig = go.Figure(go.Bar(
+        x=list(ranks), y=mean, name=label,
+        error_y={"type": "data", "symmetric": False,
+                 "array": [max(v) - m for v, m in zip(ranks.values(), mean)],
+                 "arrayminus": [m - min(v) for v, m in zip(ranks.values(), mean)]}))
+    n = len(next(iter(ranks.values()))) if ranks else 0
+    return _layout(fig, f"Kept rank per layer over {n} seeds: {label}",
+                   "target layer (block.module)", "kept rank (mean; bar: min to max)")
+
+
 def _rank_trace(ranks: dict[str, dict[str, int]], **kw) -> go.Heatmap:
     """Methods x layers (the first method's layers); a layer a method lacks is a gap."""
     labels = list(ranks)
@@ -130,8 +147,9 @@ METRICS = {   # metric -> (title, y axis title, log y)
 
 def ppl_vs_ratio(rows: list[dict], scope: str, dense: float | None = None,
                  metric: str = "ppl") -> go.Figure:
-    """``rows``: label, ratio and ``metric`` (``ppl``, or ``fidelity`` for an encoder); one
-    line per label; ``dense``: the uncompressed model's value."""
+    """``rows``: label, ratio and ``metric`` (``ppl``, or ``fidelity`` for an encoder), and
+    optionally ``sd`` (the spread over seeds, drawn as +-1 sd error bars); one line per label;
+    ``dense``: the uncompressed model's value."""
     title, y_title, log = METRICS[metric]
     fig = go.Figure()
     if dense is not None and rows:
@@ -140,9 +158,11 @@ def ppl_vs_ratio(rows: list[dict], scope: str, dense: float | None = None,
         fig.add_trace(go.Scatter(x=xs, y=[dense, dense], mode="lines", name="dense",
                                  line={"dash": "dot", "color": "gray"}))
     for label in dict.fromkeys(r["label"] for r in rows):
-        pts = sorted((r["ratio"], r[metric]) for r in rows if r["label"] == label)
+        pts = sorted((r["ratio"], r[metric], r.get("sd")) for r in rows if r["label"] == label)
+        sds = [p[2] if p[2] is not None and math.isfinite(p[2]) else 0.0 for p in pts]
         fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts],
-                                 mode="lines+markers", name=label))
+                                 mode="lines+markers", name=label,
+                                 error_y={"type": "data", "array": sds, "visible": any(sds)}))
     fig.update_yaxes(type="log" if log else "linear")
     return _layout(fig, title, f"target parameter ratio ({scope} scope, fraction)", y_title,
                    legend="method")
@@ -165,3 +185,33 @@ def short(name: str) -> str:
         if p.isdigit():
             return ".".join(parts[i:])
     return name
+
+
+def next_token_probs(steps: list[dict]) -> go.Figure:
+    """The model's next-token probabilities at the first generation steps, one stacked bar per
+    step: its most likely tokens (most likely first, labelled), the rest of the mass as
+    "other"; the token it generated is outlined. ``steps``: ``StepProbs.to_dict()`` rows
+    (step, tokens, probs, chosen, chosen_id, ids, chosen_prob)."""
+    k = max((len(s["probs"]) for s in steps), default=0)
+    shown = lambda t: repr(t).replace("<", "&lt;").replace(">", "&gt;")  # noqa: E731 - not tags
+    rows = [f"{s['step']}: {shown(s['chosen'])}" for s in steps]  # step and the token chosen
+    fig = go.Figure()
+    for r in range(k):
+        cells = [(s["tokens"][r], s["probs"][r], s["ids"][r] == s["chosen_id"])
+                 if r < len(s["probs"]) else ("", 0.0, False) for s in steps]
+        fig.add_trace(go.Bar(
+            y=rows, x=[c[1] for c in cells], orientation="h", name=f"rank {r + 1}",
+            text=[shown(c[0]) for c in cells], textposition="inside", insidetextanchor="middle",
+            marker={"color": f"rgba(31, 119, 180, {1 - 0.7 * r / max(k, 1):.2f})",
+                    "line": {"color": "crimson", "width": [3 if c[2] else 0 for c in cells]}},
+            hovertemplate="%{text}: %{x:.3f}<extra>rank " + str(r + 1) + "</extra>"))
+    fig.add_trace(go.Bar(y=rows, x=[max(0.0, 1 - sum(s["probs"])) for s in steps],
+                         orientation="h", name="other", marker_color="lightgray",
+                         hovertemplate="other tokens: %{x:.3f}<extra></extra>"))
+    fig.update_layout(barmode="stack", showlegend=False, uniformtext_minsize=8,
+                      uniformtext_mode="hide")
+    fig.update_xaxes(range=[0, 1])
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, "Next-token probabilities",
+                   "probability (fraction; top tokens stacked, chosen outlined)",
+                   "step: token generated", height=110 + 45 * max(1, len(steps)))

@@ -11,7 +11,9 @@ one lock, so a poller on another thread reads consistent snapshots.
 
 A ``JobQueue`` bounds how many heavy jobs run at once in a process (a hosted studio: many
 sessions, few cores or GPUs): a job submitted to it waits its turn, in order ("queued", with
-its position), and a stop while it waits cancels it before it runs.
+its position), and a stop while it waits cancels it before it runs. ``on_end(job)`` is called
+once the job has ended, however it ended (done, stopped, error, cancelled while waiting), on
+its worker thread: the place to record an outcome that must survive the watcher.
 """
 from __future__ import annotations
 
@@ -73,8 +75,10 @@ class Job:
     """A function running on a worker thread, with its events, result and error."""
 
     def __init__(self, fn: JobFn, name: str = "job", queue: JobQueue | None = None,
-                 alive: Callable[[], bool] | None = None):
+                 alive: Callable[[], bool] | None = None,
+                 on_end: Callable[["Job"], None] | None = None):
         self.name = name
+        self._on_end = on_end
         self.queue = queue
         self._alive = alive or (lambda: True)       # False once the job's owner has gone
         self._fn = fn
@@ -103,18 +107,23 @@ class Job:
         return self._stop.is_set() or not self._alive()
 
     def _run(self) -> None:
-        if self.queue is not None:
-            with self._lock:
-                self._status = "queued"
-            if not self.queue.acquire(self):          # stopped while waiting: never ran
-                with self._lock:
-                    self._status, self.finished = "stopped", time.time()
-                return
         try:
-            self._work()
+            if self.queue is None:
+                self._work()
+            else:
+                with self._lock:
+                    self._status = "queued"
+                if not self.queue.acquire(self):      # stopped while waiting: never ran
+                    with self._lock:
+                        self._status, self.finished = "stopped", time.time()
+                    return
+                try:
+                    self._work()
+                finally:
+                    self.queue.release()
         finally:
-            if self.queue is not None:
-                self.queue.release()
+            if self._on_end is not None:
+                self._on_end(self)
 
     def _work(self) -> None:
         with self._lock:
@@ -189,7 +198,9 @@ class Job:
 
 
 def start_job(fn: JobFn, name: str = "job", queue: JobQueue | None = None,
-              alive: Callable[[], bool] | None = None) -> Job:
+              alive: Callable[[], bool] | None = None,
+              on_end: Callable[[Job], None] | None = None) -> Job:
     """Create a ``Job`` for ``fn(emit, should_stop)`` and start its worker thread (waiting for
-    a slot of ``queue`` first, when given; stopping once ``alive()`` turns false)."""
-    return Job(fn, name, queue, alive).start()
+    a slot of ``queue`` first, when given; stopping once ``alive()`` turns false; calling
+    ``on_end(job)`` when it has ended)."""
+    return Job(fn, name, queue, alive, on_end).start()

@@ -129,6 +129,16 @@ def calibrate(loaded: LoadedModel, source: str, n_samples: int = 32, seq_len: in
                             loaded.model)
 
 
+def full_rank_windows(model, seq_len: int, minimum: int = 16) -> int:
+    """Calibration windows of ``seq_len`` tokens enough for every target's input Gram
+    (``n x n``, one row per token) to be full rank with a 25 % margin: ``ceil(1.25 n_max /
+    seq_len)``, at least ``minimum``. Fewer tokens than inputs leave the whitening Gram
+    singular (damped, reported as a warning)."""
+    from .models import find_targets
+    widest = max(t.n for t in find_targets(model))
+    return max(minimum, -(-5 * widest // (4 * seq_len)))
+
+
 def spectra_rows(dec: Decomposed) -> list[dict]:
     """A row per layer per singular value: layer, module type, block, index, sigma, energy."""
     rows = []

@@ -124,8 +124,10 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
     for t in targets:
         per_block.setdefault(t.block, []).append(t.n)
     widest_block = max(per_block.values(), key=lambda ns: sum(n * n for n in ns))
-    stats = {"whiten": 8 * sum(n * n for n in widest_block),
-             "asvd": 8 * sum(widest_block)}.get(decomposition, 0)
+    from .decompose import DECOMPOSITIONS
+    needs = getattr(DECOMPOSITIONS.get(decomposition), "needs", ())
+    stats = (8 * sum(n * n for n in widest_block) if "gram" in needs       # whiten, whiten-eig
+             else 8 * sum(widest_block) if needs else 0)                    # asvd; svd: none
     tokens = n_calib * seq_len
     hidden = 2 * tokens * d * b                                            # one block in, out
     big = max(targets, key=lambda t: t.m * t.n)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .files import atomic_json, atomic_write
 
-COLUMNS = ["method", "decomposition", "selection", "scope", "target_ratio",
+COLUMNS = ["method", "decomposition", "selection", "scope", "target_ratio", "seed",
            "achieved_ratio_linear", "achieved_ratio_model", "ppl", "fidelity", "seconds",
            "decompose_seconds", "eval_seconds", "dense_layers", "ranks", "error",
            "eval_seq_len", "eval_windows"]
@@ -22,7 +22,39 @@ def tidy(rows: list[dict]):
     for c in COLUMNS:
         if c not in df.columns:
             df[c] = None
-    return df[COLUMNS[:8] + extra + COLUMNS[8:]]
+    return df[COLUMNS[:9] + extra + COLUMNS[9:]]
+
+
+CELL = ["method", "decomposition", "selection", "scope", "target_ratio"]   # a cell, seed aside
+
+
+def summary(df):
+    """One row per cell over its seeds: ``seeds`` (how many finished) and the mean and sample
+    sd (ddof 1; empty with one seed) of every metric present (``ppl_mean``, ``ppl_sd``, ...).
+    Failed cells are left out."""
+    import pandas as pd
+    ok = df[df["error"].isna()].copy()
+    names = ["ppl", "fidelity", *sorted(c for c in df.columns if c.startswith("acc_")),
+             "achieved_ratio_linear", "achieved_ratio_model", "seconds"]
+    metrics = [c for c in names if c in ok.columns and ok[c].notna().any()]
+    for c in metrics:
+        ok[c] = pd.to_numeric(ok[c])
+    groups = ok.groupby(CELL, sort=False, dropna=False)[metrics]
+    out = groups.mean().add_suffix("_mean").join(groups.std(ddof=1).add_suffix("_sd"))
+    out.insert(0, "seeds", groups.size())
+    return out.reset_index()
+
+
+def beats(summary_df, a: str, b: str, ratio: float, metric: str = "ppl") -> bool | None:
+    """Whether label ``a`` has a better ``metric`` than ``b`` at ``ratio`` by more than 2 sd
+    (the larger of the two sds; lower is better for perplexity, higher for the rest); None
+    when either row is missing or has fewer than 2 seeds, so no claim can be made."""
+    rows = {label(r): r for _, r in summary_df.iterrows() if r["target_ratio"] == ratio}
+    if a not in rows or b not in rows or min(rows[a]["seeds"], rows[b]["seeds"]) < 2:
+        return None
+    ra, rb = rows[a], rows[b]
+    gap = (rb[f"{metric}_mean"] - ra[f"{metric}_mean"]) * (1 if metric == "ppl" else -1)
+    return bool(gap > 2 * max(ra[f"{metric}_sd"], rb[f"{metric}_sd"]))
 
 
 def write_results(df, rows: list[dict], out: Path) -> None:
@@ -33,21 +65,26 @@ def write_results(df, rows: list[dict], out: Path) -> None:
     atomic_json(out / "results.json", [{k: v for k, v in r.items()
                                         if k not in ("fingerprint", "select_fingerprint", "plan")}
                                        for r in rows])
+    atomic_write(out / "summary.csv", lambda tmp: summary(df).to_csv(tmp, index=False))
     write_figures(df, rows, out)
 
 
-def _label(r) -> str:
+def label(r) -> str:
+    """``llrc any-k (asvd)``: a cell's method, selection (when not top-k) and decomposition."""
     sel = "" if r["selection"] in ("top-k", "-") else f" {r['selection']}"
     return f"{r['method']}{sel} ({r['decomposition']})"
 
 
 def build_figures(df, rows: list[dict]):
-    """The metric against the target ratio (a line per method, the dense model dotted) and the
-    kept ranks (a methods x layers heatmap per ratio), with ``figures.py``."""
+    """The metric against the target ratio (a line per method, mean over seeds with +-1 sd
+    error bars, the dense model dotted) and the kept ranks (a methods x layers heatmap per
+    ratio; a learned method's lowest seed), with ``figures.py``."""
     from . import figures
     metric = "ppl" if df["ppl"].notna().any() else "fidelity"
-    ok = df[df["error"].isna() & (df["method"] != "dense") & df[metric].notna()]
-    pts = [{"label": _label(r), "ratio": float(r["target_ratio"]), metric: float(r[metric])}
+    ok = summary(df[df[metric].notna()])
+    ok = ok[ok["method"] != "dense"]
+    pts = [{"label": label(r), "ratio": float(r["target_ratio"]),
+            metric: float(r[f"{metric}_mean"]), "sd": float(r[f"{metric}_sd"])}
            for _, r in ok.iterrows()]
     dense = df[df["method"] == "dense"][metric].dropna()
     scope = df["scope"].dropna().iloc[0] if df["scope"].notna().any() else "linear"
@@ -55,9 +92,10 @@ def build_figures(df, rows: list[dict]):
                                float(dense.iloc[0]) if len(dense) else None, metric=metric)
 
     good = [r for r in rows if not r.get("error") and isinstance(r.get("ranks"), dict)]
-    by_ratio = {ratio: {_label(r): {figures.short(k): v for k, v in r["ranks"].items()}
-                        for r in good if r["target_ratio"] == ratio}
-                for ratio in sorted({r["target_ratio"] for r in good}, reverse=True)}
+    by_ratio: dict = {}
+    for r in sorted(good, key=lambda r: (-r["target_ratio"], r.get("seed") or 0)):
+        by_ratio.setdefault(r["target_ratio"], {}).setdefault(
+            label(r), {figures.short(k): v for k, v in r["ranks"].items()})
     return fig, figures.rank_heatmaps(by_ratio)
 
 

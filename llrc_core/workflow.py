@@ -64,12 +64,13 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
              evaluate: Callable[[torch.nn.Module], dict] | None = None, before: bool = True,
              plan: RankPlan | None = None, copy: bool = False, partial: bool = True,
              emit: Emit = lambda e: None, should_stop: Callable[[], bool] = lambda: False,
-             batch_size: int = 8, **options) -> CompressionResult:
+             eval_batch_size: int = 8, **options) -> CompressionResult:
     """Select a plan with ``method`` (or take ``plan``), apply it and evaluate.
 
     ``evaluate(model) -> dict`` measures a model (default with ``eval_ids`` (k, L): its
-    perplexity); ``before`` measures the dense model first. ``options``: the method's config
-    fields and ``select_plan``'s plumbing (``cache_dir``, ``checkpoint``, ...). A stopped
+    perplexity, ``eval_batch_size`` windows at a time); ``before`` measures the dense model
+    first. ``options``: the method's config fields (its own ``batch_size`` among them) and
+    ``select_plan``'s plumbing (``cache_dir``, ``checkpoint``, ...). A stopped
     selection raises ``Stopped`` unless ``partial`` (keep a stopped learned plan)."""
     t0 = time.time()
     if copy:
@@ -77,7 +78,7 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
         model = copy_module.deepcopy(model)
     if evaluate is None and eval_ids is not None:
         def evaluate(m):
-            return {"ppl": perplexity(m, eval_ids, batch_size)["ppl"]}
+            return {"ppl": perplexity(m, eval_ids, eval_batch_size)["ppl"]}
     metrics_before = {}
     if evaluate is not None and before:
         emit({"type": "phase", "phase": "ppl_before"})

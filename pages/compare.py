@@ -11,10 +11,9 @@ from llrc_core import SELECTORS, compare, report
 from llrc_core import figures as charts
 from llrc_core.decompose import DECOMPOSITIONS
 from llrc_core.evaluate import EVAL_SEQ_LEN, EVAL_WINDOWS
-from llrc_core.jobs import start_job
 from llrc_core.selectors import any_k_methods
 from llrc_core.zeroshot import TASKS
-from studio import common
+from studio import common, queued
 
 st.title("Compare")
 st.caption("The grid runs on a private copy of the model; finished cells are cached on disk and "
@@ -27,7 +26,7 @@ def label(row: dict) -> str:
     return f"{row['method']} {row['selection']}" if row["method"] in ANY_K else row["method"]
 
 
-def make_config(methods, ratios, both, scope, decomp, steps, n_eval, tasks, limit):
+def make_config(methods, ratios, both, scope, decomp, steps, seeds, n_eval, tasks, limit):
     """The ``CompareConfig`` of this session's model and calibration."""
     loaded, calib, windows = common.current(), st.session_state["calib"], common.windows()
     return compare.CompareConfig(
@@ -37,7 +36,7 @@ def make_config(methods, ratios, both, scope, decomp, steps, n_eval, tasks, limi
         n_calib=int(windows.shape[0]), seq_len=int(windows.shape[1]),
         eval_text=str(common.WIKI_TEST), eval_seq_len=EVAL_SEQ_LEN, max_eval_windows=int(n_eval),
         tasks=tuple(tasks), task_limit=int(limit) if tasks else None,
-        options={"*": {"steps": int(steps)}})
+        options={"*": {"steps": int(steps)}}, seeds=tuple(range(int(seeds))))
 
 
 def start_grid(cfg: compare.CompareConfig):
@@ -49,24 +48,25 @@ def start_grid(cfg: compare.CompareConfig):
     if not cells:
         raise ValueError("nothing to run: pick methods that work on this decomposition")
     loaded = common.current()
-    with st.status("Preparing decompositions ...") as status:
-        decs = {d: common.decomposed(d) for d in {c["decomposition"] for c in cells}}
-        status.update(label="Decompositions ready", state="complete")
     windows, out = common.windows(), common.compare_dir(cfg)
-
-    def make_session():   # cells compress in place: a private copy, never the shared model
-        private = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
-        return compare.Session(cfg, common.log.info, loaded=private, windows=windows, decs=decs)
+    make_decs = {d: common.decomposition_job(d) for d in {c["decomposition"] for c in cells}}
 
     def work(emit, should_stop):
+        emit({"type": "phase", "phase": "decompose"})
+        decs = {d: make(emit, should_stop) for d, make in make_decs.items()}   # shared
+
+        def make_session():   # cells compress in place: a private copy, never the shared one
+            private = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+            return compare.Session(cfg, common.log.info, loaded=private, windows=windows,
+                                   decs=decs)
+
         rows = compare.run_cells(cfg, out, common.log.info, make_session=make_session,
                                  emit=emit, should_stop=should_stop)
         report.write_results(report.tidy(rows), rows, out)
         return rows
 
-    job = start_job(work, name="compare", queue=common.job_queue(),
-                    alive=common.owner_alive())
-    st.session_state.update(compare_job=job, compare_done=None, compare_out=str(out))
+    queued.start("compare_job", work, "compare")
+    st.session_state.update(compare_done=None, compare_out=str(out))
 
 
 with common.error_box():
@@ -85,6 +85,9 @@ with common.error_box():
         decomp = c2.selectbox("Decomposition", list(DECOMPS), key="cmp_decomp")
         steps = c2.number_input("Training steps (learned methods)", 1, 5000, 100,
                                 key="cmp_steps")
+        seeds = c2.number_input("Seeds (learned methods)", 1, 5, 1, key="cmp_seeds",
+                                help="each learned cell runs once per seed (0, 1, ...); charts "
+                                     "and the summary show the mean and the spread")
         n_eval = c3.number_input(f"Perplexity windows ({EVAL_SEQ_LEN} tokens)", 1, 256,
                                  EVAL_WINDOWS, key="cmp_eval")
         tasks = c3.multiselect("Zero-shot tasks (lm-eval, local files)", list(TASKS),
@@ -96,8 +99,8 @@ with common.error_box():
     if run:
         if not methods or not ratios:
             raise ValueError("pick at least one method and one ratio")
-        start_grid(make_config(methods, ratios, both, scope, decomp, steps, n_eval, tasks,
-                               limit))
+        start_grid(make_config(methods, ratios, both, scope, decomp, steps, seeds, n_eval,
+                               tasks, limit))
 
 
 def grid_panel():
@@ -107,23 +110,13 @@ def grid_panel():
             st.info("Pick methods and ratios, then press **Run comparison**.")
             return
         grid = job.latest("grid") or {"done": 0, "total": 1}
-        if job.status == "queued":
-            c = st.columns([4, 1])
-            c[0].info(common.waiting_text(job))
-            if c[1].button("Stop", key="cmp_stop", disabled=job.stop_requested):
-                job.stop()
-        elif job.running:
-            step = job.latest("step")             # of this cell, not an earlier one
-            fresh = step is not None and step["time"] >= grid.get("time", 0)
-            where = f" - step {step['step']}" if fresh else ""
-            c = st.columns([4, 1])
-            c[0].progress(grid["done"] / max(grid["total"], 1),
-                          text=f"cell {grid['done'] + 1} of {grid['total']}: "
-                          f"{grid.get('cell', '').replace('__', ' ')}{where} - {job.seconds:.0f} s")
-            if c[1].button("Stop", key="cmp_stop", disabled=job.stop_requested):
-                job.stop()
-        if job.status == "error":
-            st.error(job.error)
+        step = job.latest("step")                 # of this cell, not an earlier one
+        fresh = step is not None and step["time"] >= grid.get("time", 0)
+        where = f" - step {step['step']}" if fresh else ""
+        what = (f"cell {grid['done'] + 1} of {grid['total']}: "
+                f"{grid.get('cell', '').replace('__', ' ')}{where}" if job.latest("grid")
+                else (job.latest("phase") or {"phase": "starting"})["phase"])
+        queued.header(job, "cmp_stop", what, grid["done"] / max(grid["total"], 1))
         if not job.running and st.session_state.get("compare_done") is not job:
             st.session_state["compare_done"] = job
             st.session_state["compare_rows"] = job.result or []
@@ -142,20 +135,31 @@ if rows:
         dense = next((r for r in rows if r["method"] == "dense" and not r.get("error")), None)
         done = [r for r in rows if r["method"] != "dense" and not r.get("error")]
         for r in done:
+            seed = f" seed {r['seed']}" if r.get("seed") is not None else ""
             common.results()[f"{label(r)} {r['target_ratio']:.2f} {r['scope']} "
-                             f"({r['decomposition']})"] = {
+                             f"({r['decomposition']}){seed}"] = {
                 k: v for k, v in r.items() if k not in ("shapes", "fingerprint")}
+        summary = report.summary(report.tidy(done)) if done else None
         if done:
             ratio = st.selectbox("Ratio for the rank and accuracy charts",
                                  sorted({r["target_ratio"] for r in done}, reverse=True),
                                  key="cmp_show")
-            at = [r for r in done if r["target_ratio"] == ratio]
-            ranks = {label(r): {charts.short(k): v for k, v in r["ranks"].items()} for r in at}
+            at = sorted((r for r in done if r["target_ratio"] == ratio),
+                        key=lambda r: r.get("seed") or 0)
+            ranks, spread = {}, {}       # the lowest seed's ranks; every seed's, per layer
+            for r in at:
+                short = {charts.short(k): v for k, v in r["ranks"].items()}
+                ranks.setdefault(label(r), short)
+                for layer, k in short.items():
+                    spread.setdefault(label(r), {}).setdefault(layer, []).append(k)
             st.plotly_chart(charts.grouped_ranks(ranks), key="fig_cmp_bars")
             st.plotly_chart(charts.rank_heatmap(ranks), key="fig_cmp_heat")
+            for i, (name, per_layer) in enumerate(spread.items()):
+                if len(next(iter(per_layer.values()))) > 1:      # a learned method, seeds
+                    st.plotly_chart(charts.rank_spread(per_layer, name), key=f"fig_spread_{i}")
             if all(r.get("ppl") is not None for r in done):
-                pts = [{"label": label(r), "ratio": r["target_ratio"], "ppl": r["ppl"]}
-                       for r in done]
+                pts = [{"label": label(r), "ratio": r["target_ratio"], "ppl": r["ppl_mean"],
+                        "sd": r["ppl_sd"]} for _, r in summary.iterrows()]
                 st.plotly_chart(charts.ppl_vs_ratio(pts, rows[0]["scope"],
                                                     dense["ppl"] if dense else None),
                                 key="fig_cmp_ppl")
@@ -164,6 +168,9 @@ if rows:
             if any(acc.values()):
                 st.plotly_chart(charts.task_accuracy(acc), key="fig_cmp_acc")
         table = report.tidy(rows).drop(columns=["ranks"])
+        if summary is not None and (summary["seeds"] > 1).any():
+            st.markdown("**Mean and sample sd over seeds** (a gap under 2 sd is noise)")
+            st.dataframe(summary, hide_index=True, width="stretch")
         st.dataframe(table, hide_index=True, width="stretch")
         st.download_button("Download table (CSV)", table.to_csv(index=False), "compare.csv",
                            "text/csv", key="dl_compare")

@@ -1,17 +1,96 @@
-"""Compress page: configure a rank selector (LLRC when registered), run it on a worker thread,
-watch masks, losses, ratio and ranks live; perplexity before and after at the end."""
+"""Compress page: configure a rank selector (LLRC when registered), run it as a job of the
+shared queue (decomposition, then selection on a private copy), watch masks, losses, ratio and
+ranks live; perplexity before and after at the end. A learned run that a restart or the
+visitor's leaving interrupted is offered for resuming (``studio.runs``)."""
+from pathlib import Path
+
 import streamlit as st
 
 from llrc_core import SELECTORS, analysis, get_selector
-from llrc_core.jobs import start_job
 from llrc_core.evaluate import EVAL_SEQ_LEN, EVAL_WINDOWS
 from llrc_core.pipeline import method_config
 from llrc_core.planner import check_fits
 from llrc_core.workflow import compress
 from llrc_core import figures as charts
-from studio import common, forms, workspace
+from studio import common, forms, queued, runs, workspace
 
 st.title("Compress")
+
+
+def start_run(run: dict) -> None:
+    """Check ``run`` (method, decomposition, options, plumbing, n_eval, label; a resumed
+    one also its checkpoint) and submit it as one queued job. A learned run checkpoints
+    into the workspace and is recorded in the session's folder."""
+    loaded, w = common.current(), common.windows()
+    method, decomp, options = run["method"], run["decomposition"], run["options"]
+    cfg = method_config(method, decomp, **options)       # errors show here, in the script
+    # Memory guard: a run whose plan does not fit this machine is refused, not started.
+    check_fits(loaded.source, method, decomp, dtype=str(loaded.dtype).removeprefix("torch."),
+               n_calib=int(w.shape[0]), seq_len=int(w.shape[1]),
+               batch_size=getattr(cfg, "batch_size", 8), device=loaded.device.type,
+               meta=loaded.model)     # shapes and counts of the model already loaded
+    eval_ids = common.eval_ids(int(run["n_eval"]), EVAL_SEQ_LEN) if run["n_eval"] else None
+    plumbing, on_end = dict(run["plumbing"]), None
+    if get_selector(method).trains:   # a checkpoint per exact run: a restart resumes it
+        calib = st.session_state["calib"]
+        ckpt = runs.checkpoint_path(common.model_key(), calib["key"], decomp, method, options)
+        if run.get("checkpoint", str(ckpt)) != str(ckpt):
+            raise ValueError("this run's model or calibration no longer gives the same "
+                             "windows: it cannot resume to the same plan; discard it")
+        plumbing.update(checkpoint=str(ckpt), checkpoint_every=runs.CHECKPOINT_EVERY)
+        if runs.checkpoint_step(ckpt):
+            st.toast(f"Resuming this exact run from its checkpoint at step "
+                     f"{runs.checkpoint_step(ckpt)}.")
+        record = runs.record(common.session_dir(), {
+            **{k: run[k] for k in ("method", "decomposition", "options", "n_eval", "label")},
+            "plumbing": run["plumbing"], "model": list(common.model_key()), "calib": calib,
+            "checkpoint": str(ckpt)})
+        on_end = lambda job: runs.finish(record, job)   # noqa: E731
+    make_dec, base = common.decomposition_job(decomp), loaded.model
+
+    def work(emit, should_stop):
+        emit({"type": "phase", "phase": "decompose"})
+        dec = make_dec(emit, should_stop)            # shared; computed once, then reused
+        return compress(base, dec, method, w, eval_ids=eval_ids, copy=True, emit=emit,
+                        should_stop=should_stop, cache_dir=str(workspace.workspace() / "cache"),
+                        **options, **plumbing)
+
+    queued.start("compress_job", work, f"compress-{method}", on_end=on_end)
+    st.session_state.update(compress_label=run["label"], compress_options=options,
+                            compress_finalised=None)
+    st.rerun()   # show the new run's live panel at the top
+
+
+def resume(run: dict) -> None:
+    """Reload the run's model and calibration when this session has others, and start it
+    again: it resumes from its checkpoint to the plan an unbroken run gives."""
+    calib = st.session_state.get("calib") or {}
+    if common.model_key() != tuple(run["model"]) or calib.get("key") != run["calib"]["key"]:
+        with st.spinner(f"Loading {run['model'][0]} ..."):
+            common.load_into_session(*run["model"], calib=run["calib"])
+    start_run(run)
+
+
+def resume_offer() -> None:
+    """An interrupted learned run of this session (a restart, or the visitor left): Resume
+    or Discard. Shown only while no run of this session is going."""
+    job = st.session_state.get("compress_job")
+    if job is not None and job.running:
+        return
+    run = runs.interrupted(common.session_dir())
+    if run is None:
+        return
+    box = st.container(border=True)
+    box.warning(f"An interrupted run ({run['label']}) stopped at step {run['step']} of "
+                f"{run['options'].get('steps', '?')}: resume it to the same plan, or discard "
+                "it.", icon=":material/history:")
+    c = box.columns([1, 1, 4])
+    if c[0].button("Resume", key="resume_run", type="primary"):
+        resume(run)
+    if c[1].button("Discard", key="discard_run"):
+        runs.update(Path(run["path"]), status="discarded")
+        st.rerun()
+
 
 def live_panel():
     with common.error_box():
@@ -29,23 +108,10 @@ def _live_panel():
     total = int(steps[-1].get("total_steps", 0)) if steps else 0
     done = job.latest("done")                 # a run resumed at its end trains no step
     done_steps = done["step"] if done else steps[-1]["step"] if steps else 0
-    top = st.columns([4, 1])
-    if job.status == "queued":
-        top[0].info(common.waiting_text(job))
-        if top[1].button("Stop", key="stop", type="secondary", disabled=job.stop_requested):
-            job.stop()
-    elif job.running:
-        frac = min(1.0, done_steps / total) if total else 0.0
-        top[0].progress(frac, text=f"{phase['phase']}: step {done_steps}"
-                        + (f" of {total}" if total else "") + f" - {job.seconds:.0f} s")
-        if top[1].button("Stop", key="stop", type="secondary", disabled=job.stop_requested):
-            job.stop()
-            st.toast("Stopping after the current step ...")
-    elif job.status == "error":
-        st.error(job.error)
-    else:
-        top[0].success(f"{job.status.capitalize()} after {job.seconds:.0f} s "
-                       f"({done_steps} steps).")
+    queued.header(job, "stop", phase["phase"] + (f": step {done_steps} of {total}" if total
+                                                 else ""), done_steps / total if total else 0.0)
+    if not job.running and job.status != "error":
+        st.success(f"{job.status.capitalize()} after {job.seconds:.0f} s ({done_steps} steps).")
 
     masks = job.latest("masks")
     if steps or masks:
@@ -90,6 +156,8 @@ def _live_panel():
         st.rerun()   # the whole page once more, now without the timer
 
 
+with common.error_box():
+    resume_offer()
 job = st.session_state.get("compress_job")
 st.fragment(live_panel, run_every=1.0 if job is not None and job.running else None)()
 
@@ -117,30 +185,7 @@ with common.error_box():
         start = st.form_submit_button("Start compression", type="primary", disabled=busy)
 
     if start:
-        cfg = method_config(method, decomp, **options)   # errors show here, in the script
-        w = common.windows()
-        # Memory guard: a run whose plan does not fit this machine is refused, not started.
-        check_fits(loaded.source, method, decomp, dtype=str(loaded.dtype).removeprefix("torch."),
-                   n_calib=int(w.shape[0]), seq_len=int(w.shape[1]),
-                   batch_size=getattr(cfg, "batch_size", 8), device=loaded.device.type,
-                   meta=loaded.model)     # shapes and counts of the model already loaded
-        with st.status("Preparing the decomposition ...") as status:
-            dec = common.decomposed(decomp)
-            eval_ids = common.eval_ids(int(n_eval), EVAL_SEQ_LEN) if n_eval else None
-            status.update(label="Decomposition ready", state="complete")
-        base, windows = loaded.model, common.windows()
-        if spec.trains:   # a checkpoint per exact run: a restart (or a rerun) resumes it
-            plumbing["checkpoint"] = str(common.checkpoint_path(decomp, method, options))
-            resumed = common.checkpoint_step(plumbing["checkpoint"])
-            if resumed:
-                st.toast(f"Resuming this exact run from its checkpoint at step {resumed}.")
-        job = start_job(lambda emit, stop: compress(
-            base, dec, method, windows, eval_ids=eval_ids, copy=True, emit=emit,
-            should_stop=stop, cache_dir=str(workspace.workspace() / "cache"), **options,
-            **plumbing),
-            name=f"compress-{method}", queue=common.job_queue(), alive=common.owner_alive())
         label = (f"{method} {options.get('selection', '')} {options['ratio']:.2f} "
                  f"{options['scope']} ({decomp})")
-        st.session_state.update(compress_job=job, compress_label=label,
-                                compress_options=options, compress_finalised=None)
-        st.rerun()   # show the new run's live panel at the top
+        start_run({"method": method, "decomposition": decomp, "options": options,
+                   "plumbing": plumbing, "n_eval": int(n_eval), "label": label})

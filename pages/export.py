@@ -1,5 +1,7 @@
 """Export page: save a compressed model of this session to a folder and as a zip, with the
-rank plan (JSON, CSV) and a model card; reload it and check the outputs match."""
+rank plan (JSON, CSV) and a model card; reload it and check the outputs match. Writing and
+checking are jobs of the shared queue (``studio.queued``); an export is written atomically
+(a killed one leaves no partial folder)."""
 import copy
 import re
 from pathlib import Path
@@ -10,21 +12,53 @@ import torch
 from llrc_core import RankPlan, compress_
 from llrc_core.export import export_info, export_model, load_compressed
 from llrc_core.workflow import CompressionResult, max_logit_diff, zip_folder
-from studio import common, workspace
+from studio import common, queued, workspace
 
 st.title("Export")
 
 
-def compressed_model(entry):
-    """The compressed model of a result: kept from the Compress page, or rebuilt on a copy of
-    the base model from a comparison's plan."""
+def model_builder(entry):
+    """A job-side function giving the compressed model of a result, its plan and report: kept
+    from the Compress page, or rebuilt on a copy of the base model from a comparison's plan."""
     if isinstance(entry, CompressionResult):
-        return entry.model, entry.plan, entry.report
-    plan = RankPlan.from_dict(entry["plan"])
-    model = copy.deepcopy(common.current().model)
-    compress_(model, common.decomposed(entry["decomposition"]), plan)
-    report = {k: v for k, v in entry.items() if k not in ("plan", "ranks")}
-    return model, plan, report
+        return lambda emit, should_stop: (entry.model, entry.plan, entry.report)
+    base, make_dec = common.current().model, common.decomposition_job(entry["decomposition"])
+
+    def build(emit, should_stop):
+        plan, model = RankPlan.from_dict(entry["plan"]), copy.deepcopy(base)
+        compress_(model, make_dec(emit, should_stop), plan)
+        return model, plan, {k: v for k, v in entry.items() if k not in ("plan", "ranks")}
+    return build
+
+
+def save_job(entry, target: Path, force: bool, merged: bool):
+    """The job writing ``entry`` into ``target`` (atomically), then marking it the studio's."""
+    loaded, build = common.current(), model_builder(entry)
+
+    def work(emit, should_stop):
+        model, plan, report = build(emit, should_stop)
+        out = export_model(model, loaded.tokenizer, plan, target,
+                           report={**report, "base_model": loaded.source}, force=force,
+                           merged_dense=merged, dtype=loaded.source_dtype,
+                           source=loaded.source_info())
+        workspace.mark(out)
+        return str(out)
+    return work
+
+
+def check_job(entry, out: str, storage: dict):
+    """The job reloading ``out`` and measuring its logits against the model in memory."""
+    build, ids = model_builder(entry), common.windows()[:2, :64]
+
+    def work(emit, should_stop):
+        model, _, _ = build(emit, should_stop)
+        compute = next(model.parameters()).dtype
+        reloaded, _, _ = load_compressed(out, dtype=compute)
+        # the in-memory model with its weights rounded as the folder stores them
+        stored = copy.deepcopy(model).to(getattr(torch, storage.get("dtype", "float32")))
+        return (max_logit_diff(stored.to(compute), reloaded, ids),
+                max_logit_diff(model, reloaded, ids))
+    return work
 
 
 with common.error_box():
@@ -52,16 +86,15 @@ with common.error_box():
     if save:
         target = workspace.export_folder(common.session_id(), folder)
         workspace.check_replace(target, force)     # only folders this studio wrote
-        with st.status(f"Writing {folder} ...") as status:
-            model, plan, report = compressed_model(results[choice])
-            out = export_model(model, loaded.tokenizer, plan, target,
-                               report={**report, "base_model": loaded.source}, force=force,
-                               merged_dense=merged, dtype=loaded.source_dtype,
-                               source=loaded.source_info())
-            workspace.mark(out)
-            st.session_state.update(export_dir=str(out), export_label=choice,
-                                    export_check=None)
-            status.update(label=f"Saved to {out}", state="complete")
+        workspace.sweep_partial(target.parent)     # what an export killed mid-way left
+        queued.start("export_job", save_job(results[choice], target, force, merged), "export",
+                     inputs=choice)
+    saved = queued.watch("export_job", "Writing the export folder")
+    if saved is not None and saved.status == "done" and \
+            st.session_state.get("export_seen") is not saved:
+        st.session_state.update(export_seen=saved, export_dir=saved.result,
+                                export_label=st.session_state["export_job:inputs"])
+        st.session_state.pop("check_job", None)    # a check of the folder it replaced
 
     out = st.session_state.get("export_dir")
     if out and Path(out).is_dir():
@@ -88,19 +121,12 @@ with common.error_box():
                              "rank_plan.csv", "text/csv", key="dl_plan_csv")
         storage = storage or {}
         if st.button("Reload and check outputs", key="reload_check"):
-            with st.spinner("Reloading ..."):
-                model, _, _ = compressed_model(results[st.session_state["export_label"]])
-                compute = next(model.parameters()).dtype
-                reloaded, _, _ = load_compressed(out, dtype=compute)
-                # the in-memory model with its weights rounded as the folder stores them
-                stored = copy.deepcopy(model).to(getattr(torch, storage.get("dtype", "float32")))
-                ids = common.windows()[:2, :64]
-                st.session_state["export_check"] = (
-                    max_logit_diff(stored.to(compute), reloaded, ids),
-                    max_logit_diff(model, reloaded, ids))
-        check = st.session_state.get("export_check")
-        if check is not None:
-            diff, rounding = check
+            queued.start("check_job", check_job(results[st.session_state["export_label"]], out,
+                                                storage), "export-check", inputs=out)
+        check = queued.watch("check_job", "Reloading and comparing the outputs")
+        if check is not None and check.status == "done" and \
+                st.session_state.get("check_job:inputs") == out:
+            diff, rounding = check.result
             st.metric(f"max |logit difference| (reloaded vs in memory, weights in "
                       f"{storage.get('dtype')})", f"{diff:.2e}")
             if diff <= 1e-4:

@@ -11,7 +11,7 @@ st.caption("How much each layer's weight (in the chosen space) concentrates in f
            "values: a steep spectrum compresses well.")
 
 DECOMPS = {"svd": "SVD (weights)", "asvd": "ASVD (activation-scaled)",
-           "whiten": "Whitening (SVD-LLM)"}
+           "whiten": "Whitening (SVD-LLM)", "whiten-eig": "Eigen-whitening (SVD-LLM V2)"}
 
 with common.error_box():
     loaded = common.current()
@@ -21,11 +21,7 @@ with common.error_box():
     energy = c2.slider("Energy level for 'rank needed'", 0.50, 0.999, 0.90, 0.005,
                        key="spectra_energy")
     log_y = c3.toggle("Log scale", value=True, key="spectra_log")
-    with st.status(f"Decomposing {len(common.targets())} layers ({method}) ...",
-                   expanded=False) as status:
-        dec = common.decomposed(method)
-        status.update(label=f"{DECOMPS[method]}: {len(dec.targets)} layers decomposed",
-                      state="complete")
+    dec = common.decomposed(method)      # at once when ready, else a queued job's panel
 
     rows = analysis.layer_rows(dec.targets, dec.spectra, energy)
     rank_col = f"rank_for_{energy:g}"
@@ -63,7 +59,8 @@ with common.error_box():
     d1, d2 = st.columns(2)
     d1.download_button("Download layer table (CSV)", table.to_csv(index=False),
                        f"layers_{method}.csv", "text/csv", key="dl_layers")
+    # Deferred: the CSV (every singular value of every layer) is built only when clicked.
     d2.download_button("Download all singular values (CSV)",
-                       pd.DataFrame(spectra_rows(dec)).to_csv(index=False),
+                       lambda: pd.DataFrame(spectra_rows(dec)).to_csv(index=False),
                        f"spectra_{method}.csv", "text/csv", key="dl_spectra")
     st.page_link("pages/compress.py", label="Next: compress with LLRC", icon=":material/east:")

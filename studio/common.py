@@ -3,21 +3,23 @@ and an error box that turns exceptions into messages.
 
 Rules: ``st.cache_resource`` objects are shared by every browser session and are never
 mutated (compressions work on deep copies, see ``llrc_core.workflow``); everything a session
-owns (calibration windows, jobs, results) lives in ``st.session_state``.
+owns (calibration windows, jobs, results) lives in ``st.session_state``; heavy work runs as a
+job of the shared queue (``studio.queued``), never in the script thread.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import re
+import threading
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
+import cachetools
 import streamlit as st
 import torch
 
@@ -61,10 +63,28 @@ def base_model(source: str, device: str, dtype: str):
     return load_model(source, device=device, dtype=dtype)
 
 
-@st.cache_resource(show_spinner=False, max_entries=6)
-def decomposition(model_key: tuple, calib_key: str, method: str, _base, _windows):
-    """Factors of every target (read-only, shared); hooks run on a copy of the base model."""
-    return decompose_copy(_base, method, None if method == "svd" else _windows)
+# The decompositions computed so far (the newest 6), shared read-only by every session. Not an
+# st.cache_resource: a page must know whether one is ready (and show it at once) or must be
+# computed by a queued job, which a cache_resource cannot tell without computing. The
+# condition makes a second caller of the same key wait for the first instead of recomputing.
+_DECOMPOSITIONS, _DECOMPOSING = cachetools.LRUCache(maxsize=6), threading.Condition()
+
+
+def _decomposition_key(model_key, calib_key, method, *_):
+    return cachetools.keys.hashkey(model_key, calib_key, method)
+
+
+@cachetools.cached(_DECOMPOSITIONS, key=_decomposition_key, condition=_DECOMPOSING)
+def decomposition(model_key: tuple, calib_key: str, method: str, base, windows):
+    """Factors of every target (read-only, shared); hooks run on a copy of the base model.
+    Heavy: called from a queued job (``decomposed``)."""
+    return decompose_copy(base, method, None if method == "svd" else windows)
+
+
+def ready_decomposition(model_key: tuple, calib_key: str, method: str):
+    """The shared decomposition if it is computed already, else None (nothing computed)."""
+    with _DECOMPOSING:
+        return _DECOMPOSITIONS.get(_decomposition_key(model_key, calib_key, method))
 
 
 @st.cache_resource(show_spinner=False)
@@ -90,23 +110,6 @@ def owner_alive():
     return lambda: runtime.is_active_session(sid)
 
 
-def checkpoint_path(decomposition: str, method: str, options: dict) -> Path:
-    """The workspace's checkpoint of one exact learned run: this model and calibration, this
-    decomposition, method and options. Kept after the run (and across server restarts), so
-    starting the same run again resumes it to the same plan."""
-    key = json.dumps([model_key(), st.session_state["calib"]["key"], decomposition, method,
-                      sorted(options.items())], default=str)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    return workspace.workspace() / "checkpoints" / f"{method}-{digest}.pt"
-
-
-def checkpoint_step(path: str | Path) -> int:
-    """The step a checkpoint holds (0 when there is none)."""
-    if not Path(path).is_file():
-        return 0
-    return int(torch.load(path, weights_only=True, map_location="cpu")["step"])
-
-
 def waiting_text(job) -> str:
     """What a queued job's session sees."""
     return (f"Waiting for a free slot: place {job.position} in line (other sessions' jobs run "
@@ -119,7 +122,17 @@ def model_key() -> tuple | None:
 
 
 def session_id() -> str:
-    return st.session_state.setdefault("session_id", workspace.new_session_id())
+    """This visitor's session id, kept in the URL (``?s=``): a reload, or the same URL opened
+    after a server restart, finds the same session folder (its exports and recorded runs).
+    A value that is not exactly a session id is ignored and replaced by a new one."""
+    sid = st.session_state.get("session_id")
+    if sid is None:
+        given = st.query_params.get("s")
+        sid = given if workspace.valid_session_id(given) else workspace.new_session_id()
+        st.session_state["session_id"] = sid
+    if st.query_params.get("s") != sid:       # page switches drop the query string
+        st.query_params["s"] = sid
+    return sid
 
 
 def session_dir() -> Path:
@@ -140,6 +153,21 @@ def load_into_session(source: str, device: str = "auto", dtype: str = "auto",
     set_calibration(calib or DEFAULT_CALIB)
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def _calibration(model_key: tuple, src: str, n: int, length: int, stamp, _loaded):
+    """Calibration windows shared by the sessions with the same model, text and sizes (each
+    gets its own copy); ``stamp`` makes a changed file (a new upload) read again."""
+    return calibrate(_loaded, src, n, length)
+
+
+def _stamp(src: str):
+    """Size and time of a file, or of every file in a folder (None for a dataset name)."""
+    path = Path(src)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) \
+        if path.is_dir() else []
+    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files) or None
+
+
 def set_calibration(calib: dict) -> None:
     """Token windows for this session from ``calib`` = kind (file/upload/hub/selfgen), path or
     dataset name, n_samples, seq_len."""
@@ -148,9 +176,12 @@ def set_calibration(calib: dict) -> None:
            "selfgen": "selfgen"}[calib["kind"]]
     if calib["kind"] in ("file", "upload"):
         workspace.readable(src, "calibration file")
+    n, length = int(calib["n_samples"]), int(calib["seq_len"])
     if calib["kind"] == "selfgen":   # generation touches config flags: use a copy
         loaded = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
-    windows = calibrate(loaded, src, int(calib["n_samples"]), int(calib["seq_len"]))
+        windows = calibrate(loaded, src, n, length)
+    else:                            # the same text and sizes: tokenized once for everyone
+        windows = _calibration(model_key(), src, n, length, _stamp(src), loaded)
     key = f"{calib['kind']}:{src}:{tuple(windows.shape)}:{int(windows.sum())}"
     st.session_state["calib"] = {**calib, "source": src, "key": key}
     st.session_state["windows"] = windows
@@ -169,10 +200,25 @@ def windows() -> torch.Tensor:
     return st.session_state["windows"]
 
 
+def decomposition_job(method: str):
+    """A job function computing (or reusing) this session's decomposition by ``method``."""
+    base, w = current().model, windows()
+    key, calib = model_key(), st.session_state["calib"]["key"]
+    return lambda emit, should_stop: decomposition(key, calib, method, base, w)
+
+
 def decomposed(method: str):
-    loaded = current()
-    return decomposition(model_key(), st.session_state["calib"]["key"], method, loaded.model,
-                         windows())
+    """This session's decomposition by ``method``: at once when ready; else computed by a
+    queued job whose panel the page shows while it waits (the script stops there)."""
+    from studio import queued
+    current()
+    key, calib = model_key(), st.session_state["calib"]["key"]
+    ready = ready_decomposition(key, calib, method)
+    if ready is not None:
+        return ready
+    return queued.result("decompose_job", decomposition_job(method), f"decompose-{method}",
+                         f"Decomposing {len(targets())} layers ({method})",
+                         inputs=(key, calib, method))
 
 
 def targets():

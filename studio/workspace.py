@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
+import secrets
+import shutil
 from pathlib import Path
+
+import psutil
 
 from llrc_core.errors import LLRCError
 from llrc_core.models import _looks_local
@@ -30,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MARK = ".llrc-studio"                      # suffix of the marker beside a studio-written folder
 UPLOAD_LIMIT_MB = 20                       # also Streamlit's server.maxUploadSize (config.toml)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_TOKEN = re.compile(r"[0-9a-f]{32}")       # a session id: 128 random bits, hex
+STARTED = psutil.Process().create_time()   # this server process's start (survives reloads)
 
 
 class PathRefused(LLRCError):
@@ -68,12 +73,18 @@ def model_source(text: str) -> str:
 
 
 def new_session_id() -> str:
-    return uuid.uuid4().hex[:16]
+    """An unguessable session id (it names the session's folder and travels in its URL)."""
+    return secrets.token_hex(16)
+
+
+def valid_session_id(text) -> bool:
+    """Exactly what ``new_session_id`` makes: nothing else may name a session folder."""
+    return isinstance(text, str) and _TOKEN.fullmatch(text) is not None
 
 
 def session_dir(session_id: str) -> Path:
     """This browser session's own folder in the workspace (made on first use)."""
-    if not _NAME.fullmatch(session_id):
+    if not valid_session_id(session_id):
         raise PathRefused(f"bad session id {session_id!r}")
     folder = workspace() / "sessions" / session_id
     folder.mkdir(parents=True, exist_ok=True)
@@ -107,3 +118,16 @@ def check_replace(folder: Path, replace: bool) -> None:
 def mark(folder: Path) -> None:
     """Record that the studio wrote ``folder`` (so a later "Replace" may delete it)."""
     marker(folder).write_text("written by LLRC Studio\n")
+
+
+def sweep_partial(exports: Path) -> list[Path]:
+    """Remove what an export killed mid-way left in ``exports`` (``files.atomic_folder``'s
+    hidden ``.<name>.tmp-*`` and ``.<name>.old-*`` siblings) from before this server started:
+    an export of this server may still be writing its own. Returns what was removed."""
+    gone = []
+    for path in exports.glob(".*"):
+        if (path.is_dir() and not path.is_symlink() and re.search(r"\.(tmp|old)-", path.name)
+                and path.stat().st_mtime < STARTED):
+            shutil.rmtree(path, ignore_errors=True)
+            gone.append(path)
+    return gone

@@ -121,6 +121,13 @@ def wait_job(at, key, until=lambda job: not job.running, timeout=240):
     return job
 
 
+def settle(at, key, timeout=240):
+    """Wait for the session's queued job ``key`` to end, then rerun the page (as the job's
+    panel does in a browser)."""
+    wait_job(at, key, timeout=timeout)
+    at.run()
+
+
 def base_checksum():
     from studio import common
     model = common.base_model(str(DEMO), "auto", "auto").model
@@ -171,6 +178,9 @@ def test_model_page_bad_folder_is_an_error_message(at):
 
 def test_spectra_page_figures_match_the_decomposition(at):
     at.switch_page("pages/spectra.py").run()
+    no_errors(at)
+    assert not at.get("plotly_chart")           # the decomposition is a queued job first
+    settle(at, "decompose_job")
     no_errors(at)
     figs = figures(at)
     assert set(figs) == {"fig_spectra", "fig_energy", "fig_heat", "fig_eff"}
@@ -344,6 +354,7 @@ def test_export_page_saves_zips_and_reloads(at, tmp_path):
     assert not (tmp_path / "exported").exists()
     at.text_input(key="export_folder").set_value("exported")
     at.button(key="FormSubmitter:export_form-Save to folder").click().run()
+    settle(at, "export_job")
     no_errors(at)
     out = Path(os.environ["LLRC_STUDIO_WORKSPACE"], "sessions", at.session_state["session_id"],
                "exports", "exported")
@@ -357,6 +368,7 @@ def test_export_page_saves_zips_and_reloads(at, tmp_path):
     with zipfile.ZipFile(io.BytesIO(zip_folder(out))) as zf:
         assert {f"exported/{n}" for n in names} == set(zf.namelist())
     at.button(key="reload_check").click().run()
+    settle(at, "check_job")
     no_errors(at)
     diff = float(at.metric[0].value)
     assert diff <= 1e-5 and "same outputs" in at.success[-1].value
@@ -375,6 +387,7 @@ def test_export_page_saves_zips_and_reloads(at, tmp_path):
     assert [p.name for p in foreign.iterdir()] == ["data.txt"]
     at.text_input(key="export_folder").set_value("exported")
     at.button(key="FormSubmitter:export_form-Save to folder").click().run()
+    settle(at, "export_job")
     no_errors(at)
     assert {p.name for p in out.iterdir()} == names
 

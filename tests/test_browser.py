@@ -57,40 +57,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
+def serve(workspace: Path, log_name: str = "streamlit.log") -> tuple[subprocess.Popen, str]:
+    """Start the studio on a free port with ``workspace``; return the process and its URL."""
     if not WIKI_TEST.exists():
         pytest.fail("shared data missing: ../shared/data/wikitext-2")
     port = free_port()
     # One intra-op thread: predictable on a shared 2-core runner (threads thrash under load).
     env = {"OMP_NUM_THREADS": "1", **os.environ, "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "LLRC_STUDIO_WORKSPACE": str(WORKSPACE)}
+           "TOKENIZERS_PARALLELISM": "false", "LLRC_STUDIO_WORKSPACE": str(workspace)}
     ARTIFACTS.mkdir(exist_ok=True)
-    shutil.rmtree(WORKSPACE, ignore_errors=True)
-    log = open(ARTIFACTS / "streamlit.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
-                             "--server.headless", "true", "--server.port", str(port),
-                             "--browser.gatherUsageStats", "false"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(ARTIFACTS / log_name, "w") as log:      # the child keeps its own handle
+        proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
+                                 "--server.headless", "true", "--server.port", str(port),
+                                 "--server.fileWatcherType", "none",   # others edit the tree
+                                 "--browser.gatherUsageStats", "false"],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
+                return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"streamlit did not start; see test-artifacts/{log_name}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    shutil.rmtree(WORKSPACE, ignore_errors=True)
+    proc, url = serve(WORKSPACE)
     server_pid[:] = [proc.pid]
     try:
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).read() == b"ok":
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("streamlit did not start; see test-artifacts/streamlit.log")
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop(proc)
 
 
 def figures(page) -> dict[str, dict]:
@@ -228,7 +238,9 @@ HEAVY = os.environ.get("LLRC_HEAVY_TESTS") == "1"
 def test_sessions_share_one_queue(server, sessions):
     """Several visitors at once: each starts an LLRC run; with one slot (CPU default) the runs
     wait their turn, finish in the order they were started, each page shows its own run and no
-    exception, and the server's peak memory stays bounded."""
+    exception, and the server's peak memory stays bounded. Short runs without the mask heatmap
+    (the queue is what is tested; the live charts are the end-to-end test's)."""
+    steps, t_start = 10 + sessions, time.time()   # no run of another variant resumed here
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         expect.set_options(timeout=180_000)
@@ -241,20 +253,23 @@ def test_sessions_share_one_queue(server, sessions):
                 expect(page.get_by_text("Target layers", exact=True)).to_be_visible()
                 nav(page, "Compress")
                 expect(page.get_by_label("steps", exact=True)).to_be_visible()
-                set_number(page, "steps", 60 + i)
-                set_number(page, "hold_steps", 60 + i)
+                set_number(page, "steps", steps + i)
+                set_number(page, "hold_steps", steps + i)
+                set_number(page, "mask_every", 0)
+                page.get_by_text("More options", exact=True).click()
+                set_number(page, "batch_size", 2)
                 set_number(page, "Perplexity windows (WikiText-2 test, 256 tokens each; 0 skips)",
                            0)
                 pages.append(page)
             # The first run trains; each later one, started while it trains, waits its turn.
             for i, page in enumerate(pages):
                 page.get_by_role("button", name="Start compression").click()
-                expect(page.get_by_text(re.compile(r"step \d+ of 60\b") if i == 0 else
+                expect(page.get_by_text(re.compile(rf"step \d+ of {steps}\b") if i == 0 else
                                         f"Waiting for a free slot: place {i} in line")
                        ).to_be_visible()
             done: list[int] = []
             t0 = time.time()
-            while len(done) < sessions and time.time() - t0 < 600:
+            while len(done) < sessions and time.time() - t0 < 300 + 200 * sessions:
                 for i, page in enumerate(pages):
                     if i not in done and page.get_by_text("Done after").count():
                         done.append(i)
@@ -262,13 +277,15 @@ def test_sessions_share_one_queue(server, sessions):
             assert done == list(range(sessions)), done          # first come, first served
             for i, page in enumerate(pages):
                 assert page.get_by_test_id("stException").count() == 0
-                expect(page.get_by_text(f"({60 + i} steps)")).to_be_visible()
+                expect(page.get_by_text(f"({steps + i} steps)")).to_be_visible()
         finally:
             for i, page in enumerate(pages):
                 shot(page, f"queue-{sessions}-{i}")
             browser.close()
     peak = peak_rss_gib(server_pid[0])
-    print(f"{sessions} sessions: server peak RSS {peak:.2f} GiB")
-    # Measured (2-core CPU): 1.32 GiB for 2 sessions after the end-to-end test in the same
-    # server; one queue slot keeps one private model copy training at a time.
-    assert peak < (2.5 if sessions == 2 else 4.0)
+    print(f"{sessions} sessions: {time.time() - t_start:.0f} s, server peak RSS {peak:.2f} GiB")
+    # Peak of the server's lifetime (VmHWM), measured on the 2-core CPU dev machine shared
+    # with other jobs: 2 sessions after the end-to-end test 1.45-1.51 GiB; 5 sessions alone
+    # 1.67 GiB (164 s), after the other two tests in the same server 1.97 GiB (81 s). One
+    # queue slot keeps one private model copy training at a time. Bounds: measured + ~30 %.
+    assert peak < (2.0 if sessions == 2 else 2.5)

@@ -180,3 +180,56 @@ def test_minilm_fidelity_through_compare(tmp_path):
     assert fid[1.0] == pytest.approx(1.0, abs=1e-6)             # dense against itself
     assert 0.2 < fid[0.4] < fid[0.8] < 0.999 and fid[0.8] > 0.5   # 128 calibration tokens
     assert df["ppl"].isna().all()
+
+
+def test_seed_axis_runs_learned_cells_per_seed_and_caches_each(tmp_path, monkeypatch):
+    """``seeds``: one cell per seed for a method that trains, one for the rest; each seed is
+    cached on its own (a grid grown by a seed runs only that seed); summary.csv holds the
+    mean and sample sd over seeds, and the figure draws them as error bars."""
+    import dataclasses
+    from llrc_core import report
+    cfg = CompareConfig(model=str(DEMO), methods=("llrc", "uniform"), ratios=(0.8,),
+                        selections=("any-k",), seeds=(0,), options={"llrc": {"steps": 4}},
+                        **SMALL)
+    assert [compare.cell_id(c) for c in grid(cfg)] == [
+        "llrc__asvd__any-k__0.8__seed0", "uniform__asvd__top-k__0.8"]
+    run_compare(cfg, tmp_path, log=lambda _: None)
+
+    calls = []
+    spec = SELECTORS["llrc"]
+
+    def counted(ctx, c):
+        calls.append(c.seed)
+        return spec.select(ctx, c)
+    monkeypatch.setitem(SELECTORS, "llrc", dataclasses.replace(spec, select=counted))
+    more = CompareConfig.from_dict({**cfg.to_dict(), "seeds": "0,1,2"})
+    df = run_compare(more, tmp_path, log=lambda _: None)
+    assert calls == [1, 2]                            # seed 0 and uniform came from disk
+    learned = df[df["method"] == "llrc"].sort_values("seed")
+    assert learned["seed"].tolist() == [0, 1, 2]
+    assert df[df["method"] == "uniform"]["seed"].isna().all()
+    plans = {tuple(sorted(r.items())) for r in learned["ranks"]}
+    assert len(plans) > 1                             # the seed reaches the selector
+
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    row = summary[summary["method"] == "llrc"].iloc[0]
+    assert row["seeds"] == 3
+    assert row["ppl_mean"] == pytest.approx(learned["ppl"].mean())
+    assert row["ppl_sd"] == pytest.approx(learned["ppl"].std(ddof=1))
+    assert row["ppl_sd"] > 0
+    uni = summary[summary["method"] == "uniform"].iloc[0]
+    assert uni["seeds"] == 1 and pd.isna(uni["ppl_sd"])
+    fig, _ = report.build_figures(df, json.loads((tmp_path / "results.json").read_text()))
+    bars = {t.name: list(t.error_y.array) for t in fig.data if t.name != "dense"}
+    assert bars["llrc any-k (asvd)"] == pytest.approx([row["ppl_sd"]])
+    assert bars["uniform (asvd)"] == [0.0]
+
+    s = report.summary(df)
+    assert report.beats(s, "llrc any-k (asvd)", "uniform (asvd)", 0.8) is None  # 1 seed
+    assert report.beats(s, "llrc any-k (asvd)", "llrc any-k (asvd)", 0.8) is False
+
+
+@pytest.mark.parametrize("bad", ["", "0,a"])
+def test_config_rejects_bad_seeds(bad):
+    with pytest.raises(ValueError, match="seed"):
+        CompareConfig(seeds=bad)

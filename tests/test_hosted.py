@@ -215,3 +215,211 @@ def test_a_learned_run_resumes_from_its_checkpoint_in_a_new_session(ws):
     assert second.events_since(0, "step") == []                  # nothing trained again
     assert second.latest("done")["step"] == 6
     assert second.result.plan.to_dict()["layers"] == first.result.plan.to_dict()["layers"]
+
+
+# --- a session survives a reload or a restart -----------------------------------------------
+def test_session_ids_are_unguessable_and_strictly_checked(ws):
+    workspace, space, _ = ws
+    sid = workspace.new_session_id()
+    assert workspace.valid_session_id(sid) and len(sid) == 32 and sid != workspace.new_session_id()
+    for bad in ("../" + sid[3:], sid.upper(), sid[:-1], sid + "0", "x" * 32, "", None,
+                sid[:16] + "/" + sid[17:]):
+        assert not workspace.valid_session_id(bad)
+        with pytest.raises(workspace.PathRefused, match="bad session id"):
+            workspace.session_dir(bad)
+    assert workspace.session_dir(sid) == space / "sessions" / sid
+
+
+def test_the_url_keeps_the_session_and_a_forged_one_is_replaced(ws):
+    from streamlit.testing.v1 import AppTest
+    workspace, space, _ = ws
+    sid = workspace.new_session_id()
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.query_params["s"] = sid                        # the same URL, after a restart
+    at.run()
+    assert not at.exception and at.session_state["session_id"] == sid
+    for forged in ("../../etc", "a" * 31, sid.upper()):
+        other = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+        other.query_params["s"] = forged
+        other.run()
+        other.switch_page("pages/compress.py").run()          # opens the session folder
+        assert not other.exception
+        new = other.session_state["session_id"]
+        assert new != forged and workspace.valid_session_id(new)
+        assert other.query_params["s"] == new         # the URL now carries the new one
+    assert all(workspace.valid_session_id(p.name) for p in (space / "sessions").iterdir())
+
+
+def _interrupted_run(space, sid: str, step: int, **fields) -> "Path":
+    """What a server killed mid-run leaves: a record "started" by that (dead) server and a
+    checkpoint at ``step``."""
+    import torch
+
+    from llrc_core.files import atomic_json
+    ckpt = space / "checkpoints" / "llrc-0123456789abcdef0123.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"step": step}, ckpt)
+    record = space / "sessions" / sid / "runs" / f"{ckpt.stem}.json"
+    atomic_json(record, {"method": "llrc", "decomposition": "asvd", "options": {"steps": 40},
+                         "plumbing": {}, "n_eval": 0, "label": "llrc any-k 0.80 linear (asvd)",
+                         "model": [str(ROOT / "assets" / "demo-model"), "auto", "auto"],
+                         "calib": {}, "checkpoint": str(ckpt), "status": "started",
+                         "server": "4242-1.000", **fields})
+    return record
+
+
+def test_compress_page_offers_an_interrupted_run_and_discards_it(ws):
+    import json
+
+    import torch
+    from streamlit.testing.v1 import AppTest
+    from studio import runs
+    workspace, space, outside = ws
+    sid = workspace.new_session_id()
+
+    def open_compress():
+        at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+        at.query_params["s"] = sid
+        at.run()
+        at.switch_page("pages/compress.py").run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        return at
+
+    record = _interrupted_run(space, sid, 20)
+    at = open_compress()
+    offer = [w.value for w in at.warning if "interrupted run" in w.value]
+    assert offer == ["An interrupted run (llrc any-k 0.80 linear (asvd)) stopped at step 20 of "
+                     "40: resume it to the same plan, or discard it."]
+    assert at.button(key="resume_run") and at.button(key="discard_run")
+    at.button(key="discard_run").click().run()
+    assert not at.exception
+    assert json.loads(record.read_text())["status"] == "discarded"
+    assert not [w for w in at.warning if "interrupted run" in w.value]
+    assert "compress_job" not in at.session_state                      # nothing started
+    # Not offered: a run this server is still running, a finished one, a checkpoint that is
+    # not in the workspace's checkpoints folder, a record that is not JSON.
+    torch.save({"step": 20}, outside / "llrc.pt")
+    for fields in ({"server": runs.SERVER}, {"status": "done"},
+                   {"checkpoint": str(outside / "llrc.pt")}):
+        _interrupted_run(space, sid, 20, **fields)
+        assert not [w for w in open_compress().warning if "interrupted run" in w.value]
+    record.write_text("{not json")
+    assert not [w for w in open_compress().warning if "interrupted run" in w.value]
+
+
+def test_an_interrupted_run_resumes_to_the_plan_of_an_unbroken_one(ws, monkeypatch, tmp_path):
+    """A run stopped mid-way by a dying server (its record still says "started", by another
+    server) is offered on the same URL; Resume trains the remaining steps from the checkpoint
+    and gives the plan of the same run done in one go (another workspace)."""
+    import json
+    import time
+
+    from streamlit.testing.v1 import AppTest
+    from studio import runs
+    workspace, space, _ = ws
+    sid = workspace.new_session_id()
+    steps = 16
+
+    def session(query=None):
+        at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+        if query:
+            at.query_params["s"] = query
+        at.run()
+        at.switch_page("pages/compress.py").run()
+        return at
+
+    def wait(job, until=lambda j: not j.running):
+        t0 = time.time()
+        while not until(job):
+            assert time.time() - t0 < 300, job.status
+            time.sleep(0.2)
+        return job
+
+    def start(at):
+        for key, value in (("cfg_llrc_steps", steps), ("cfg_llrc_hold_steps", steps),
+                           ("cfg_llrc_batch_size", 2), ("cfg_llrc_mask_every", 0),
+                           ("n_eval", 0)):
+            at.number_input(key=key).set_value(value)
+        at.button(key="FormSubmitter:compress_form-Start compression").click().run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        return at.session_state["compress_job"]
+
+    # The interrupted run: stopped after its first checkpoint; the server "dies" before it
+    # could record the end (the record says "started", by a server that is gone).
+    first = start(session(sid))
+    wait(first, lambda j: (j.latest("step") or {}).get("step", 0) > runs.CHECKPOINT_EVERY)
+    first.stop()
+    wait(first)
+    (record,) = (space / "sessions" / sid / "runs").glob("*.json")
+    stopped_at = runs.checkpoint_step(json.loads(record.read_text())["checkpoint"])
+    assert runs.CHECKPOINT_EVERY < stopped_at < steps
+    runs.update(record, status="started", server="4242-1.000")
+
+    at = session(sid)                                           # the same URL, a new server
+    offer = [w.value for w in at.warning if "interrupted run" in w.value]
+    assert offer and f"stopped at step {stopped_at} of {steps}" in offer[0]
+    at.button(key="resume_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    resumed = wait(at.session_state["compress_job"])
+    assert resumed.status == "done", resumed.error
+    assert [e["step"] for e in resumed.events_since(0, "step")] == \
+        list(range(stopped_at + 1, steps + 1))                  # only the remaining steps
+    saved = json.loads(record.read_text())
+    assert saved["status"] == "done" and saved["plan"]["layers"] == \
+        resumed.result.plan.to_dict()["layers"]
+    at.run()
+    assert not [w for w in at.warning if "interrupted run" in w.value]    # nothing left
+
+    monkeypatch.setenv("LLRC_STUDIO_WORKSPACE", str(tmp_path / "unbroken"))
+    unbroken = wait(start(session()))
+    assert unbroken.status == "done" and len(unbroken.events_since(0, "step")) == steps
+    assert resumed.result.plan.to_dict()["layers"] == unbroken.result.plan.to_dict()["layers"]
+
+
+# --- nothing half-written, no traceback for a visitor -----------------------------------------
+def test_sweep_removes_only_what_a_killed_export_left(ws):
+    workspace, space, outside = ws
+    exports = workspace.session_dir(workspace.new_session_id()) / "exports"
+    old, fresh = exports / ".model.tmp-abc123", exports / ".model.tmp-def456"
+    aside, kept = exports / ".model.old-4242", exports / "model"
+    for folder in (old, fresh, aside, kept):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"x" * 10)
+    (exports / ".link.tmp-1").symlink_to(outside, target_is_directory=True)
+    before = workspace.STARTED - 60                  # written by a server that has died
+    for folder in (old, aside, kept):
+        os.utime(folder, (before, before))
+    assert sorted(p.name for p in workspace.sweep_partial(exports)) == [".model.old-4242",
+                                                                      ".model.tmp-abc123"]
+    assert sorted(p.name for p in exports.iterdir()) == [".link.tmp-1", ".model.tmp-def456",
+                                                        "model"]
+    assert (outside / "secret.txt").exists()            # a link is never followed
+
+
+def test_a_failed_export_leaves_no_folder_and_shows_no_traceback(app, ws, monkeypatch):
+    import time
+
+    from llrc_core import export
+    _, space, _ = ws
+    app.switch_page("pages/compress.py").run()
+    app.selectbox(key="compress_method").set_value("uniform").run()
+    app.number_input(key="n_eval").set_value(0)
+    app.button(key="FormSubmitter:compress_form-Start compression").click().run()
+    for key in ("compress_job", "export_job"):
+        if key == "export_job":                         # the disk fills while writing
+            def full(*args, **kwargs):
+                raise OSError(28, "No space left on device")
+            monkeypatch.setattr(export, "save_file", full)
+            app.switch_page("pages/export.py").run()
+            app.text_input(key="export_folder").set_value("full")
+            app.button(key="FormSubmitter:export_form-Save to folder").click().run()
+        t0 = time.time()
+        while app.session_state[key].running:
+            assert time.time() - t0 < 300
+            time.sleep(0.2)
+        app.run()
+    assert app.session_state["export_job"].status == "error"
+    assert not app.exception
+    assert [e.value for e in app.error] == ["OSError: [Errno 28] No space left on device"]
+    exports = space / "sessions" / app.session_state["session_id"] / "exports"
+    assert list(exports.iterdir()) == []         # no folder, no temporary, no marker

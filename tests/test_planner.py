@@ -96,3 +96,13 @@ def test_compress_refuses_a_plan_that_does_not_fit(configs, tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert "needs" in err and "more than this machine's" in err and "--batch-size" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("seq_len,expected", [(2048, 16), (128, 108), (512, 27)])
+def test_default_calibration_makes_every_gram_full_rank(configs, seq_len, expected):
+    """``compare``'s default window count: 1.25 x the widest input (Llama-2-7B's down_proj,
+    11008) in tokens, at least 16 windows."""
+    from llrc_core.models import skeleton
+    from llrc_core.pipeline import full_rank_windows
+    n = full_rank_windows(skeleton(configs / "7b"), seq_len)
+    assert n == expected and n * seq_len >= 1.25 * 11008

@@ -21,6 +21,7 @@ ROWS = {
     "uniform": {},
     "energy": {},
     "svdllm": {},
+    "svdllm2": {},
     "drank": {},
     "strs": dict(candidates=[0.3, 0.6], max_windows=2),
     "llrc": dict(steps=12, lr=0.2, batch_size=4, train_seq_len=0, hold_steps=3),

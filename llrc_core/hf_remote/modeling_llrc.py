@@ -10,10 +10,13 @@ without ``trust_remote_code`` transformers refuses the folder instead of buildin
 base class with random low-rank layers), rebuilds the base config (``llrc.base_model_type`` and
 the fields around it) and the original architecture (``llrc.base_class``),
 swaps every factorised layer for a ``LowRankLinear`` (``y = A (B x) + bias``) and lets
-transformers load ``model.safetensors`` as usual. Before any weight is read the folder is
-checked: every file the export wrote is present with its size, each planned layer exists with
-the planned shape, each tensor in the weights file has the shape its layer's rank implies, and
-the kept singular-value indices in ``config.json`` are the ones the weights were written for.
+transformers load ``model.safetensors`` as usual. A layer marked ``"stored": "dense"`` (format
+3: its factors were multiplied back at export because they ran slower than the dense matrix)
+keeps the base class's own module and loads ``W = A B`` as its weight. Before any weight is
+read the folder is checked: every file the export wrote is present with its size, each planned
+layer exists with the planned shape, each tensor in the weights file has the shape its layer's
+rank implies, and the kept singular-value indices in ``config.json`` are the ones the weights
+were written for.
 Any mismatch raises ``LLRCExportError`` naming the layer and the problem.
 
 The ``llrc_core`` package reuses the checks here for its own loader (without remote code).
@@ -25,11 +28,13 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
 FORMAT = 2                      # version of the ``llrc`` section in config.json
-READS = (1, 2)                  # formats this loader reads (1: base model_type at the top)
+FORMAT_STORED_DENSE = 3         # written when some low-rank layer is stored dense (``stored``)
+READS = (1, 2, 3)               # formats this loader reads (1: base model_type at the top)
 WEIGHTS = "model.safetensors"
 MODEL_TYPE = "llrc"             # the export's own model_type: no stock class claims it
 
@@ -40,7 +45,9 @@ class LLRCExportError(ValueError):
 
 class LowRankLinear(nn.Module):
     """``y = A (B x) + bias`` with ``B (k x n)`` then ``A (m x k)``; same state-dict layout
-    as ``llrc_core.apply.LowRankLinear`` (``A.weight``, ``A.bias``, ``B.weight``)."""
+    (``A.weight``, ``A.bias``, ``B.weight``) and forward as ``llrc_core.apply.LowRankLinear``:
+    one ``F.linear`` chain on the parameters (no submodule calls; the bias is added inside the
+    second GEMM)."""
 
     def __init__(self, in_features, out_features, rank, bias=True, kept=None, dtype=None,
                  device=None):
@@ -51,7 +58,8 @@ class LowRankLinear(nn.Module):
         self.A = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
 
     def forward(self, x):
-        return self.A(self.B(x))   # (..., n) -> (..., k) -> (..., m)
+        h = F.linear(x, self.B.weight)                       # (..., n) -> (..., k)
+        return F.linear(h, self.A.weight, self.A.bias)       # (..., k) -> (..., m)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
@@ -108,8 +116,11 @@ class LLRCExportConfig(PretrainedConfig):
 
 
 def layer_specs(sec: dict) -> dict:
-    """``{name: (m, n, kept or None)}`` from the llrc section, each entry checked."""
+    """``{name: (m, n, kept or None)}`` from the llrc section, each entry checked; a layer
+    stored dense (``"stored": "dense"``) has ``kept`` None here (its module stays the base
+    class's own); ``stored_dense(sec)`` names those layers."""
     specs = {}
+    merged = stored_dense(sec)
     for name, lp in sec["plan"].get("layers", {}).items():
         try:
             m, n = (int(v) for v in lp["shape"])
@@ -130,8 +141,20 @@ def layer_specs(sec: dict) -> dict:
                 raise LLRCExportError(f"layer {name!r}: rank {len(kept)} is at or above the "
                                       f"break-even rank {even}; such a layer is stored dense, so "
                                       "config.json was edited")
-        specs[name] = (m, n, kept)
+        specs[name] = (m, n, None if name in merged else kept)
     return specs
+
+
+def stored_dense(sec: dict) -> set[str]:
+    """Low-rank layers of the plan stored as one dense ``W = A B`` (format 3)."""
+    layers = sec["plan"].get("layers", {})
+    names = {n for n, lp in layers.items()
+             if isinstance(lp, dict) and lp.get("stored") == "dense"}
+    bad = sorted(n for n in names if layers[n].get("kept") is None)
+    if bad:
+        raise LLRCExportError(f"layer {bad[0]!r} is marked stored dense but keeps no singular "
+                              "values; config.json was edited")
+    return names
 
 
 def check_files(folder: str, sec: dict) -> None:
@@ -182,9 +205,10 @@ def swap_low_rank_(model: nn.Module, specs: dict, make_layer=LowRankLinear) -> n
     return model
 
 
-def check_weights(path: str, specs: dict, model: nn.Module) -> None:
+def check_weights(path: str, specs: dict, model: nn.Module, sec: dict | None = None) -> None:
     """Shapes in the safetensors header agree with ``specs``; the kept indices the weights were
-    written for (file metadata) agree with config.json. Reads the header only."""
+    written for (file metadata) agree with config.json (``sec``, for the layers stored dense).
+    Reads the header only."""
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
@@ -195,6 +219,8 @@ def check_weights(path: str, specs: dict, model: nn.Module) -> None:
     if written is None:
         raise LLRCExportError(f"{os.path.basename(path)} carries no LLRC metadata: it was not "
                               "written by the LLRC exporter (or was replaced); export again")
+    layers = (sec or {}).get("plan", {}).get("layers", {})
+    planned = {n: lp.get("kept") for n, lp in layers.items()}   # stored-dense layers too
     for name, (m, n, kept) in specs.items():
         if kept is None:
             old = model.get_submodule(name)
@@ -212,7 +238,7 @@ def check_weights(path: str, specs: dict, model: nn.Module) -> None:
                 raise LLRCExportError(f"layer {name!r}: config.json implies {key} of shape {shape} "
                                       f"but the weights file holds {shapes[key]}; the rank in the "
                                       "config was changed or the files come from different exports")
-        if name not in written or written[name] != kept:
+        if name not in written or written[name] != planned.get(name, kept):
             raise LLRCExportError(f"layer {name!r}: the kept indices in config.json differ from "
                                   "the ones the weights were written for; the config was edited")
     extra = sorted(set(written) - set(specs))
@@ -291,7 +317,7 @@ class LLRCModel:
         # check the header before transformers reads a tensor, on a skeleton without weights
         with torch.device("meta"):
             skeleton = klass._from_config(config, dtype=kwargs["dtype"])
-        check_weights(os.path.join(folder, WEIGHTS), specs, skeleton)
+        check_weights(os.path.join(folder, WEIGHTS), specs, skeleton, sec)
         model, info = klass.from_pretrained(folder, *args, config=config,
                                             output_loading_info=True, **kwargs)
         bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys",

@@ -3,16 +3,23 @@
 ``train_masks(ctx, cfg, Trainer, name)`` owns everything but the maths: validation, the
 masked-model session that always restores the model, the stop check, the optimiser step,
 the non-finite-loss guard, step / masks / done events, checkpoints (resume to the same
-plan), timing and the plan. A method supplies a ``MaskTrainer``: its parameters and
-optimiser, the loss of one step, the counts it keeps, and its finalisation.
+plan), the CPU thread count (measured as the run goes, ``threads.py``), timing and the plan.
+A method supplies a ``MaskTrainer``: its parameters and optimiser, the loss of one step,
+the counts it keeps, and its finalisation.
 
 The training objective (next-token loss, or hidden-state distillation for encoders and
 LLRC) is one ``Objective`` class; batches come from ``batch_indices`` or a per-step seeded
 generator (``step_generator``), so every run is reproducible and resumable.
+
+Data parallel (``torchrun``; ``distributed.py``): each rank computes the objective on its
+share of every global batch, one all-reduce averages the mask gradients, every rank steps
+alike and ends with the same plan; only the main rank writes checkpoints. The next-token and
+``mse`` / ``scaled`` distances split exactly over ranks; ``nmse`` normalises per rank's share.
 """
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -22,7 +29,7 @@ from typing import Callable, ClassVar, Iterator
 import torch
 from torch import nn
 
-from .. import distill, losses
+from .. import distributed, distill, losses
 from ..apply import originals_of, restore_
 from ..config import option
 from ..counting import layer_cost, ratios
@@ -30,6 +37,7 @@ from ..errors import TrainingError
 from ..files import atomic_write
 from ..masked import MaskedLowRank, install_masked_
 from ..plan import RankPlan
+from ..threads import ThreadChooser, one_thread
 from .base import SelectConfig, SelectionContext
 from .registry import register_selector
 
@@ -142,7 +150,9 @@ class Objective:
             self.layers = layers or distill.distill_layers(model)[1:]
             self.targets = distill.precompute_targets(model, self.windows, self.layers,
                                                       batch_size)                # (n, L, d) each
-            self.scales = [t.float().pow(2).mean().clamp_min(1e-12).item() for t in self.targets]
+            with one_thread():      # a full-tensor sum splits by thread count: see __call__
+                self.scales = [t.float().pow(2).mean().clamp_min(1e-12).item()
+                               for t in self.targets]
 
     def _distance(self, h: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
         if self.distance == "nmse":
@@ -150,14 +160,24 @@ class Objective:
         return losses.mse(h, t) / (scale if self.distance == "scaled" else 1.0)
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        """The loss on windows ``idx``; in a process group, on this rank's share of them,
+        weighted so that the rank-averaged gradient is the whole batch's (``distributed``)."""
+        weight, idx = distributed.share(idx), distributed.local(idx)
         ids = self.windows[idx].to(self.device)                                   # (B, L)
         auto = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with auto:
             if self.kind == "lm":
-                return losses.next_token_loss(self.model(input_ids=ids).logits, ids)
-            hs = distill.hidden_at(self.model, ids, self.layers)                  # (B, L, d) each
-            return sum(self._distance(h, t[idx.to(t.device), :h.shape[1]].to(h.device), s)
-                       for h, t, s in zip(hs, self.targets, self.scales)) / len(hs)
+                loss = losses.next_token_loss(self.model(input_ids=ids).logits, ids)
+            else:
+                hs = distill.hidden_at(self.model, ids, self.layers)              # (B, L, d) each
+                # The distances' sums over whole tensors split by thread: on one thread a
+                # step's bits do not depend on the count (threads.py; the rest of a step's
+                # forward and backward does not, measured). They are cheap.
+                with one_thread():
+                    loss = sum(self._distance(h, t[idx.to(t.device), :h.shape[1]].to(h.device),
+                                              s)
+                               for h, t, s in zip(hs, self.targets, self.scales)) / len(hs)
+        return loss * weight if weight != 1.0 else loss
 
 
 def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -201,18 +221,6 @@ def achieved(ctx: SelectionContext, counts: dict[str, int]) -> dict[str, float]:
 def other_params(ctx: SelectionContext) -> int:
     """Parameters that are never decomposed (embeddings, norms, biases, head)."""
     return ctx.total_params - ctx.dense_linear
-
-
-@contextmanager
-def one_thread():
-    """Run tiny sequential ops (a GRU over a few dozen steps) on one intra-op thread: with
-    more, each time step pays a thread barrier, which costs 100x on a busy CPU (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 # --- what a method supplies ---------------------------------------------------------------
@@ -289,7 +297,15 @@ def train_masks(ctx: SelectionContext, cfg: SelectConfig, trainer_cls: type[Mask
     returns a valid plan with ``meta["stopped"]``; with ``ctx.checkpoint`` it resumes."""
     check_context(ctx, name)
     budget = ctx.reachable_budget(cfg)
-    trainer = trainer_cls(ctx, cfg, budget)
+    threads = ThreadChooser(next(ctx.model.parameters()).device)   # measured, see threads.py
+    with threads:
+        threads.tick()                                  # the targets' forward passes too
+        trainer = trainer_cls(ctx, cfg, budget)
+        return _train(ctx, cfg, trainer, name, threads)
+
+
+def _train(ctx: SelectionContext, cfg: SelectConfig, trainer: MaskTrainer, name: str,
+           threads: ThreadChooser) -> RankPlan:
     emit = ctx.callback or (lambda event: None)
     step, stopped, t0, seen = 0, False, time.time(), []    # seen: the trained ratio per step
     if ctx.checkpoint and Path(ctx.checkpoint).exists():
@@ -301,29 +317,34 @@ def train_masks(ctx: SelectionContext, cfg: SelectConfig, trainer_cls: type[Mask
             if ctx.should_stop():
                 stopped = True
                 break
+            threads.tick()
             loss, terms = trainer.loss(layers, step)
-            if not torch.isfinite(loss):
+            value = distributed.mean(loss.item())     # every rank sees (and stops on) a NaN
+            if not math.isfinite(value):
                 raise TrainingError(
-                    f"{name} loss became {loss.item()} at step {step} ({_fmt(terms)}); lower "
+                    f"{name} loss became {value} at step {step} ({_fmt(terms)}); lower "
                     f"lr (now {getattr(cfg, 'lr', '?')}), check the calibration text, or run "
                     "in float32")
             trainer.optimizer.zero_grad(set_to_none=True)
             trainer.backward(loss)
+            distributed.average_grads(p for group in trainer.optimizer.param_groups
+                                      for p in group["params"])
             trainer.optimizer_step()
             step += 1
             counts, extra = trainer.update()
             now = achieved(ctx, counts)
             seen.append(now[cfg.scope])
-            emit({"type": "step", "step": step, "total_steps": cfg.steps, "loss": loss.item(),
+            emit({"type": "step", "step": step, "total_steps": cfg.steps, "loss": value,
                   **terms, "ratio_linear": now["linear"], "ratio_model": now["model"],
                   "target_ratio": cfg.ratio, **extra, "ranks": counts,
-                  "seconds": time.time() - t0})
+                  "seconds": time.time() - t0, "threads": threads.current})
             if ctx.mask_every and step % ctx.mask_every == 0 and ctx.callback is not None:
                 emit({"type": "masks", "step": step, "probs": trainer.mask_probs()})
             if ctx.checkpoint and step % ctx.checkpoint_every == 0:
                 _save(trainer, cfg, ctx.checkpoint, step)
         if ctx.checkpoint:
             _save(trainer, cfg, ctx.checkpoint, step)
+        distributed.barrier()         # the checkpoint is whole before any rank reads it
     kept, meta = trainer.finalise()
     plan = ctx.plan(kept, name, cfg, steps=step, stopped=stopped, seconds=time.time() - t0,
                     objective=trainer.objective.kind, warnings=_landing_warnings(seen, cfg),
@@ -352,6 +373,8 @@ def _fmt(terms: dict) -> str:
 
 
 def _save(trainer: MaskTrainer, cfg: SelectConfig, path: str, step: int) -> None:
+    if not distributed.is_main():     # every rank holds the same state: one writer
+        return
     state = {"step": step, "names": trainer.names, "config": json.dumps(cfg.to_dict()),
              "trainer": trainer.state_dict(), "optimizer": trainer.optimizer.state_dict()}
     atomic_write(path, lambda tmp: torch.save(state, tmp))

@@ -10,10 +10,14 @@
    bisection over the sorted scores, then ``land_on_budget`` lands on the target within one rank
    step, topping up the layers whose interpolated score is worst first.
 
-Speed-up that changes nothing: the hidden states entering block ``b`` are computed once
-(``BlockRunner``); a candidate in block ``b`` re-runs only blocks ``b..L-1`` and the head.
-This is generic: blocks ``0..b-1`` are swapped for a pass-through and a pre-hook on block
-``b`` feeds it the cached hidden states, so the model's own forward runs the rest. The table
+Speed-ups that change nothing (the scores are bit-identical, ``tests/test_live_speed.py``):
+the hidden states entering block ``b`` are computed once (``BlockRunner``); a candidate in
+block ``b`` re-runs only blocks ``b..L-1`` and the head. This is generic: blocks ``0..b-1``
+are swapped for a pass-through and a pre-hook on block ``b`` feeds it the cached hidden
+states, so the model's own forward runs the rest. The cross-entropy goes one window at a
+time (``losses.next_token_nll_sum``), and the CPU thread count is measured as the passes
+run (``threads.py``). What is left is the vocabulary projection (on the demo model two
+thirds of a pass's multiply-adds) and the blocks after the candidate. The table
 is cached on disk under ``cache_dir`` (default ``$LLRC_CACHE_DIR`` or
 ``~/.cache/llrc_studio``), keyed by a hash of the model (class, config, a fingerprint of
 every parameter), the decomposition (name and spectra), the calibration windows and the
@@ -40,8 +44,9 @@ from ..blocks import capture_block_inputs, inference_mode, run_block
 from ..counting import break_even
 from ..errors import Stopped
 from ..files import atomic_json
-from ..losses import next_token_loss, ppl_of
+from ..losses import next_token_nll_sum, ppl_of
 from ..models import find_blocks, find_targets
+from ..threads import ThreadChooser
 from .base import SelectConfig, SelectionContext, land_on_budget, ranks_cost
 from .registry import register_selector
 
@@ -141,7 +146,7 @@ def _score_fn(runner: BlockRunner):
         for i, out in enumerate(outputs):
             ids = runner.batches[i].to(out[0].device)
             if ref is None:
-                total += next_token_loss(out.logits, ids, "sum").item()   # (B, T, V) logits
+                total += next_token_nll_sum(out.logits, ids).item()   # (B, T, V) logits
                 count += ids[:, 1:].numel()
             else:
                 cos = F.cosine_similarity(out[0].float(), ref[i], dim=-1)   # (B, T)
@@ -159,7 +164,15 @@ def candidate_rank(m: int, n: int, r: float) -> int:
 
 def sensitivity_table(model, factors, windows, candidates, batch_size=8, callback=None,
                       should_stop=lambda: False) -> tuple[dict, float, int]:
-    """``({layer: {str(r): score}}, dense score, passes)`` using the block cache."""
+    """``({layer: {str(r): score}}, dense score, passes)`` using the block cache; the CPU
+    thread count is measured as the passes run (``threads.py``)."""
+    with ThreadChooser(next(model.parameters()).device) as threads:
+        threads.tick()
+        return _table(model, factors, windows, candidates, batch_size, callback, should_stop,
+                      threads)
+
+
+def _table(model, factors, windows, candidates, batch_size, callback, should_stop, threads):
     targets = [t for t in find_targets(model) if t.name in factors]
     runner = BlockRunner(model, windows, batch_size)
     score = _score_fn(runner)
@@ -176,6 +189,7 @@ def sensitivity_table(model, factors, windows, candidates, batch_size=8, callbac
                 continue
             if should_stop():
                 raise Stopped("STRS stopped before its sensitivity table was complete")
+            threads.tick()
             old = model.get_submodule(t.name)
             swap_module_(model, t.name, low_rank_from(old, factors[t.name], list(range(k))))
             try:
@@ -185,7 +199,8 @@ def sensitivity_table(model, factors, windows, candidates, batch_size=8, callbac
             passes += 1
             if callback is not None:
                 callback({"type": "sensitivity", "layer": t.name, "ratio": r, "score": row[str(r)],
-                          "done": passes, "total": total, "seconds": time.time() - t0})
+                          "done": passes, "total": total, "seconds": time.time() - t0,
+                          "threads": threads.current})
         table[t.name] = row
     return table, base, passes
 

@@ -1,0 +1,145 @@
+"""LLRC's ablations and open questions on the demo model, each variant over several seeds.
+
+    python bench/ablations.py --out out/ablations                      # every variant
+    python bench/ablations.py --out out/ablations --variants base,tv-off --ratios 0.8
+    python bench/ablations.py --out out/ablations --smoke              # CI-sized run
+
+Each variant is one ``llrc compare`` grid of LLRC alone (``compare.run_compare``: cells are
+cached, so a run grown by a seed or a variant only computes what is new), with the options,
+decomposition and calibration it changes from ``base``; ``svdllm`` (whitened, deterministic)
+runs once as the reference row. The table gives perplexity mean +- sample sd over the seeds
+per ratio, and the mask stability: the mean, over layers and seed pairs, of the overlap
+(|A and B| / |A or B|) of the singular indices two seeds keep.
+
+Variants (``VARIANTS``): TV on/off, distillation vs LM loss, any-k vs top-k, oscillating vs
+constant alpha, ASVD vs whitened factors, calibration size (8 / 32 / 128 / 256 windows) and
+domain (WikiText-2 vs the PIQA task file's text).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llrc_core.compare import CompareConfig, run_compare   # noqa: E402
+from llrc_core.report import summary, tidy                  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+PIQA = DATA / "tasks" / "piqa" / "test.json"
+
+#: name -> changes from base: ``options`` (LLRC's), ``decomposition``, ``n_calib``, ``calib``.
+VARIANTS: dict[str, dict] = {
+    "base": {},
+    "tv-off": {"options": {"beta_tv": 0.0}},
+    "lm-loss": {"options": {"objective": "lm"}},
+    "top-k": {"options": {"selection": "top-k"}},
+    "constant-alpha": {"options": {"alpha_period": 0}},
+    "whiten": {"decomposition": "whiten"},
+    "calib-8": {"n_calib": 8},
+    "calib-32": {"n_calib": 32},
+    "calib-128": {"n_calib": 128},
+    "calib-256": {"n_calib": 256},
+    "domain-piqa": {"calib": str(PIQA)},
+}
+BASE = dict(decomposition="asvd", n_calib=16, calib=str(DATA / "wikitext-2" / "valid.txt"))
+
+
+def variant_config(name: str, args, method: str = "llrc") -> CompareConfig:
+    v = {**BASE, **VARIANTS[name]}
+    options = {**v.get("options", {}), **({"steps": args.steps} if args.steps else {})}
+    selection = options.pop("selection", "any-k")
+    return CompareConfig(
+        model=str(ROOT / "assets" / "demo-model"), methods=(method,), ratios=args.ratios,
+        selections=(selection if method == "llrc" else "top-k",),
+        decompositions=(v["decomposition"] if method == "llrc" else "whiten",),
+        calib=v["calib"], n_calib=v["n_calib"], seq_len=args.seq_len, seeds=args.seeds,
+        max_eval_windows=args.eval_windows,
+        options={method: options} if method == "llrc" else {})
+
+
+def _kept(layer: dict) -> set[int]:
+    """Kept indices of a plan layer; a dense layer (``kept`` None) keeps them all."""
+    return set(layer["kept"]) if layer["kept"] is not None else set(range(min(layer["shape"])))
+
+
+def stability(rows: list[dict]) -> float | None:
+    """Mean Jaccard overlap of the kept indices of every pair of seeds, over layers."""
+    plans = [r["plan"]["layers"] for r in rows if r.get("plan")]
+    if len(plans) < 2:
+        return None
+    scores = [len(_kept(a[n]) & _kept(b[n])) / len(_kept(a[n]) | _kept(b[n]))
+              for a, b in itertools.combinations(plans, 2) for n in a]
+    return sum(scores) / len(scores)
+
+
+def run_variant(name: str, args, method: str = "llrc") -> list[dict]:
+    out = Path(args.out) / (name if method == "llrc" else method)
+    cfg = variant_config(name, args, method)
+    run_compare(cfg, out, log=lambda msg: print(f"[{name}] {msg}", file=sys.stderr))
+    rows = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    rows = [r for r in rows if r["method"] == "dense" or (
+        r["target_ratio"] in cfg.ratios and r.get("seed", 0) in cfg.seeds)]
+    return rows
+
+
+def table(results: dict[str, list[dict]], ratios) -> str:
+    head = ("| variant | " + " | ".join(f"ppl @ {r} (mean ± sd)" for r in ratios)
+            + " | seeds | mask overlap @ " + " / ".join(map(str, ratios)) + " |")
+    lines = [head, "|---|" + "---|" * (len(ratios) + 2)]
+    for name, rows in results.items():
+        s = summary(tidy(rows)).set_index("target_ratio")
+        cells, overlaps = [], []
+        for r in ratios:
+            if r not in s.index:
+                cells.append("—")
+                continue
+            m, sd = s.loc[r, "ppl_mean"], s.loc[r, "ppl_sd"]
+            cells.append(f"{m:.2f}" + ("" if sd != sd else f" ± {sd:.2f}"))   # sd NaN: 1 seed
+            ov = stability([x for x in rows if x.get("target_ratio") == r
+                            and x["method"] != "dense"])
+            overlaps.append("—" if ov is None else f"{ov:.2f}")
+        seeds = int(s["seeds"].max()) if len(s) else 0
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {seeds} | "
+                     + " / ".join(overlaps) + " |")
+    dense = next((r for rows in results.values() for r in rows if r["method"] == "dense"), None)
+    if dense:
+        lines.append(f"\nDense: ppl {dense['ppl']:.2f}.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--ratios", default="0.9,0.8,0.6")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=None, help="LLRC steps (default: its own)")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--smoke", action="store_true", help="2 variants, 1 ratio, 2 seeds, 4 steps")
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.variants, args.ratios, args.seeds, args.steps = "base,tv-off", "0.8", "0,1", 4
+        args.eval_windows = 2
+    args.ratios = tuple(float(r) for r in args.ratios.split(","))
+    args.seeds = tuple(int(s) for s in args.seeds.split(","))
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    results = {"svdllm (whiten, reference)": run_variant("base", args, "svdllm")}
+    results.update({n: run_variant(n, args) for n in names})
+    print(table(results, args.ratios))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Data parallel mask training over ``torch.distributed`` (torchrun, accelerate launch).
+
+``torchrun --nproc_per_node N -m llrc_core compress ...`` starts N processes; each finds the
+process group in its environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``; ``init_from_env``),
+with NCCL on GPUs and gloo on CPU. Every rank loads the model, calibrates and decomposes
+alike (same seed, same windows), then trains the masks on its share of each global batch:
+
+* ``local(idx)``: the rank's contiguous slice of the global batch ``idx`` (all ranks draw the
+  same ``idx`` from the same seeded order);
+* the data term is scaled by ``share(idx)`` (its windows over the global batch, times the
+  world size), so that the rank-averaged gradient is the gradient of the global-batch mean;
+  terms every rank computes in full (compression, TV) keep their weight under the average;
+* ``average_grads``: one all-reduce of the mask gradients per step.
+
+Why not ``DistributedDataParallel``: DDP hooks the parameters of a module whose ``forward`` it
+runs; the mask logits live in a trainer and reach the frozen model through swapped layers, so
+there is no module forward to wrap, and the parameters are a few hundred thousand floats: one
+flat all-reduce per step is what DDP's bucketed reducer would do here. The frozen model is
+replicated; a model too large for one device is sharded or placed with accelerate (planner).
+
+Only the main rank writes files (checkpoints, exports, logs) and emits events. Outside a
+process group every function is the identity, so single-process code pays nothing.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env() -> bool:
+    """Join the process group described by the environment (torchrun's ``RANK`` and
+    ``WORLD_SIZE``); returns whether this run is distributed. A CUDA run binds each process
+    to the device of its ``LOCAL_RANK``."""
+    if active():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    return True
+
+
+def local(idx: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous slice of the global batch ``idx`` (sizes differ by at most 1)."""
+    if not active():
+        return idx
+    if len(idx) < world_size():
+        raise ValueError(f"a global batch of {len(idx)} windows cannot be split over "
+                         f"{world_size()} processes: raise batch_size to at least "
+                         f"{world_size()} or launch fewer processes")
+    return idx.tensor_split(world_size())[rank()]
+
+
+def share(idx: torch.Tensor) -> float:
+    """Weight of this rank's data term: its windows over the global batch, times the world
+    size (1.0 outside a process group)."""
+    return len(local(idx)) / len(idx) * world_size() if active() else 1.0
+
+
+def average_grads(params) -> None:
+    """Average the gradients of ``params`` over the ranks (one flat all-reduce)."""
+    if not active():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def mean(value: float) -> float:
+    """The mean of a float over the ranks (for reported losses)."""
+    if not active():
+        return value
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"     # NCCL reduces CUDA tensors
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / world_size()
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()

@@ -1,0 +1,35 @@
+"""The ablation bench's own arithmetic (``bench/ablations.py``), on rows made by hand: the
+seed overlap of kept indices and the mean +- sd table. The bench itself runs in
+``--smoke`` mode by hand (minutes), not in CI."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import ablations  # noqa: E402
+
+
+def row(seed, kept_a, kept_b, ppl, ratio=0.8):
+    layers = {"a": {"shape": [8, 6], "kept": kept_a}, "b": {"shape": [8, 6], "kept": kept_b}}
+    return {"method": "llrc", "decomposition": "asvd", "selection": "any-k", "scope": "linear",
+            "target_ratio": ratio, "seed": seed, "ppl": ppl, "achieved_ratio_linear": ratio,
+            "achieved_ratio_model": ratio, "seconds": 1.0, "plan": {"layers": layers}}
+
+
+def test_stability_is_the_mean_jaccard_overlap_over_layers_and_seed_pairs():
+    rows = [row(0, [0, 1], [0, 1, 2], 9.0), row(1, [0, 2], None, 9.0)]   # None: dense (all 6)
+    # layer a: {0,1} vs {0,2} -> 1/3; layer b: {0,1,2} vs {0..5} -> 3/6
+    assert ablations.stability(rows) == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert ablations.stability(rows[:1]) is None
+
+
+def test_table_shows_mean_and_sample_sd_per_ratio():
+    rows = [row(0, [0], [0], 10.0), row(1, [0], [0], 12.0), row(2, [0], [0], 14.0)]
+    text = ablations.table({"base": rows}, (0.8,))
+    assert "| base | 12.00 ± 2.00 | 3 | 1.00 |" in text
+    assert set(ablations.VARIANTS) >= {"base", "tv-off", "lm-loss", "top-k", "constant-alpha",
+                                       "whiten", "calib-8", "calib-256", "domain-piqa"}
