@@ -77,3 +77,20 @@ def tiny_tokenizer(vocab: int = 128):
         vocab_size=vocab, special_tokens=["<pad>", "<unk>", "<eos>"]))
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
                                    eos_token="<eos>")
+
+
+@pytest.fixture()
+def ws(tmp_path, monkeypatch):
+    """The studio's workspace module on a fresh workspace, an outside folder with a file, and a
+    symlink escaping the workspace (``test_hosted.py``, ``test_resume.py``)."""
+    import sys
+    sys.path.insert(0, str(ROOT))   # the app's studio/ helpers
+    from studio import workspace
+    space, outside = tmp_path / "workspace", tmp_path / "outside"
+    space.mkdir()
+    outside.mkdir()
+    (outside / "secret.txt").write_text("secret text " * 100)
+    (space / "link").symlink_to(outside, target_is_directory=True)
+    monkeypatch.setenv("LLRC_STUDIO_WORKSPACE", str(space))
+    monkeypatch.delenv("LLRC_STUDIO_ALLOWED_ROOTS", raising=False)
+    return workspace, space, outside

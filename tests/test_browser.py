@@ -286,6 +286,6 @@ def test_sessions_share_one_queue(server, sessions):
     print(f"{sessions} sessions: {time.time() - t_start:.0f} s, server peak RSS {peak:.2f} GiB")
     # Peak of the server's lifetime (VmHWM), measured on the 2-core CPU dev machine shared
     # with other jobs: 2 sessions after the end-to-end test 1.45-1.51 GiB; 5 sessions alone
-    # 1.67 GiB (164 s), after the other two tests in the same server 1.97 GiB (81 s). One
+    # 1.51-1.67 GiB (132-164 s), after the other two tests in one server 1.97 GiB (81 s). One
     # queue slot keeps one private model copy training at a time. Bounds: measured + ~30 %.
     assert peak < (2.0 if sessions == 2 else 2.5)

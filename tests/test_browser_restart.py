@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -51,7 +50,7 @@ def token(page) -> str:
     return sid
 
 
-def test_a_run_killed_with_its_server_resumes_on_the_same_url(tmp_path):
+def test_a_run_killed_with_its_server_resumes_on_the_same_url():
     workspace = ARTIFACTS / "workspace-restart"
     shutil.rmtree(workspace, ignore_errors=True)
     proc, url = serve(workspace, "streamlit-restart-1.log")
@@ -78,7 +77,7 @@ def test_a_run_killed_with_its_server_resumes_on_the_same_url(tmp_path):
             expect(page.get_by_text(f"stopped at step {step} of {STEPS}")).to_be_visible()
             shot(page, "restart-1-offer")
             page.get_by_role("button", name="Resume").click()
-            expect(page.get_by_text(f"Done after")).to_be_visible(timeout=400_000)
+            expect(page.get_by_text("Done after")).to_be_visible(timeout=400_000)
             expect(page.get_by_text(f"({STEPS} steps)")).to_be_visible()
             assert page.get_by_test_id("stException").count() == 0
             assert token(page) == sid
