@@ -342,10 +342,10 @@ def markdown(res: dict) -> str:
     cpu = res["timer"] == "process CPU time"
     cols = [f"{w}_b{x}" for w in WORKLOADS for x in res["settings"]["batches"]]
     unit = "tok/s per CPU-s (x dense: CPU / wall)" if cpu else "tok/s (x dense)"
-    head = ("| variant | rho_linear (stored) | file MB (x dense) | "
+    head = ("| variant | rho_linear (stored) | file MB (x dense) | weights in memory MiB | "
             + " | ".join(f"{c.replace('_', ' ')} {unit}" for c in cols)
             + " | peak MB (model + run) |")
-    lines = [head, "|" + "---|" * (4 + len(cols))]
+    lines = [head, "|" + "---|" * (5 + len(cols))]
     for r in res["variants"]:
         cells = [f"{r[c + '_tok_s']:.1f} ({r[c + '_vs_dense']:.2f}"
                  + (f" / {r[c + '_wall_vs_dense']:.2f})" if cpu else ")") for c in cols]
@@ -353,7 +353,8 @@ def markdown(res: dict) -> str:
                else r.get("memory_error", "-"))
         lines.append(f"| {r['variant']} | {r['plan_ratio_linear']:.3f} "
                      f"({r['stored_ratio_linear']:.3f}) | {r['file_bytes'] / 1e6:.1f} "
-                     f"({r['file_vs_dense']:.2f}) | " + " | ".join(cells) + f" | {mem} |")
+                     f"({r['file_vs_dense']:.2f}) | {r['param_bytes'] / 2**20:.0f} | "
+                     + " | ".join(cells) + f" | {mem} |")
     return "\n".join(lines)
 
 
