@@ -1,30 +1,24 @@
 """Inference speed of compressed exports against the dense model: prefill and decode tokens/s,
-peak memory, file size.
+peak memory, file size (results and reading: bench/README.md).
 
-For each target ratio a real plan is selected and exported (``export_model``, as the CLI
-exports): on the demo model SVD-LLM (whitening, calibrated on WikiText-2 valid); on the
-random-weight Llama shapes uniform ranks over a plain SVD (with random weights any plan measures
-speed alike). Every export is loaded both ways a user loads it, stock transformers with
-``trust_remote_code=True`` (``remote``) and ``llrc_core.export.load_compressed`` (``llrc``),
-and timed against the dense model in one process:
+Per target ratio a real plan is selected and exported as the CLI exports (demo model: SVD-LLM
+on WikiText-2 calibration; random-weight Llama shapes: uniform ranks over a plain SVD), in the
+source's dtype. Each export is loaded both ways, stock transformers with
+``trust_remote_code=True`` (``remote``) and ``llrc_core.export.load_compressed`` (``llrc``), and
+timed against the dense model in one process:
 
 * prefill: one forward of ``batch x prefill_tokens`` tokens, KV cache built, logits of the last
   position only (``logits_to_keep=1``, as ``generate`` does);
 * decode: ``generate`` of exactly ``new_tokens`` greedy tokens (``min_new_tokens`` = ``max``)
-  after a ``prompt_tokens`` prompt, KV cache on; tokens/s = batch x new tokens / time (the
-  short prompt's prefill is inside the time).
+  after a ``prompt_tokens`` prompt, KV cache on; tokens/s = batch x new tokens / time.
 
-Variants alternate: every repeat times every variant once per workload, in an order rotated
-each repeat, and each compressed time is divided by the dense time *of the same repeat*; the
-median of these paired ratios is reported. Timer: on CPU with one thread, the process's CPU
-time (on a machine shared with other jobs, wall time mostly measures the others; CPU time is
-the cost of the work itself; wall-clock figures are kept too), else synchronised wall time.
-Exports store the source's dtype (the demo model: float16, as the CLI does) and every variant
-computes in ``--dtype``. Peak memory is measured apart, one fresh process per variant (load,
-then the largest prefill and decode): peak RSS (VmHWM) on CPU, peak allocated on CUDA.
+Every repeat times every variant once per workload, in an order rotated each repeat; each time
+is divided by the dense time of the same repeat and the median of these paired ratios kept.
+Timer: the process's CPU time on a CPU with one thread (on a shared machine wall time mostly
+measures the other jobs; wall figures are kept too), else synchronised wall time. Peak memory:
+one fresh process per variant (load, then the largest prefill and decode).
 
     python bench/inference.py --preset demo --threads 1
-    python bench/inference.py --preset llama-medium --threads 1
     python bench/inference.py --preset llama2-7b --device cuda --dtype bfloat16   # GPU
     python bench/inference.py --smoke --json smoke.json                           # CI
 """
@@ -99,8 +93,8 @@ def plans_and_exports(model, tok, store, a, work: Path) -> list[dict]:
     t0 = time.perf_counter()
     dec = decompose_model(model, decomposition, windows)
     print(f"decomposed ({decomposition}) in {time.perf_counter() - t0:.0f} s", flush=True)
-    probe = torch.randint(0, model.config.vocab_size, (1, 16), device=model.device,
-                          generator=torch.Generator().manual_seed(1))
+    probe = torch.randint(0, model.config.vocab_size, (1, 16),
+                          generator=torch.Generator().manual_seed(1)).to(model.device)
     out = []
     for ratio in a.ratios:
         plan = select_plan(model, dec, method, windows, ratio=ratio)

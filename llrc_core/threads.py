@@ -4,10 +4,10 @@ An op that runs on ``n`` threads ends at a barrier that waits for the slowest of
 CPU shared with other jobs one of those threads is often off its core, so each of the
 thousand-odd ops of a training step waits out a scheduler time slice. Measured on the 2-core
 dev machine under load ~7 (``bench/README.md``): one LLRC step of the demo model takes 0.9 s
-on 1 thread and 8.9 s on 2, while on an idle machine 2 threads are the faster. So the count
-is measured, not guessed: ``ThreadChooser`` times a short probe (a few GEMMs and elementwise
-ops shaped like a step's) on each candidate count, keeps the fastest, and probes again every
-``every`` seconds as the load changes.
+on 1 thread and 8.9 s on 2; on free cores more threads do more work. So the count is
+measured, not guessed: ``ThreadChooser`` times a short probe (a few GEMMs and elementwise ops
+shaped like a step's) on each candidate count, keeps the fastest, and probes again as the
+load changes.
 
 The count changes how long the maths takes, not its result, as measured on the demo model
 (``tests/test_live_speed.py``): STRS's scores and LLRC's steps and plans are bit-identical on

@@ -347,6 +347,9 @@ def test_browser_dense_next_to_exports(tmp_path):
                            ).to_be_visible()
                     expect(page.get_by_test_id("stMetricValue")).to_have_count(6)
                     runs.append(page.get_by_test_id("stCode").all_inner_texts())
+                    # one chart per model once the page has settled (a rerun may briefly
+                    # still hold the previous run's chart next to the new one)
+                    expect(page.locator(".js-plotly-plot")).to_have_count(3)
                     charts.append(page.evaluate(FIGURES_JS))
                     page.wait_for_timeout(500)
                 png = shot(page, "playground")
