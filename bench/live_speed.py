@@ -23,6 +23,11 @@ bit-identical); with ``--full``, also the plans' kept indices (``same_plan_as``)
     python bench/live_speed.py llrc --variants before@2,before@1,after@auto --rounds 2
     python bench/live_speed.py strs --stride 6 --variants before,after@auto
     python bench/live_speed.py strs --n-calib 32 --json strs.json     # the compare grid's size
+    python bench/live_speed.py llrc --load 2     # while 2 busy processes share the cores
+
+``--load N`` starts N processes spinning a Python loop for the whole run (a shared machine,
+reproducibly): an op that runs on several threads waits for the slowest of them, and with
+the cores taken one of them is often off its core.
 """
 from __future__ import annotations
 
@@ -139,7 +144,7 @@ def max_diff(trace_a: list, trace_b: list) -> float | None:
     return max((abs(x - y) for x, y in pairs), default=None)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("case", choices=["llrc", "strs"])
     ap.add_argument("--variants", default="before,after@auto")
@@ -151,15 +156,13 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=1, help="strs: every K-th target (1: all)")
     ap.add_argument("--full", action="store_true", help="llrc: the whole run, not to the target")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--load", type=int, default=0, help="busy processes running alongside")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.worker:
-        sys.path.insert(0, os.environ["PYTHONPATH"])
-        import llrc_core
-        out = (worker_llrc if a.case == "llrc" else worker_strs)(a)
-        print(json.dumps({**out, "code": str(Path(llrc_core.__file__).parents[1])}))
-        return
+    return ap.parse_args()
 
+
+def run_all(a) -> list[dict]:
+    """Every variant, round after round; the 'before' code from ``git archive``."""
     with tempfile.TemporaryDirectory() as tmp:
         code = {"before": checkout(a.rev, Path(tmp)), "after": ROOT}
         results = []
@@ -170,6 +173,25 @@ def main() -> None:
                 results.append(res)
                 print(json.dumps({k: v for k, v in res.items() if k not in ("trace", "kept")}),
                       flush=True)
+    return results
+
+
+def main() -> None:
+    a = parse_args()
+    if a.worker:
+        sys.path.insert(0, os.environ["PYTHONPATH"])
+        import llrc_core
+        out = (worker_llrc if a.case == "llrc" else worker_strs)(a)
+        print(json.dumps({**out, "code": str(Path(llrc_core.__file__).parents[1])}))
+        return
+
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                 for _ in range(a.load)]
+    try:
+        results = run_all(a)
+    finally:
+        for p in spinners:
+            p.kill()
     ok = [r for r in results if "trace" in r]
     for r in ok:      # against every variant of the first round (0.0: the same bits)
         r["max_diff_vs"] = {o["variant"]: max_diff(o["trace"], r["trace"])
@@ -178,7 +200,8 @@ def main() -> None:
             r["same_plan_as"] = {o["variant"]: o["kept"] == r["kept"]
                                  for o in ok if o["round"] == 0 and o is not r}
     summary = {"case": a.case, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-               "load_avg": os.getloadavg(), "n_calib": a.n_calib, "seq_len": a.seq_len,
+               "load_avg": os.getloadavg(), "spinners": a.load, "n_calib": a.n_calib,
+               "seq_len": a.seq_len,
                "results": [{k: v for k, v in r.items() if k not in ("trace", "kept")}
                            for r in results]}
     for r in summary["results"]:

@@ -86,8 +86,11 @@ def wrap_(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return new
 
 
-def apply_plan_(model: nn.Module, plan: RankPlan, factors: dict[str, Factors]) -> nn.Module:
-    """Swap every non-dense planned layer for its low-rank form; remembers the originals."""
+def apply_plan_(model: nn.Module, plan: RankPlan, factors: dict[str, Factors],
+                release: bool = False) -> nn.Module:
+    """Swap every non-dense planned layer for its low-rank form; remembers the originals.
+    ``release``: pop each layer's factors from ``factors`` once its low-rank form is made, so
+    a layer holds its full-rank factors or its kept-rank ones, never both for long."""
     originals = originals_of(model)
     missing = [n for n, lp in plan.layers.items() if not lp.dense and n not in factors]
     if missing:
@@ -96,6 +99,8 @@ def apply_plan_(model: nn.Module, plan: RankPlan, factors: dict[str, Factors]) -
         if name in originals:
             swap_module_(model, name, originals.pop(name))   # re-applying: start from dense
         if lp.dense:
+            if release:
+                factors.pop(name, None)
             continue
         old = model.get_submodule(name)
         m, n = weight_of(old).shape
@@ -103,6 +108,8 @@ def apply_plan_(model: nn.Module, plan: RankPlan, factors: dict[str, Factors]) -
             raise ValueError(f"{name}: plan shape {(lp.m, lp.n)} != layer shape {(m, n)}")
         swap_module_(model, name, low_rank_from(old, factors[name], lp.kept))
         originals[name] = old
+        if release:
+            del factors[name]
     return model
 
 

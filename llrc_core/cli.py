@@ -65,7 +65,7 @@ def _load(args):
                       allow_compressed=args.allow_compressed)
 
 
-def _decompose(args, loaded):
+def _decompose(args, loaded, placement=None):
     from .pipeline import calibrate, decompose_model
     windows = None
     if args.calib:
@@ -74,7 +74,8 @@ def _decompose(args, loaded):
         raise LLRCError(f"--decomposition {args.decomposition} needs calibration data: pass "
                         "--calib FILE (or 'selfgen')")
     dec = decompose_model(loaded.model, args.decomposition, windows, alpha=args.alpha,
-                          batch_size=args.batch_size, progress=_bar("decompose blocks"))
+                          batch_size=args.batch_size, progress=_bar("decompose blocks"),
+                          placement=placement)
     return dec, windows
 
 
@@ -146,15 +147,15 @@ def cmd_compress(args) -> dict | None:
     opts = _method_options(args)
     main = not distributed.init_from_env() or distributed.is_main()
     # Everything checkable without weights fails here, before loading (seconds, not minutes).
-    early = check_compress(args.model, args.method, args.decomposition, opts, calib=args.calib,
-                           n_calib=args.n_calib, seq_len=args.seq_len, out=args.out,
-                           force=args.force, eval_text=args.eval_text,
-                           trust_remote_code=args.trust_remote_code, device=args.device,
-                           dtype=args.dtype, batch_size=args.batch_size,
-                           allow_compressed=args.allow_compressed)
+    early, memory = check_compress(
+        args.model, args.method, args.decomposition, opts, calib=args.calib,
+        n_calib=args.n_calib, seq_len=args.seq_len, out=args.out, force=args.force,
+        eval_text=args.eval_text, trust_remote_code=args.trust_remote_code, device=args.device,
+        dtype=args.dtype, batch_size=args.batch_size, allow_compressed=args.allow_compressed,
+        offload=args.offload, factor_dtype=args.factor_dtype)
     t0 = time.time()
     loaded = _load(args)
-    dec, windows = _decompose(args, loaded)
+    dec, windows = _decompose(args, loaded, memory.placement)
     ev = None
     if args.eval_text and main:
         from .models import context_length   # windows longer than the context crash
@@ -166,7 +167,7 @@ def cmd_compress(args) -> dict | None:
     with _EventBar(args.method) as bar:
         res = compress(loaded.model, dec, args.method, windows, eval_ids=ev,
                        emit=fan_out(bar, log) if main else (lambda e: None),
-                       eval_batch_size=args.batch_size,
+                       eval_batch_size=args.batch_size, release_factors=True,
                        checkpoint=args.checkpoint, **opts)
     if not main:                      # the same plan as rank 0's; rank 0 writes it
         distributed.barrier()
@@ -177,7 +178,8 @@ def cmd_compress(args) -> dict | None:
               **({"ppl_before": res.ppl_before, "ppl_after": res.ppl_after,
                   **eval_info(ev, args.eval_text)} if ev is not None else {}),
               "stopped": res.stopped, "select_seconds": res.select_seconds,
-              "seconds": time.time() - t0, "warnings": [*early, *res.warnings]}
+              "seconds": time.time() - t0, "placement": memory.placement.to_dict(),
+              "warnings": [*early, *res.warnings]}
     export_model(loaded.model, loaded.tokenizer, res.plan, args.out, report=report,
                  force=args.force, merged_dense=args.merged_dense,
                  dtype=loaded.source_dtype, source=loaded.source_info(),
@@ -261,7 +263,8 @@ def cmd_plan_memory(args) -> dict | None:
     plan = plan_memory(args.model, args.dtype, args.method, args.decomposition, args.n_calib,
                        args.seq_len, args.batch_size, args.gpus,
                        args.gpu_memory if args.gpus else None,   # a host plan is not checked
-                       args.trust_remote_code)
+                       args.trust_remote_code, offload=args.offload,
+                       factor_dtype=args.factor_dtype)
     if args.json:
         return plan.to_dict()
     print(plan.table())
@@ -302,6 +305,15 @@ def cmd_compare(args) -> dict:
             "out": str(Path(args.out) / "results.csv")}
 
 
+def _placement_args(p: argparse.ArgumentParser) -> None:
+    from .placement import OFFLOADS
+    p.add_argument("--offload", default="auto", choices=["auto", *OFFLOADS],
+                   help="what waits in CPU memory during the run: none, targets (distillation "
+                   "targets), factors (targets and factors); auto: the least that fits")
+    p.add_argument("--factor-dtype", default="auto", help="dtype factors are stored in: auto "
+                   "(the model's on a GPU, float32 on a CPU), float32, bfloat16, float16")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .counting import SCOPES
     from .evaluate import EVAL_SEQ_LEN, EVAL_WINDOWS
@@ -335,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per evaluation window")
     p.add_argument("--max-eval-windows", type=int, default=EVAL_WINDOWS,
                    help="evaluation windows (the first ones of the text)")
+    _placement_args(p)
     _export_args(p)
     p.set_defaults(func=cmd_compress)
 
@@ -367,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="windows per training step")
     p.add_argument("--gpus", type=int, default=1, help="GPUs (0: a CPU run)")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
+    _placement_args(p)
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     p.set_defaults(func=cmd_plan_memory)

@@ -34,10 +34,14 @@ def hidden_at(model: nn.Module, ids: torch.Tensor, layers: tuple[int, ...]) -> l
 
 
 def precompute_targets(model: nn.Module, windows: torch.Tensor, layers: tuple[int, ...],
-                       batch_size: int) -> list[torch.Tensor]:
-    """Targets over all windows, one ``(N, T, d)`` tensor per layer (model device), from the
-    model in eval mode (no dropout) without gradients."""
+                       batch_size: int, store: torch.device | str | None = None
+                       ) -> list[torch.Tensor]:
+    """Targets over all windows, one ``(N, T, d)`` tensor per layer in the model's dtype, from
+    the model in eval mode (no dropout) without gradients. ``store``: where they are kept
+    (default the model's device; ``cpu`` offloads them batch by batch)."""
     device = next(model.parameters()).device
+    store = device if store is None else torch.device(store)
     with inference_mode(model):
-        parts = [hidden_at(model, ids.to(device), layers) for ids in windows.split(batch_size)]
+        parts = [[h.to(store) for h in hidden_at(model, ids.to(device), layers)]
+                 for ids in windows.split(batch_size)]
     return [torch.cat([p[i] for p in parts]) for i in range(len(layers))]

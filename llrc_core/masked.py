@@ -9,6 +9,15 @@ trainer sets before each forward pass. Per call it takes the cheaper of
       (``T m n``),
 
 by comparing those counts for the call's token count ``T`` (forward and backward scale alike).
+
+Offloaded factors (``placement.Placement.offload_factors``) stay in CPU memory: each forward
+moves the layer's ``U`` and ``V`` to the device, and a ``saved_tensors_hooks`` pair keeps
+autograd from holding those copies until the backward pass: it saves a note of where they
+came from and fetches them again when the backward needs them. (accelerate's offload hooks
+move weights in for a forward and out after it, but autograd would still keep the moved
+copies alive until the backward; recomputing whole blocks, as activation checkpointing
+does, would run every block's forward twice.) Offloaded layers always take path (a):
+path (b) would save an ``m x n`` matrix per layer for the backward.
 """
 from __future__ import annotations
 
@@ -21,23 +30,29 @@ from .models import weight_of
 
 
 class MaskedLowRank(nn.Module):
-    def __init__(self, factors: Factors, bias: torch.Tensor | None, dtype=None, device=None):
+    def __init__(self, factors: Factors, bias: torch.Tensor | None, dtype=None, device=None,
+                 offloaded: bool = False):
         super().__init__()
-        f = factors.to(device, dtype)
+        self.offloaded, self.dtype = offloaded, dtype
+        # In place: the stored factors are used as they are when dtype and device match.
+        f = factors if offloaded else factors.to(device, dtype)
         self.register_buffer("U", f.U.contiguous(), persistent=False)       # (m, r)
-        self.register_buffer("S", f.S.contiguous(), persistent=False)       # (r,)
+        self.register_buffer("S", f.S.to(device, dtype).contiguous(), persistent=False)  # (r,)
         self.register_buffer("V", f.V.contiguous(), persistent=False)       # (r, n)
         self.register_buffer("bias", None if bias is None else bias.detach().to(device, dtype),
                              persistent=False)
         self.mask: torch.Tensor | None = None    # (r,) set by the trainer; None = all kept
         self.path = "auto"                       # "auto", "factorised" or "dense"
         self.last_path = ""
+        self.fetches = 0                         # offloaded: factor copies moved to the device
 
     @property
     def rank(self) -> int:
         return self.S.numel()
 
     def choose(self, tokens: int) -> str:
+        if self.offloaded:
+            return "factorised"
         if self.path != "auto":
             return self.path
         (m, r), n = self.U.shape, self.V.shape[1]
@@ -47,20 +62,48 @@ class MaskedLowRank(nn.Module):
         s = self.S if self.mask is None else self.S * self.mask.to(self.S.dtype)   # (r,)
         tokens = x.numel() // x.shape[-1]
         self.last_path = self.choose(tokens)
+        if self.offloaded:
+            return self._offloaded(x, s)
         if self.last_path == "dense":
             W = (self.U * s) @ self.V                                     # (m, n)
             return nn.functional.linear(x, W, self.bias)
         h = nn.functional.linear(x, self.V) * s                          # (..., r)
         return nn.functional.linear(h, self.U, self.bias)                # (..., m)
 
+    def _fetch(self, stored: torch.Tensor, device: torch.device) -> torch.Tensor:
+        self.fetches += 1
+        return stored.to(device, self.dtype, non_blocking=True)
 
-def install_masked_(model: nn.Module, factors: dict[str, Factors]) -> dict[str, MaskedLowRank]:
+    def _offloaded(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Path (a) on factors fetched from CPU memory; autograd saves notes, not copies."""
+        U, V = self._fetch(self.U, x.device), self._fetch(self.V, x.device)
+        source = {U.untyped_storage().data_ptr(): self.U, V.untyped_storage().data_ptr(): self.V}
+
+        def pack(t: torch.Tensor):        # a fetched factor (or a view of one): a note
+            stored = source.get(t.untyped_storage().data_ptr()) if t.device == x.device \
+                else None
+            return t if stored is None else (stored, t.shape, t.stride(), t.storage_offset())
+
+        def unpack(saved):
+            if isinstance(saved, torch.Tensor):
+                return saved
+            stored, shape, stride, offset = saved
+            return self._fetch(stored, x.device).as_strided(shape, stride, offset)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            h = nn.functional.linear(x, V) * s                           # (..., r)
+            return nn.functional.linear(h, U, self.bias)                 # (..., m)
+
+
+def install_masked_(model: nn.Module, factors: dict[str, Factors], offloaded: bool = False
+                    ) -> dict[str, MaskedLowRank]:
     """Swap every layer named in ``factors`` for a ``MaskedLowRank`` (``apply.restore_`` undoes
-    it). Factors move to the layer's device and dtype."""
+    it). Factors move to the layer's device and dtype, unless ``offloaded`` (they stay where
+    they are stored and move per forward pass)."""
     layers = {}
     for name, f in factors.items():
         old = model.get_submodule(name)
         w = weight_of(old)
         bias = getattr(old, "bias", None)
-        layers[name] = wrap_(model, name, MaskedLowRank(f, bias, w.dtype, w.device))
+        layers[name] = wrap_(model, name, MaskedLowRank(f, bias, w.dtype, w.device, offloaded))
     return layers

@@ -14,6 +14,7 @@ from .apply import apply_plan_
 from .calibration import CalibConfig, load_calibration
 from .decompose import DECOMPOSITIONS, Factors, decompose
 from .models import LoadedModel, Target, count_params, find_targets, weight_of
+from .placement import Placement
 from .plan import RankPlan
 from .selectors import SelectionContext, get_selector
 from .stats import collect_stats
@@ -30,6 +31,8 @@ class Decomposed:
     seconds: float
     stats: dict = field(default_factory=dict)   # kept only when asked (LLRC/ARS need none)
     warnings: list[dict] = field(default_factory=list)   # layers damped or decomposed by SVD
+    placement: Placement | None = None    # how the factors are stored (None: float32, on the
+                                          # weights' device); learned methods follow it
 
     @property
     def shapes(self) -> dict[str, tuple[int, int]]:
@@ -42,10 +45,12 @@ class Decomposed:
 
 def decompose_model(model, decomposition: str = "svd", windows: torch.Tensor | None = None,
                     *, alpha: float = 0.5, batch_size: int = 8, keep_stats: bool = False,
-                    targets: list[Target] | None = None, progress: Progress = lambda it: it
-                    ) -> Decomposed:
+                    targets: list[Target] | None = None, progress: Progress = lambda it: it,
+                    placement: Placement | None = None) -> Decomposed:
     """Factors of every target layer. Data-aware decompositions collect statistics block by
-    block and decompose each block as soon as its statistics are complete."""
+    block and decompose each block as soon as its statistics are complete. With a
+    ``placement``, each layer's factors are stored as it says as soon as they exist (dtype,
+    device), so no more than one layer's float32 factors are held at a time."""
     if decomposition not in DECOMPOSITIONS:
         raise ValueError(f"decomposition must be one of {sorted(DECOMPOSITIONS)}, "
                          f"got {decomposition!r}")
@@ -67,6 +72,8 @@ def decompose_model(model, decomposition: str = "svd", windows: torch.Tensor | N
                                  "decomposed by plain SVD instead"})
             else:
                 factors[name] = decompose(W, decomposition, st, alpha=alpha)
+            if placement is not None:
+                factors[name] = placement.store(factors[name], W.device)
             if factors[name].damping > 0:
                 warnings.append({"kind": "damped_gram", "layer": name,
                                  "damping": factors[name].damping,
@@ -91,12 +98,14 @@ def decompose_model(model, decomposition: str = "svd", windows: torch.Tensor | N
         missing = [t.name for t in targets if t.name not in factors]
         if missing:
             raise RuntimeError(f"no calibration statistics reached {missing[:3]}")
-    return Decomposed(targets, factors, decomposition, time.time() - t0, kept_stats, warnings)
+    return Decomposed(targets, factors, decomposition, time.time() - t0, kept_stats, warnings,
+                      placement)
 
 
 def make_context(model, dec: Decomposed, windows=None, **kw) -> SelectionContext:
     return SelectionContext(dec.shapes, dec.spectra, count_params(model), dec.decomposition,
-                            dec.factors, model, windows, dec.stats, **kw)
+                            dec.factors, model, windows, dec.stats, placement=dec.placement,
+                            **kw)
 
 
 def method_config(method: str, decomposition: str, **options):
@@ -151,6 +160,7 @@ def spectra_rows(dec: Decomposed) -> list[dict]:
     return rows
 
 
-def compress_(model, dec: Decomposed, plan: RankPlan):
-    """Apply ``plan`` with the factors of ``dec`` (in place; ``apply.restore_`` undoes it)."""
-    return apply_plan_(model, plan, dec.factors)
+def compress_(model, dec: Decomposed, plan: RankPlan, release: bool = False):
+    """Apply ``plan`` with the factors of ``dec`` (in place; ``apply.restore_`` undoes it).
+    ``release``: drop each layer's factors from ``dec`` once it is applied."""
+    return apply_plan_(model, plan, dec.factors, release=release)

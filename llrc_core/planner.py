@@ -9,14 +9,24 @@ runs today:
 * **statistics**: weights + one block's calibration hidden states (in and out) + that block's
   float64 statistics (a Gram ``n x n`` per target layer for whitening, a vector for ASVD: an
   upper bound, since layers fed the same tensor share one).
-* **decomposition**: weights + the float32 factors ``U (m x r)``, ``V (r x n)`` of every target
-  kept so far (all of them at the end) + the float64 work of the largest single SVD.
-* **selection** (learned methods): weights (the dense originals stay on the device) + the
-  float32 factors + the masked layers' copies of the factors in the compute dtype + the
-  distillation targets + the activations kept for the backward pass of one batch + the mask
-  logits with their optimiser state. Non-learned methods need only the factors.
-* **apply** / **evaluate**: weights + factors + the kept-rank factors of every layer (at most
-  the dense size). **export**: the state dict written once more on the CPU.
+* **decomposition**: weights + the factors ``U (m x r)``, ``V (r x n)`` of every target,
+  stored in the placement's factor dtype as each layer is decomposed (on the device, or in
+  CPU memory when offloaded) + the float64 work of the largest single SVD and its float32
+  result.
+* **selection** (learned methods): weights less the dense originals of the swapped layers
+  (parked in CPU memory on a GPU) + the stored factors + the masked layers' copies in the
+  compute dtype (none when the dtypes match; one block's fetched factors when offloaded) +
+  the distillation targets (unless offloaded) + the activations kept for the backward pass
+  of one batch + the mask logits with their optimiser state. Non-learned methods need only
+  the weights and factors.
+* **apply**: weights + per layer the larger of its stored factors and its kept-rank factors
+  (``compress`` releases a layer's factors once it is applied); **evaluate** / **export**:
+  weights + the kept-rank factors (at most the dense size); export writes the state dict
+  once more from the CPU.
+
+``offload="auto"`` counts the placements of ``placement.OFFLOADS`` in order (all on the
+device, then distillation targets in CPU memory, then factors too) and keeps the first that
+fits; ``facts["placement"]`` says which.
 
 ``peak_gpu_bytes`` is the largest need over the phases on the device the run uses (today one
 device holds everything: multi-GPU placement is issue 11's next part, so ``gpus`` > 1 is
@@ -32,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .models import DTYPES, count_params, find_targets, skeleton
+from .placement import OFFLOADS, Placement
 
 GIB = 2 ** 30
 PHASES = ("load", "statistics", "decomposition", "selection", "apply", "evaluate", "export")
@@ -49,6 +60,7 @@ class MemoryPlan:
     phases: dict[str, int]                    # phase -> bytes on the first GPU (or host)
     cpu_phases: dict[str, int]                # phase -> host bytes
     facts: dict = field(default_factory=dict)  # counts the phases were built from
+    placement: Placement | None = None         # where the counted run keeps factors, targets
 
     @property
     def peak_gpu_bytes(self) -> int:
@@ -78,7 +90,7 @@ class MemoryPlan:
                 "gpus": self.gpus, "gpu_memory_gib": self.gpu_memory,
                 "peak_gpu_bytes": self.peak_gpu_bytes, "peak_phase": self.peak_phase,
                 "fits": self.fits, "phases": self.phases, "cpu_phases": self.cpu_phases,
-                "facts": self.facts}
+                "placement": self.facts.get("placement"), "facts": self.facts}
 
     def table(self) -> str:
         where = f"per GPU ({self.gpus})" if self.gpus else "host"
@@ -90,80 +102,139 @@ class MemoryPlan:
             f"{self.gpu_memory:g} GiB {'per GPU' if self.gpus else 'of host memory'}, 5 % margin"
         lines.append(f"peak {self.peak_bytes / GIB:.2f} GiB in {self.peak_phase}: "
                      f"{verdict} ({cap})")
+        if self.placement is not None:
+            pl = self.placement
+            lines.append(f"placement: factors stored in "
+                         f"{str(pl.factor_dtype).removeprefix('torch.')}, offload {pl.offload}"
+                         + (", dense originals parked in CPU memory while masks train"
+                            if pl.park_dense else ""))
         return "\n".join(lines)
 
 
 def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
                 decomposition: str = "whiten", n_calib: int = 64, seq_len: int = 512,
                 batch_size: int = 4, gpus: int = 1, gpu_memory: float | None = 80.0,
-                trust_remote_code: bool = False, meta=None) -> MemoryPlan:
+                trust_remote_code: bool = False, meta=None, offload: str = "auto",
+                factor_dtype: str | None = None) -> MemoryPlan:
     """Count the memory of compressing ``model`` (a folder or Hub id; only its config is
     read) with ``method`` at these settings. ``meta``: an already built model (meta-device,
-    or loaded: only its shapes, parameter count and config are used)."""
+    or loaded: only its shapes, parameter count and config are used). ``offload``: one of
+    ``placement.OFFLOADS``, or ``auto``: the first of them that fits (``facts["placement"]``
+    says which)."""
     from .selectors import get_selector
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if gpus < 0 or min(n_calib, seq_len, batch_size) < 1:
         raise ValueError("gpus must be >= 0 and n_calib, seq_len, batch_size >= 1")
+    if offload != "auto" and offload not in OFFLOADS:
+        raise ValueError(f"offload must be 'auto' or one of {OFFLOADS}, got {offload!r}")
     spec = get_selector(method)
     meta = meta if meta is not None else skeleton(model, trust_remote_code)
+    counts = _counts(meta, dtype, decomposition, n_calib, seq_len, batch_size,
+                     two_targets=method == "llrc")
+    device = "cuda" if gpus else "cpu"
+    plan = None
+    for level in (OFFLOADS if offload == "auto" else (offload,)):
+        placement = Placement.for_run(DTYPES[dtype], device, level, factor_dtype)
+        phases, host, facts = _phases(counts, placement, spec.trains, bool(gpus))
+        plan = MemoryPlan(str(model), dtype, method, gpus, gpu_memory, phases, host,
+                          {**counts["facts"], **facts}, placement)
+        if plan.fits or not gpus:          # on a CPU every placement is the same memory
+            break
+    return plan
+
+
+def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
+            batch_size: int, two_targets: bool) -> dict:
+    """Numbers and bytes that do not depend on the placement."""
+    tokens = n_calib * seq_len
+    from .decompose import DECOMPOSITIONS
     b = DTYPES[dtype].itemsize                                             # bytes per number
     targets = find_targets(meta)
-    params = count_params(meta)
     cfg = meta.config
     d = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0))
     inter = int(getattr(cfg, "intermediate_size", 0) or getattr(cfg, "n_inner", 0) or 4 * d)
     blocks = 1 + max(t.block for t in targets)
-
-    factor_numbers = sum(min(t.m, t.n) * (t.m + t.n) for t in targets)     # U and V, full rank
-    spectrum_numbers = sum(min(t.m, t.n) for t in targets)
-    dense_linear = sum(t.m * t.n for t in targets)
+    layer_factors = {t.name: min(t.m, t.n) * (t.m + t.n) for t in targets}  # U and V, full rank
+    per_block: dict[int, list] = {}
+    for t in targets:
+        per_block.setdefault(t.block, []).append(t)
     # Statistics of one block, an upper bound: one float64 Gram (or vector) per target layer
     # (layers fed the same tensor, q/k/v, share one at run time; that is not visible here).
-    per_block: dict[int, list[int]] = {}
-    for t in targets:
-        per_block.setdefault(t.block, []).append(t.n)
-    widest_block = max(per_block.values(), key=lambda ns: sum(n * n for n in ns))
-    from .decompose import DECOMPOSITIONS
+    widest = max(per_block.values(), key=lambda ts: sum(t.n * t.n for t in ts))
     needs = getattr(DECOMPOSITIONS.get(decomposition), "needs", ())
-    stats = (8 * sum(n * n for n in widest_block) if "gram" in needs       # whiten, whiten-eig
-             else 8 * sum(widest_block) if needs else 0)                    # asvd; svd: none
-    tokens = n_calib * seq_len
-    hidden = 2 * tokens * d * b                                            # one block in, out
+    stats = (8 * sum(t.n * t.n for t in widest) if "gram" in needs      # whiten, whiten-eig
+             else 8 * sum(t.n for t in widest) if needs else 0)           # asvd; svd: none
     big = max(targets, key=lambda t: t.m * t.n)
     r = min(big.m, big.n)
-    svd_work = 8 * (big.m * big.n + big.m * r + r * big.n + big.n * big.n + r)
-
-    weights = params * b
-    factors32 = 4 * (factor_numbers + spectrum_numbers)
-    on_first = weights                        # one device holds the model (no placement yet)
-    phases = {"load": on_first,
-              "statistics": on_first + hidden + stats,
-              "decomposition": on_first + factors32 + svd_work}
-    if spec.trains:
-        factor_copies = b * (factor_numbers + spectrum_numbers)
-        targets_bytes = 2 * tokens * d * b if method == "llrc" else tokens * d * b
-        act = batch_size * seq_len * blocks * (12 * d + 5 * inter) * b     # estimate
-        logits = 3 * 4 * spectrum_numbers                                  # theta + Adam m, v
-        selection = on_first + factors32 + factor_copies + targets_bytes + act + logits
-        facts_sel = {"factor_copies_bytes": factor_copies, "distill_targets_bytes": targets_bytes,
-                     "activations_bytes_estimate": act, "mask_state_bytes": logits}
-    else:
-        selection, facts_sel = on_first + factors32, {}
-    kept = min(dense_linear, factor_numbers) * b      # kept-rank factors: at most the dense size
-    phases.update(selection=selection, apply=on_first + factors32 + kept,
-                  evaluate=on_first + factors32 + kept,
-                  export=on_first + kept)
-    host = {p: 0 for p in PHASES} if gpus else dict(phases)
-    host["export"] = host["export"] + weights             # the state dict written from the CPU
-    facts = {"params": params, "weights_bytes": weights, "targets": len(targets),
+    params = count_params(meta)
+    facts = {"params": params, "weights_bytes": params * b, "targets": len(targets),
              "blocks": blocks, "hidden_size": d, "intermediate_size": inter,
-             "dense_linear": dense_linear, "factor_numbers": factor_numbers,
-             "factors_fp32_bytes": factors32, "stats_block_bytes": stats,
-             "hidden_states_block_bytes": hidden, "svd_work_bytes": svd_work,
+             "dense_linear": sum(t.m * t.n for t in targets),
+             "factor_numbers": sum(layer_factors.values()),
+             "spectrum_numbers": sum(min(t.m, t.n) for t in targets),
+             "stats_block_bytes": stats, "hidden_states_block_bytes": 2 * tokens * d * b,
+             # float64 work of the largest SVD, and its float32 factors before they are stored
+             "svd_work_bytes": 8 * (big.m * big.n + big.m * r + r * big.n + big.n * big.n + r)
+             + 4 * r * (big.m + big.n),
              "calibration_tokens": tokens,
-             "placement": "one device (multi-GPU placement not implemented yet)", **facts_sel}
-    return MemoryPlan(str(model), dtype, method, gpus, gpu_memory, phases, host, facts)
+             "distill_targets_bytes": (2 if two_targets else 1) * tokens * d * b,
+             "mask_state_bytes": 3 * 4 * sum(min(t.m, t.n) for t in targets)}  # theta, Adam m, v
+    # Activations kept for the backward pass of one batch (an estimate: per token and block,
+    # 12 hidden-size and 5 intermediate-size values).
+    facts["activations_bytes_estimate"] = batch_size * seq_len * blocks * (12 * d + 5 * inter) * b
+    return {"b": b, "facts": facts, "layers": [(t, layer_factors[t.name]) for t in targets],
+            "block_factors": max(sum(layer_factors[t.name] for t in ts)
+                                 for ts in per_block.values())}
+
+
+def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
+            ) -> tuple[dict[str, int], dict[str, int], dict]:
+    """Bytes per phase on the run's device and on the host, for one placement."""
+    f, b = c["facts"], c["b"]
+    fb = placement.factor_dtype.itemsize
+    weights, spectrum = f["weights_bytes"], f["spectrum_numbers"]
+    stored = fb * f["factor_numbers"] + 4 * spectrum            # U, V in factor_dtype; S fp32
+    on_dev = 0 if placement.offload_factors else stored
+    on_host = stored if placement.offload_factors else 0
+    phases = {"load": weights,
+              "statistics": weights + f["hidden_states_block_bytes"] + f["stats_block_bytes"],
+              "decomposition": weights + on_dev + f["svd_work_bytes"]}
+    extra = {"placement": placement.to_dict() | {"device": "one GPU" if gpu else "host"},
+             "factors_stored_bytes": stored}
+    host_sel = on_host
+    if trains:
+        if placement.offload_factors:       # one block's factors fetched at a time (a bound)
+            copies = b * c["block_factors"]
+        elif fb != b:                       # masked layers copy the factors to the model dtype
+            copies = b * f["factor_numbers"]
+        else:
+            copies = 0                      # used in place
+        copies += b * spectrum
+        parked = b * f["dense_linear"] if placement.park_dense else 0
+        targets, act = f["distill_targets_bytes"], f["activations_bytes_estimate"]
+        on_dev_targets = 0 if placement.offload_targets else targets
+        phases["selection"] = (weights - parked + on_dev + copies + on_dev_targets + act
+                               + f["mask_state_bytes"])
+        host_sel += parked + (targets if placement.offload_targets else 0)
+        extra.update(factor_copies_bytes=copies, parked_dense_bytes=parked)
+    else:
+        phases["selection"] = weights + on_dev
+    # Apply releases each layer's factors as its kept-rank factors are made (``compress``):
+    # at any moment a layer holds one or the other, so the sum of the larger of the two.
+    kept_layer = {t.name: b * min(t.m * t.n, n) for t, n in c["layers"]}
+    swap = sum(max(0 if placement.offload_factors else fb * n, kept_layer[t.name])
+               for t, n in c["layers"])
+    kept = sum(kept_layer.values())                 # kept-rank factors: at most the dense size
+    phases.update(apply=weights + swap, evaluate=weights + kept, export=weights + kept)
+    extra.update(kept_bound_bytes=kept)
+    if gpu:
+        host = {p: 0 for p in PHASES}
+        host.update(decomposition=on_host, selection=host_sel, apply=on_host)
+    else:
+        host = dict(phases)
+    host["export"] += weights                       # the state dict written from the CPU
+    return phases, host, extra
 
 
 def refusal(plan: MemoryPlan) -> str:
@@ -171,8 +242,10 @@ def refusal(plan: MemoryPlan) -> str:
     need = plan.peak_bytes / GIB
     if plan.gpus:
         where, cap = "on one GPU", f"{plan.gpu_memory:g} GiB (5 % margin)"
-        fix = "a GPU with more memory, a smaller --batch-size or --n-calib/--seq-len, or a " \
-              "non-learned method"
+        offload = "" if plan.placement is None or plan.placement.offload == "factors" else \
+            "--offload factors, "
+        fix = f"{offload}a GPU with more memory, a smaller --batch-size or --n-calib/--seq-len, " \
+              "or a non-learned method"
     else:
         where, cap = "of memory", f"this machine's {plan.gpu_memory:.1f} GiB"
         fix = "a machine with more memory or a GPU, a smaller --batch-size or " \
@@ -191,12 +264,15 @@ def device_memory_gib(device: str | None) -> tuple[int, float]:
 
 
 def check_fits(model: str, method: str, decomposition: str, *, dtype: str, n_calib: int,
-               seq_len: int, batch_size: int, device: str | None, meta) -> MemoryPlan:
-    """The plan of this run on the memory it will have; ``LLRCError`` when it cannot fit."""
+               seq_len: int, batch_size: int, device: str | None, meta, offload: str = "auto",
+               factor_dtype: str | None = None) -> MemoryPlan:
+    """The plan of this run on the memory it will have (its ``placement`` is the one the run
+    uses); ``LLRCError`` when it cannot fit."""
     from .errors import LLRCError
     gpus, gib = device_memory_gib(device)
     plan = plan_memory(model, dtype, method, decomposition, n_calib, seq_len, batch_size,
-                       gpus=gpus, gpu_memory=gib, meta=meta)
+                       gpus=gpus, gpu_memory=gib, meta=meta, offload=offload,
+                       factor_dtype=factor_dtype)
     if not plan.fits:
         raise LLRCError(refusal(plan))
     return plan

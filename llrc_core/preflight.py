@@ -13,6 +13,7 @@ from pathlib import Path
 from .calibration import local_text, tokenize
 from .errors import CalibrationError
 from .files import prepare_destination
+from .planner import MemoryPlan
 
 
 def check_compress(model: str, method: str, decomposition: str, options: dict, *,
@@ -20,9 +21,11 @@ def check_compress(model: str, method: str, decomposition: str, options: dict, *
                    force: bool = False, eval_text: str | None = None,
                    trust_remote_code: bool = False, device: str | None = None,
                    dtype: str | None = None, batch_size: int = 8,
-                   allow_compressed: bool = False) -> list[dict]:
+                   allow_compressed: bool = False, offload: str = "auto",
+                   factor_dtype: str | None = None) -> tuple[list[dict], MemoryPlan]:
     """Raise the first problem (``ValueError``/``LLRCError``/``FileNotFoundError`` naming the
-    fix); return the warnings a run should carry (e.g. overlapping calibration windows)."""
+    fix); return the warnings a run should carry (e.g. overlapping calibration windows) and
+    the memory plan it fits in (its ``placement`` is the one to run with)."""
     from .models import (context_length, count_params, find_targets, pick_device, pick_dtype,
                          refuse_export, resolve_source, skeleton)
     from .pipeline import method_config
@@ -44,8 +47,9 @@ def check_compress(model: str, method: str, decomposition: str, options: dict, *
     shapes = {t.name: (t.m, t.n) for t in find_targets(meta)}
     SelectionContext(shapes, {}, count_params(meta)).reachable_budget(cfg)
     compute = str(pick_dtype(dtype, pick_device(device))).removeprefix("torch.")
-    check_fits(src, method, decomposition, dtype=compute, n_calib=n_calib, seq_len=seq_len,
-               batch_size=getattr(cfg, "batch_size", batch_size), device=device, meta=meta)
+    memory = check_fits(src, method, decomposition, dtype=compute, n_calib=n_calib,
+                        seq_len=seq_len, batch_size=getattr(cfg, "batch_size", batch_size),
+                        device=device, meta=meta, offload=offload, factor_dtype=factor_dtype)
     warnings = []
     seq_len = min(seq_len, context_length(meta))         # as ``pipeline.calibrate`` clamps
     if text is not None:
@@ -61,5 +65,5 @@ def check_compress(model: str, method: str, decomposition: str, options: dict, *
                 f"the calibration text has {tokens} tokens, fewer than --n-calib x --seq-len = "
                 f"{n_calib * seq_len}: the {n_calib} windows overlap; give a longer text for "
                 "independent windows")})
-    return warnings
+    return warnings, memory
 

@@ -2,21 +2,26 @@
 
 An op that runs on ``n`` threads ends at a barrier that waits for the slowest of them. On a
 CPU shared with other jobs one of those threads is often off its core, so each of the
-thousand-odd ops of a training step waits out a scheduler time slice. Measured on the 2-core
-dev machine under load ~7 (``bench/README.md``): one LLRC step of the demo model takes 0.9 s
-on 1 thread and 8.9 s on 2; on free cores more threads do more work. So the count is
-measured, not guessed: ``ThreadChooser`` times a short probe (a few GEMMs and elementwise ops
-shaped like a step's) on each candidate count, keeps the fastest, and probes again as the
-load changes.
+thousand-odd ops of a training step can wait out a scheduler time slice; on free cores more
+threads do more work. So the count is measured, not guessed: ``ThreadChooser`` times a short
+probe (a few GEMMs and elementwise ops shaped like a step's) on each candidate count, keeps
+the fastest, and probes again as the load changes.
 
-The count changes how long the maths takes, not its result, as measured on the demo model
-(``tests/test_live_speed.py``): STRS's scores and LLRC's steps and plans are bit-identical on
-1 and 2 threads. For LLRC that holds because the distillation distances are summed on one
-thread (``selectors/learned.py``): a sum over a whole tensor splits by thread count, and
-before that change the demo model's 400-step LLRC plan on 2 threads differed from the one on
-1 (``bench/README.md``). ``LLRC_THREADS=<n>`` pins the count for these loops; unset or
-``auto`` measures. The upper bound is the count torch has when the loop starts
-(``OMP_NUM_THREADS``, ``torch.set_num_threads``).
+Measured with ``bench/live_speed.py`` on the 2-core dev machine (its section of
+``bench/README.md``), demo model, LLRC at the studio's defaults: on idle cores 0.26 s a step
+on 2 threads against 0.45 s on 1, and the chooser kept 2; with two busy processes on the
+cores (``--load 2``) 0.98 and 1.53 s a step on 2 threads against 0.65 s on 1, and the
+chooser switched to 1 (0.65 and 0.70 s).
+
+The count changes how long the maths takes, not its result. LLRC's distillation distances are
+summed on one thread (``selectors/learned.py``) because a sum over a whole tensor splits by
+thread count: in the same bench, the code before that change gave losses on 2 threads that
+differed from those on 1 by up to 3.6e-7 within 40 steps, and with it the 40 steps are the
+same bits. ``tests/test_live_speed.py`` (slow) runs 12 LLRC steps and an STRS score on the
+demo model on 1 and on 2 threads and asserts the same losses, kept counts, plan and score
+bit for bit; it fails when the distances are summed on all threads. ``LLRC_THREADS=<n>`` pins
+the count for these loops; unset or ``auto`` measures. The upper bound is the count torch has
+when the loop starts (``OMP_NUM_THREADS``, ``torch.set_num_threads``).
 """
 from __future__ import annotations
 

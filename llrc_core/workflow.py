@@ -64,14 +64,17 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
              evaluate: Callable[[torch.nn.Module], dict] | None = None, before: bool = True,
              plan: RankPlan | None = None, copy: bool = False, partial: bool = True,
              emit: Emit = lambda e: None, should_stop: Callable[[], bool] = lambda: False,
-             eval_batch_size: int = 8, **options) -> CompressionResult:
+             eval_batch_size: int = 8, release_factors: bool = False,
+             **options) -> CompressionResult:
     """Select a plan with ``method`` (or take ``plan``), apply it and evaluate.
 
     ``evaluate(model) -> dict`` measures a model (default with ``eval_ids`` (k, L): its
     perplexity, ``eval_batch_size`` windows at a time); ``before`` measures the dense model
     first. ``options``: the method's config fields (its own ``batch_size`` among them) and
     ``select_plan``'s plumbing (``cache_dir``, ``checkpoint``, ...). A stopped
-    selection raises ``Stopped`` unless ``partial`` (keep a stopped learned plan)."""
+    selection raises ``Stopped`` unless ``partial`` (keep a stopped learned plan).
+    ``release_factors``: each layer's full-rank factors leave ``dec`` once it is applied (a
+    one-shot run: they are not needed again, and the memory planner counts on it)."""
     t0 = time.time()
     if copy:
         emit({"type": "phase", "phase": "copy"})
@@ -97,7 +100,7 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
         if not get_selector(method).trains:   # no training loop: no done event of its own
             emit({"type": "done", "step": 0, "plan": plan.to_dict(), "stopped": stopped})
     emit({"type": "phase", "phase": "apply"})
-    compress_(model, dec, plan)
+    compress_(model, dec, plan, release=release_factors)
     metrics_after = {}
     if evaluate is not None:
         emit({"type": "phase", "phase": "ppl_after"})

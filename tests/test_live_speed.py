@@ -151,8 +151,8 @@ def test_learned_run_reports_its_threads_and_restores_them(four_threads, monkeyp
 @pytest.mark.slow
 def test_demo_thread_count_changes_no_bit_of_llrc_or_strs(demo, monkeypatch):
     """The chooser may switch counts mid-run: on the demo model at the studio's sizes (4 x 128
-    tokens a step, 8 x 128 a pass) 1 and 2 threads give the same bits. Without the
-    one-thread distances (``Objective``) the losses differed from the first step."""
+    tokens a step, 8 x 128 a pass) 1 and 2 threads give the same bits. With the distances
+    of ``Objective`` summed on all threads instead of one, this test fails (checked)."""
     from llrc_core.pipeline import calibrate
     torch.set_num_threads(1)
     windows = calibrate(demo, str(WIKI_VALID), 8, 128)

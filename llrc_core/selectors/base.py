@@ -53,6 +53,13 @@ class SelectionContext:
     checkpoint: str | None = None     # learned methods: state file; a run resumes from it
     checkpoint_every: int = 50        # learned methods: steps between checkpoints
     mask_every: int = 10              # learned methods: steps between "masks" events (0: never)
+    placement: Any = None             # learned methods: a placement.Placement (None: all on
+                                      # the model's device)
+
+    def targets_device(self):
+        """Where learned methods keep their distillation targets (None: the model's device)."""
+        return None if self.placement is None or not self.placement.offload_targets \
+            else torch.device("cpu")
 
     @property
     def dense_linear(self) -> int:

@@ -36,6 +36,8 @@ from ..counting import layer_cost, ratios
 from ..errors import TrainingError
 from ..files import atomic_write
 from ..masked import MaskedLowRank, install_masked_
+from ..models import weight_of
+from ..placement import Placement
 from ..plan import RankPlan
 from ..threads import ThreadChooser, one_thread
 from .base import SelectConfig, SelectionContext
@@ -89,9 +91,12 @@ def check_context(ctx: SelectionContext, method: str) -> None:
 
 
 @contextmanager
-def masked_session(model: nn.Module, factors: dict) -> Iterator[dict[str, MaskedLowRank]]:
+def masked_session(model: nn.Module, factors: dict, placement: Placement | None = None
+                   ) -> Iterator[dict[str, MaskedLowRank]]:
     """Swap the targets for ``MaskedLowRank`` layers, freeze every model parameter, switch
-    dropout and the KV cache off; on exit (normal, error or stop) put everything back."""
+    dropout and the KV cache off; on exit (normal, error or stop) put everything back. With
+    a ``placement``: offloaded factors stay in CPU memory, and parked dense originals wait
+    there until the exit (``placement.py``)."""
     if originals_of(model):
         raise ValueError("the model already has swapped layers (a plan is applied); call "
                          "llrc_core.apply.restore_(model) before selecting a new plan")
@@ -99,14 +104,24 @@ def masked_session(model: nn.Module, factors: dict) -> Iterator[dict[str, Masked
     was_training = model.training
     cfg = getattr(model, "config", None)
     use_cache = getattr(cfg, "use_cache", None)
+    parked: list[tuple[nn.Module, torch.device]] = []
     try:
         for p, _ in flags:
             p.requires_grad_(False)
         model.eval()                       # no dropout: the mask is the only noise
         if use_cache is not None:
             cfg.use_cache = False
-        yield install_masked_(model, factors)
+        layers = install_masked_(model, factors, bool(placement and placement.offload_factors))
+        if placement is not None and placement.park_dense:
+            for name in layers:
+                old = originals_of(model)[name]
+                device = weight_of(old).device
+                if device.type != "cpu":
+                    parked.append((old.to("cpu"), device))     # Module.to: in place
+        yield layers
     finally:
+        for old, device in parked:
+            old.to(device)
         restore_(model)
         for p, flag in flags:
             p.requires_grad_(flag)
@@ -140,7 +155,8 @@ class Objective:
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, kind: str = "auto",
                  batch_size: int = 8, *, layers: tuple[int, ...] | None = None,
-                 distance: str = "scaled", seq_len: int = 0, bf16: bool = False):
+                 distance: str = "scaled", seq_len: int = 0, bf16: bool = False,
+                 targets_device: torch.device | None = None):
         self.model, self.kind = model, resolve_objective(model, kind)
         self.device = next(model.parameters()).device
         self.windows = windows[:, :seq_len] if seq_len else windows             # (n, L)
@@ -149,7 +165,7 @@ class Objective:
         if self.kind == "distill":
             self.layers = layers or distill.distill_layers(model)[1:]
             self.targets = distill.precompute_targets(model, self.windows, self.layers,
-                                                      batch_size)                # (n, L, d) each
+                                                      batch_size, targets_device)  # (n, L, d)
             with one_thread():      # a full-tensor sum splits by thread count: see __call__
                 self.scales = [t.float().pow(2).mean().clamp_min(1e-12).item()
                                for t in self.targets]
@@ -239,7 +255,7 @@ class MaskTrainer:
     def make_objective(self) -> Objective:
         """Default: next-token loss, or last-layer distillation for an encoder."""
         return Objective(self.ctx.model, self.ctx.windows, self.cfg.objective,
-                         self.cfg.batch_size)
+                         self.cfg.batch_size, targets_device=self.ctx.targets_device())
 
     def prepare(self, stack: ExitStack, layers: dict[str, MaskedLowRank]) -> None:
         """Inside the session, before the first step (e.g. matmul path, checkpointing)."""
@@ -310,7 +326,8 @@ def _train(ctx: SelectionContext, cfg: SelectConfig, trainer: MaskTrainer, name:
     step, stopped, t0, seen = 0, False, time.time(), []    # seen: the trained ratio per step
     if ctx.checkpoint and Path(ctx.checkpoint).exists():
         step = _resume(trainer, cfg, ctx.checkpoint)
-    with masked_session(ctx.model, {n: ctx.factors[n] for n in trainer.names}) as layers, \
+    with masked_session(ctx.model, {n: ctx.factors[n] for n in trainer.names},
+                        ctx.placement) as layers, \
             ExitStack() as stack:
         trainer.prepare(stack, layers)
         while step < cfg.steps and not trainer.finished():

@@ -111,7 +111,8 @@ class LLRCTrainer(MaskTrainer):
         cfg, model = self.cfg, self.ctx.model
         return Objective(model, self.ctx.windows, cfg.objective, cfg.batch_size,
                          layers=distill.distill_layers(model), distance=cfg.distill_loss,
-                         seq_len=cfg.train_seq_len, bf16=cfg.bf16)
+                         seq_len=cfg.train_seq_len, bf16=cfg.bf16,
+                         targets_device=self.ctx.targets_device())
 
     def prepare(self, stack: ExitStack, layers) -> None:
         for layer in layers.values():

@@ -16,8 +16,11 @@ block ``b`` re-runs only blocks ``b..L-1`` and the head. This is generic: blocks
 are swapped for a pass-through and a pre-hook on block ``b`` feeds it the cached hidden
 states, so the model's own forward runs the rest. The cross-entropy goes one window at a
 time (``losses.next_token_nll_sum``), and the CPU thread count is measured as the passes
-run (``threads.py``). What is left is the vocabulary projection (on the demo model two
-thirds of a pass's multiply-adds) and the blocks after the candidate. The table
+run (``threads.py``): the demo model's full table (36 layers x 9 candidates, 32 x 128
+tokens) went from an estimated 503 s to 367 s on idle cores and from 1,740 s to 1,169 s
+with two busy processes on them (``bench/live_speed.py``, ``bench/README.md``). What is
+left is the vocabulary projection (about two thirds of a pass's multiply-adds on the demo
+model) and the blocks after the candidate. The table
 is cached on disk under ``cache_dir`` (default ``$LLRC_CACHE_DIR`` or
 ``~/.cache/llrc_studio``), keyed by a hash of the model (class, config, a fingerprint of
 every parameter), the decomposition (name and spectra), the calibration windows and the

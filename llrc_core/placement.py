@@ -1,0 +1,78 @@
+"""Where a compression run keeps what it holds besides the model: the memory-lean data path.
+
+Full-rank factors are the largest thing a run holds: ``min(m, n) (m + n)`` numbers per layer,
+about 1.6 x the weights for a Llama-2 block. A ``Placement`` says
+
+* ``factor_dtype``: the dtype factors are stored in, once, as each layer is decomposed (the
+  SVD itself runs in float32/float64). Default: the model's dtype on a GPU (masked layers then
+  use the stored factors without a copy), float32 on a CPU.
+* ``offload_factors``: factors wait in CPU memory (pinned when CUDA is there) and each masked
+  layer moves its own to the device for its forward pass; the copies its backward needs are
+  fetched again then instead of being kept (``masked.MaskedLowRank``). Device memory then
+  holds one layer's factors at a time instead of all of them.
+* ``offload_targets``: distillation targets (hidden states of the dense model over the
+  calibration windows) in CPU memory, moved per batch.
+* ``park_dense``: on a GPU, the dense originals of the swapped layers wait in CPU memory while
+  masks train and come back when the session ends (normally, on error or on stop).
+
+The planner (``planner.plan_memory``) counts each placement and picks the first that fits
+(``choose``); ``compress`` runs with the one it picked.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .decompose import Factors
+from .models import DTYPES
+
+OFFLOADS = ("none", "targets", "factors")       # each level includes the one before
+
+
+@dataclass(frozen=True)
+class Placement:
+    factor_dtype: torch.dtype = torch.float32
+    offload_factors: bool = False
+    offload_targets: bool = False
+    park_dense: bool = False
+
+    @classmethod
+    def for_run(cls, model_dtype: torch.dtype, device: torch.device | str, offload: str = "none",
+                factor_dtype: str | None = None) -> "Placement":
+        """The placement of a run on ``device`` (``offload``: one of ``OFFLOADS``;
+        ``factor_dtype``: a ``models.DTYPES`` name, ``None``/``"auto"`` for the default)."""
+        if offload not in OFFLOADS:
+            raise ValueError(f"offload must be one of {OFFLOADS}, got {offload!r}")
+        on_gpu = torch.device(device).type == "cuda"
+        if factor_dtype in (None, "auto"):
+            dtype = model_dtype if on_gpu else torch.float32
+        elif factor_dtype in DTYPES:
+            dtype = DTYPES[factor_dtype]
+        else:
+            raise ValueError(f"factor dtype must be 'auto' or one of {sorted(DTYPES)}, got "
+                             f"{factor_dtype!r}")
+        level = OFFLOADS.index(offload)
+        return cls(dtype, offload_factors=level >= 2, offload_targets=level >= 1,
+                   park_dense=on_gpu)
+
+    @property
+    def offload(self) -> str:
+        return "factors" if self.offload_factors else \
+            "targets" if self.offload_targets else "none"
+
+    def store(self, f: Factors, device: torch.device) -> Factors:
+        """``f`` as the run keeps it: ``U`` and ``V`` in ``factor_dtype`` on ``device`` (pinned
+        CPU memory when offloaded), the spectrum ``S`` in float32 (selectors rank by it)."""
+        where = torch.device("cpu") if self.offload_factors else device
+        U, V = f.U.to(where, self.factor_dtype), f.V.to(where, self.factor_dtype)
+        if self.offload_factors and torch.cuda.is_available():
+            U, V = U.pin_memory(), V.pin_memory()
+        return Factors(U.contiguous(), f.S.to(where, torch.float32), V.contiguous(), f.damping)
+
+    def targets_device(self, device: torch.device) -> torch.device:
+        return torch.device("cpu") if self.offload_targets else torch.device(device)
+
+    def to_dict(self) -> dict:
+        return {"factor_dtype": str(self.factor_dtype).removeprefix("torch."),
+                "offload": self.offload, "park_dense": self.park_dense}
