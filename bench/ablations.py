@@ -12,7 +12,7 @@ per ratio, and the mask stability: the mean, over layers and seed pairs, of the 
 (|A and B| / |A or B|) of the singular indices two seeds keep.
 
 Variants (``VARIANTS``): TV on/off, distillation vs LM loss, any-k vs top-k, oscillating vs
-constant alpha, ASVD vs whitened factors, calibration size (8 / 32 / 128 / 256 windows) and
+constant alpha, ASVD vs whitened factors (with either loss), calibration size (8 / 32 / 128 / 256 windows) and
 domain (WikiText-2 vs the PIQA task file's text).
 """
 from __future__ import annotations
@@ -40,6 +40,7 @@ VARIANTS: dict[str, dict] = {
     "top-k": {"options": {"selection": "top-k"}},
     "constant-alpha": {"options": {"alpha_period": 0}},
     "whiten": {"decomposition": "whiten"},
+    "whiten-lm": {"decomposition": "whiten", "options": {"objective": "lm"}},
     "calib-8": {"n_calib": 8},
     "calib-32": {"n_calib": 32},
     "calib-128": {"n_calib": 128},

@@ -16,6 +16,8 @@ runs in its own process.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -74,6 +76,9 @@ class Peaks:
 
     def enter(self, phase: str):
         self.sample()
+        gc.collect()
+        if not self.cuda:        # give freed heap memory back: RSS then counts live memory
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         if self.cuda:
             self.torch.cuda.synchronize()
             self.torch.cuda.reset_peak_memory_stats()
@@ -105,15 +110,15 @@ def worker(a) -> dict:
     gpus, gib = device_memory_gib(a.device)
     plan = plan_memory(str(folder), a.dtype, "llrc", a.decomposition, a.n_calib, a.seq_len,
                        a.batch_size, gpus=gpus, gpu_memory=gib if gpus else None,
-                       offload=a.offload, factor_dtype=a.factor_dtype)
+                       offload=a.offload, factor_dtype=a.factor_dtype, train_seq_len=0)
     placement = plan.placement
     windows = torch.randint(0, cfg.vocab_size, (a.n_calib, a.seq_len),
                             generator=torch.Generator().manual_seed(0))
     base = 0 if cuda else rss_bytes()
     with Peaks(cuda) as peaks:
         peaks.enter("load")
-        with torch.device(a.device):
-            model = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+        with torch.device(a.device):       # built in its dtype: no float32 copy first
+            model = transformers.LlamaForCausalLM._from_config(cfg, dtype=dtype).eval()
         peaks.enter("decomposition")
         t = time.perf_counter()
         dec = decompose_model(model, a.decomposition, windows, batch_size=a.batch_size,

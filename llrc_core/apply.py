@@ -89,8 +89,9 @@ def wrap_(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 def apply_plan_(model: nn.Module, plan: RankPlan, factors: dict[str, Factors],
                 release: bool = False) -> nn.Module:
     """Swap every non-dense planned layer for its low-rank form; remembers the originals.
-    ``release``: pop each layer's factors from ``factors`` once its low-rank form is made, so
-    a layer holds its full-rank factors or its kept-rank ones, never both for long."""
+    ``release`` (a one-shot run): pop each layer's factors from ``factors`` once its
+    low-rank form is made, and move the original of a layer on a GPU to CPU memory
+    (``restore_`` brings it back), so that a layer holds one of its forms on the device."""
     originals = originals_of(model)
     missing = [n for n, lp in plan.layers.items() if not lp.dense and n not in factors]
     if missing:
@@ -110,13 +111,19 @@ def apply_plan_(model: nn.Module, plan: RankPlan, factors: dict[str, Factors],
         originals[name] = old
         if release:
             del factors[name]
+            if weight_of(old).device.type != "cpu":
+                old.to("cpu")                               # Module.to: in place
     return model
 
 
 def restore_(model: nn.Module) -> nn.Module:
-    """Put every original module back; the model is exactly as before ``apply_plan_``."""
+    """Put every original module back; the model is exactly as before ``apply_plan_``
+    (an original moved to CPU memory goes back to its layer's device)."""
     originals = originals_of(model)
     for name, old in originals.items():
-        swap_module_(model, name, old)
+        new = swap_module_(model, name, old)
+        param = next(new.parameters(), None)        # a masked layer has buffers only
+        if param is not None and param.device != weight_of(old).device:
+            old.to(param.device)
     originals.clear()
     return model

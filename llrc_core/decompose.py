@@ -112,8 +112,7 @@ def whiten(W: torch.Tensor, gram: torch.Tensor, eps: float = 1e-6) -> Factors:
     Then ``||W X - W' X||_F^2`` equals the sum of the dropped ``S_i^2``.
     """
     L, damp = cholesky_damped(gram, eps)                         # (n, n) lower, float64
-    Wd = W.double().to(L.device)
-    U, S, Vh = _svd(Wd @ L)
+    U, S, Vh = _svd(W.double().to(L.device) @ L)                 # float64 W freed before SVD
     # V L = Vh  <=>  L^T V^T = Vh^T (upper-triangular solve; never invert L).
     V = torch.linalg.solve_triangular(L.T, Vh.T, upper=True).T
     return Factors(U.float(), S.float(), V.float(), damp)
@@ -143,8 +142,7 @@ def eigen_whiten(W: torch.Tensor, gram: torch.Tensor, eps: float = 1e-6) -> Fact
     G, scale = _checked_gram(gram)
     lam, Q = torch.linalg.eigh(G)                                # (n,) ascending, (n, n)
     root = lam.clamp_min(eps * scale).sqrt()                     # (n,) diag of Lambda^(1/2)
-    Wd = W.double().to(Q.device)
-    U, S, Vh = _svd((Wd @ Q) * root)                             # SVD of W S, S = Q Lambda^1/2
+    U, S, Vh = _svd((W.double().to(Q.device) @ Q) * root)        # SVD of W S, S = Q Lambda^1/2
     V = (Vh / root) @ Q.T                                        # (r, n): Vh S^-1
     singular = lam[0].item() <= lam.numel() * torch.finfo(lam.dtype).eps * lam[-1].item()
     return Factors(U.float(), S.float(), V.float(), eps if singular else 0.0)

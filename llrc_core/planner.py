@@ -19,20 +19,24 @@ runs today:
   the distillation targets (unless offloaded) + the activations kept for the backward pass
   of one batch + the mask logits with their optimiser state. Non-learned methods need only
   the weights and factors.
-* **apply**: weights + per layer the larger of its stored factors and its kept-rank factors
-  (``compress`` releases a layer's factors once it is applied); **evaluate** / **export**:
-  weights + the kept-rank factors (at most the dense size); export writes the state dict
-  once more from the CPU.
+* **apply**: ``compress`` releases a layer's factors once it is applied and, on a GPU, moves
+  its dense original to CPU memory: on a CPU, weights + per layer the larger of its stored
+  factors and its kept-rank factors; on a GPU, weights + the factors still on the device
+  + one layer's kept-rank factors. **evaluate** / **export**: the weights (less the dense
+  targets on a GPU) + the kept-rank factors (at most the dense size) + for evaluate one
+  batch's logits; export writes the state dict once more from the CPU.
 
 ``offload="auto"`` counts the placements of ``placement.OFFLOADS`` in order (all on the
 device, then distillation targets in CPU memory, then factors too) and keeps the first that
 fits; ``facts["placement"]`` says which.
 
 ``peak_gpu_bytes`` is the largest need over the phases on the device the run uses (today one
-device holds everything: multi-GPU placement is issue 11's next part, so ``gpus`` > 1 is
+device holds the model: multi-GPU placement is issue 11's next part, so ``gpus`` > 1 is
 reported but not yet split); ``fits`` compares it with ``gpu_memory`` less a 5 % margin. On a
-CPU-only plan (``gpus=0``) the same numbers are host memory. Activations are an estimate (per token and block: 12 hidden-size
-and 5 intermediate-size values, batch x length tokens, every block) and are labelled so.
+CPU-only plan (``gpus=0``) the same numbers are host memory. Activations are an estimate
+(per token and block: 12 hidden-size and 5 intermediate-size values, every block, plus two
+rank-size values per masked layer; the tokens a learned method trains on per step) and are
+labelled so. ``bench/memory.py`` measures each phase's peak against these numbers.
 """
 from __future__ import annotations
 
@@ -115,12 +119,14 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
                 decomposition: str = "whiten", n_calib: int = 64, seq_len: int = 512,
                 batch_size: int = 4, gpus: int = 1, gpu_memory: float | None = 80.0,
                 trust_remote_code: bool = False, meta=None, offload: str = "auto",
-                factor_dtype: str | None = None) -> MemoryPlan:
+                factor_dtype: str | None = None, train_seq_len: int | None = None
+                ) -> MemoryPlan:
     """Count the memory of compressing ``model`` (a folder or Hub id; only its config is
     read) with ``method`` at these settings. ``meta``: an already built model (meta-device,
     or loaded: only its shapes, parameter count and config are used). ``offload``: one of
     ``placement.OFFLOADS``, or ``auto``: the first of them that fits (``facts["placement"]``
-    says which)."""
+    says which). ``train_seq_len``: tokens of each window a learned method trains on per
+    step (``None``: the method's default; 0: the whole window)."""
     from .selectors import get_selector
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -130,7 +136,10 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
         raise ValueError(f"offload must be 'auto' or one of {OFFLOADS}, got {offload!r}")
     spec = get_selector(method)
     meta = meta if meta is not None else skeleton(model, trust_remote_code)
-    counts = _counts(meta, dtype, decomposition, n_calib, seq_len, batch_size,
+    if train_seq_len is None:
+        train_seq_len = getattr(spec.config(), "train_seq_len", 0)
+    step_len = min(seq_len, train_seq_len) if train_seq_len else seq_len
+    counts = _counts(meta, dtype, decomposition, n_calib, seq_len, batch_size, step_len,
                      two_targets=method == "llrc")
     device = "cuda" if gpus else "cpu"
     plan = None
@@ -145,7 +154,7 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
 
 
 def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
-            batch_size: int, two_targets: bool) -> dict:
+            batch_size: int, step_len: int, two_targets: bool) -> dict:
     """Numbers and bytes that do not depend on the placement."""
     tokens = n_calib * seq_len
     from .decompose import DECOMPOSITIONS
@@ -165,8 +174,6 @@ def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
     needs = getattr(DECOMPOSITIONS.get(decomposition), "needs", ())
     stats = (8 * sum(t.n * t.n for t in widest) if "gram" in needs      # whiten, whiten-eig
              else 8 * sum(t.n for t in widest) if needs else 0)           # asvd; svd: none
-    big = max(targets, key=lambda t: t.m * t.n)
-    r = min(big.m, big.n)
     params = count_params(meta)
     facts = {"params": params, "weights_bytes": params * b, "targets": len(targets),
              "blocks": blocks, "hidden_size": d, "intermediate_size": inter,
@@ -174,18 +181,36 @@ def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
              "factor_numbers": sum(layer_factors.values()),
              "spectrum_numbers": sum(min(t.m, t.n) for t in targets),
              "stats_block_bytes": stats, "hidden_states_block_bytes": 2 * tokens * d * b,
-             # float64 work of the largest SVD, and its float32 factors before they are stored
-             "svd_work_bytes": 8 * (big.m * big.n + big.m * r + r * big.n + big.n * big.n + r)
-             + 4 * r * (big.m + big.n),
+             "svd_work_bytes": max(decomposition_work(t.m, t.n, decomposition) for t in targets),
              "calibration_tokens": tokens,
              "distill_targets_bytes": (2 if two_targets else 1) * tokens * d * b,
              "mask_state_bytes": 3 * 4 * sum(min(t.m, t.n) for t in targets)}  # theta, Adam m, v
-    # Activations kept for the backward pass of one batch (an estimate: per token and block,
-    # 12 hidden-size and 5 intermediate-size values).
-    facts["activations_bytes_estimate"] = batch_size * seq_len * blocks * (12 * d + 5 * inter) * b
+    # Activations kept for the backward pass of one batch (an estimate): per token and block,
+    # 12 hidden-size and 5 intermediate-size values, and per masked layer (factorised) its
+    # two rank-size intermediates ``V x`` and ``s * (V x)``.
+    facts["train_tokens_per_step"] = batch_size * step_len
+    facts["activations_bytes_estimate"] = batch_size * step_len * b * (
+        blocks * (12 * d + 5 * inter) + 2 * sum(min(t.m, t.n) for t in targets))
+    # One evaluation batch: its float32 logits and a block's intermediate values.
+    vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+    facts["eval_batch_bytes"] = batch_size * seq_len * (4 * vocab + b * (4 * d + 3 * inter))
     return {"b": b, "facts": facts, "layers": [(t, layer_factors[t.name]) for t in targets],
             "block_factors": max(sum(layer_factors[t.name] for t in ts)
                                  for ts in per_block.values())}
+
+
+def decomposition_work(m: int, n: int, decomposition: str) -> int:
+    """Bytes one ``m x n`` layer's decomposition holds at once besides its statistics, as
+    ``decompose.py`` computes it (``r = min(m, n)``): LAPACK's divide-and-conquer SVD keeps
+    a copy of its input and about ``7 r^2`` of workspace; whitening works in float64 with
+    ``L`` (or ``Q``, ``n x n``) and ``W L`` (``m x n``), and solves ``V`` from ``Vh``; the
+    float32 factors exist before they are stored."""
+    r = min(m, n)
+    out32 = 4 * r * (m + n)
+    if decomposition in ("whiten", "whiten-eig"):
+        return 8 * (n * n + 2 * m * n + m * r + 3 * r * n + 7 * r * r) + out32
+    scaled = m * n if decomposition == "asvd" else 0              # W D
+    return 4 * (m * n + scaled + m * n + m * r + r * n + 7 * r * r) + out32
 
 
 def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
@@ -199,7 +224,9 @@ def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
     on_host = stored if placement.offload_factors else 0
     phases = {"load": weights,
               "statistics": weights + f["hidden_states_block_bytes"] + f["stats_block_bytes"],
-              "decomposition": weights + on_dev + f["svd_work_bytes"]}
+              # the last block: its statistics, hidden states and one layer's work, all factors
+              "decomposition": weights + on_dev + f["stats_block_bytes"]
+              + f["hidden_states_block_bytes"] + f["svd_work_bytes"]}
     extra = {"placement": placement.to_dict() | {"device": "one GPU" if gpu else "host"},
              "factors_stored_bytes": stored}
     host_sel = on_host
@@ -221,16 +248,24 @@ def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
     else:
         phases["selection"] = weights + on_dev
     # Apply releases each layer's factors as its kept-rank factors are made (``compress``):
-    # at any moment a layer holds one or the other, so the sum of the larger of the two.
+    # at any moment a layer holds one or the other, so the sum of the larger of the two. On a
+    # GPU its dense original then leaves for CPU memory (kept-rank <= dense): the peak is at
+    # the start, with one layer's kept-rank factors being made.
     kept_layer = {t.name: b * min(t.m * t.n, n) for t, n in c["layers"]}
-    swap = sum(max(0 if placement.offload_factors else fb * n, kept_layer[t.name])
-               for t, n in c["layers"])
     kept = sum(kept_layer.values())                 # kept-rank factors: at most the dense size
-    phases.update(apply=weights + swap, evaluate=weights + kept, export=weights + kept)
+    if gpu:
+        apply = weights + on_dev + max(kept_layer.values())
+        resident = weights - b * f["dense_linear"] + kept
+    else:
+        apply = weights + sum(max(fb * n, kept_layer[t.name]) for t, n in c["layers"])
+        resident = weights + kept
+    phases.update(apply=apply, evaluate=resident + f["eval_batch_bytes"], export=resident)
     extra.update(kept_bound_bytes=kept)
     if gpu:
         host = {p: 0 for p in PHASES}
-        host.update(decomposition=on_host, selection=host_sel, apply=on_host)
+        parked_after = b * f["dense_linear"]          # the originals, after apply
+        host.update(decomposition=on_host, selection=host_sel, apply=on_host + parked_after,
+                    evaluate=parked_after, export=parked_after)
     else:
         host = dict(phases)
     host["export"] += weights                       # the state dict written from the CPU
@@ -265,14 +300,14 @@ def device_memory_gib(device: str | None) -> tuple[int, float]:
 
 def check_fits(model: str, method: str, decomposition: str, *, dtype: str, n_calib: int,
                seq_len: int, batch_size: int, device: str | None, meta, offload: str = "auto",
-               factor_dtype: str | None = None) -> MemoryPlan:
+               factor_dtype: str | None = None, train_seq_len: int | None = None) -> MemoryPlan:
     """The plan of this run on the memory it will have (its ``placement`` is the one the run
     uses); ``LLRCError`` when it cannot fit."""
     from .errors import LLRCError
     gpus, gib = device_memory_gib(device)
     plan = plan_memory(model, dtype, method, decomposition, n_calib, seq_len, batch_size,
                        gpus=gpus, gpu_memory=gib, meta=meta, offload=offload,
-                       factor_dtype=factor_dtype)
+                       factor_dtype=factor_dtype, train_seq_len=train_seq_len)
     if not plan.fits:
         raise LLRCError(refusal(plan))
     return plan

@@ -49,7 +49,8 @@ def check_compress(model: str, method: str, decomposition: str, options: dict, *
     compute = str(pick_dtype(dtype, pick_device(device))).removeprefix("torch.")
     memory = check_fits(src, method, decomposition, dtype=compute, n_calib=n_calib,
                         seq_len=seq_len, batch_size=getattr(cfg, "batch_size", batch_size),
-                        device=device, meta=meta, offload=offload, factor_dtype=factor_dtype)
+                        device=device, meta=meta, offload=offload, factor_dtype=factor_dtype,
+                        train_seq_len=getattr(cfg, "train_seq_len", 0))
     warnings = []
     seq_len = min(seq_len, context_length(meta))         # as ``pipeline.calibrate`` clamps
     if text is not None:

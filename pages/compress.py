@@ -28,7 +28,8 @@ def start_run(run: dict) -> None:
     check_fits(loaded.source, method, decomp, dtype=str(loaded.dtype).removeprefix("torch."),
                n_calib=int(w.shape[0]), seq_len=int(w.shape[1]),
                batch_size=getattr(cfg, "batch_size", 8), device=loaded.device.type,
-               meta=loaded.model)     # shapes and counts of the model already loaded
+               meta=loaded.model,     # shapes and counts of the model already loaded
+               train_seq_len=getattr(cfg, "train_seq_len", 0))
     eval_ids = common.eval_ids(int(run["n_eval"]), EVAL_SEQ_LEN) if run["n_eval"] else None
     plumbing, on_end = dict(run["plumbing"]), None
     if get_selector(method).trains:   # a checkpoint per exact run: a restart resumes it
