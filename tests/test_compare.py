@@ -25,6 +25,7 @@ SMALL = dict(n_calib=2, seq_len=64, eval_seq_len=64, max_eval_windows=2, fidelit
     (("auto",), "drank", [("whiten", "top-k")]),
     (("auto",), "ara", [("whiten", "top-k")]),         # the paper's whitened factors
     (("auto",), "ars", [("asvd", "top-k"), ("asvd", "any-k")]),   # ARS declares any-k
+    (("auto",), "llrc", [("whiten", "top-k"), ("whiten", "any-k")]),  # best measured
     (("svd", "asvd"), "uniform", [("svd", "top-k"), ("asvd", "top-k")]),
 ])
 def test_method_axes(decompositions, method, expected):

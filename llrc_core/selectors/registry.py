@@ -22,7 +22,7 @@ class Method:
     config: type = SelectConfig                 # dataclass of the method's options
     selections: tuple[str, ...] = ("top-k",)    # "any-k" only where the method learns subsets
     decompositions: tuple[str, ...] = ()        # empty: every registered decomposition
-    preferred: str = "asvd"                     # the decomposition its paper uses
+    preferred: str = "asvd"                     # its default: the best measured, or its paper's
     trains: bool = False                        # runs a mask-training loop (live charts)
     calibration: bool = False                   # runs the model on calibration windows
 
