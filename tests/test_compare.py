@@ -190,8 +190,8 @@ def test_seed_axis_runs_learned_cells_per_seed_and_caches_each(tmp_path, monkeyp
     import dataclasses
     from llrc_core import report
     cfg = CompareConfig(model=str(DEMO), methods=("llrc", "uniform"), ratios=(0.8,),
-                        selections=("any-k",), seeds=(0,), options={"llrc": {"steps": 4}},
-                        **SMALL)
+                        selections=("any-k",), decompositions=("asvd",), seeds=(0,),
+                        options={"llrc": {"steps": 4}}, **SMALL)
     assert [compare.cell_id(c) for c in grid(cfg)] == [
         "llrc__asvd__any-k__0.8__seed0", "uniform__asvd__top-k__0.8"]
     run_compare(cfg, tmp_path, log=lambda _: None)
