@@ -84,6 +84,7 @@ class Job:
         self._fn = fn
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._ended = threading.Event()         # set after on_end, when the job has ended
         self._events: list[dict] = []
         self._latest: dict[str, dict] = {}          # event type -> newest event of that type
         self._status = "pending"
@@ -122,8 +123,11 @@ class Job:
                 finally:
                     self.queue.release()
         finally:
-            if self._on_end is not None:
-                self._on_end(self)
+            try:
+                if self._on_end is not None:
+                    self._on_end(self)
+            finally:
+                self._ended.set()        # a watcher sees the end only once it is recorded
 
     def _work(self) -> None:
         with self._lock:
@@ -159,8 +163,9 @@ class Job:
 
     @property
     def running(self) -> bool:
-        """Not finished yet: pending, waiting in its queue, or running."""
-        return self.status in ("pending", "queued", "running")
+        """Not finished yet: pending, waiting in its queue, running, or recording how it
+        ended (``on_end``)."""
+        return not self._ended.is_set()
 
     @property
     def position(self) -> int:
