@@ -16,6 +16,7 @@ from .models import weight_of
 from .plan import RankPlan
 
 _ORIGINALS = "_llrc_originals"
+_PARKED = "_llrc_parked"
 
 
 class LowRankLinear(nn.Module):
@@ -71,11 +72,35 @@ def low_rank_from(module: nn.Module, factors: Factors, kept: list[int]) -> LowRa
     return LowRankLinear.from_factors(A, B, None if bias is None else bias.detach(), kept)
 
 
+def _registry(model: nn.Module, attr: str) -> dict:
+    if not hasattr(model, attr):
+        object.__setattr__(model, attr, {})  # plain attribute, not a submodule
+    return getattr(model, attr)
+
+
 def originals_of(model: nn.Module) -> dict[str, nn.Module]:
     """The registry of original modules swapped out (shared by every wrapper kind)."""
-    if not hasattr(model, _ORIGINALS):
-        object.__setattr__(model, _ORIGINALS, {})  # plain attribute, not a submodule
-    return getattr(model, _ORIGINALS)
+    return _registry(model, _ORIGINALS)
+
+
+def park_(model: nn.Module, names) -> None:
+    """Move the swapped-out originals of ``names`` that sit on a GPU into CPU memory; putting
+    an original back (``restore_``, re-applying a plan) returns it to its device first."""
+    parked = _registry(model, _PARKED)
+    for name in names:
+        old = originals_of(model)[name]
+        device = weight_of(old).device
+        if device.type != "cpu":
+            parked[name] = device
+            old.to("cpu")                                   # Module.to: in place
+
+
+def _put_back(model: nn.Module, name: str, old: nn.Module) -> None:
+    """Swap the original ``old`` back in as ``name``, on its own device if it was parked."""
+    device = _registry(model, _PARKED).pop(name, None)
+    if device is not None:
+        old.to(device)
+    swap_module_(model, name, old)
 
 
 def wrap_(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -90,15 +115,15 @@ def apply_plan_(model: nn.Module, plan: RankPlan, factors: dict[str, Factors],
                 release: bool = False) -> nn.Module:
     """Swap every non-dense planned layer for its low-rank form; remembers the originals.
     ``release`` (a one-shot run): pop each layer's factors from ``factors`` once its
-    low-rank form is made, and move the original of a layer on a GPU to CPU memory
-    (``restore_`` brings it back), so that a layer holds one of its forms on the device."""
+    low-rank form is made, and park its original (``park_``), so that a layer holds one of
+    its forms on the device."""
     originals = originals_of(model)
     missing = [n for n, lp in plan.layers.items() if not lp.dense and n not in factors]
     if missing:
         raise ValueError(f"no factors for planned layers {missing[:3]}...; decompose them first")
     for name, lp in plan.layers.items():
         if name in originals:
-            swap_module_(model, name, originals.pop(name))   # re-applying: start from dense
+            _put_back(model, name, originals.pop(name))      # re-applying: start from dense
         if lp.dense:
             if release:
                 factors.pop(name, None)
@@ -111,19 +136,15 @@ def apply_plan_(model: nn.Module, plan: RankPlan, factors: dict[str, Factors],
         originals[name] = old
         if release:
             del factors[name]
-            if weight_of(old).device.type != "cpu":
-                old.to("cpu")                               # Module.to: in place
+            park_(model, [name])
     return model
 
 
 def restore_(model: nn.Module) -> nn.Module:
-    """Put every original module back; the model is exactly as before ``apply_plan_``
-    (an original moved to CPU memory goes back to its layer's device)."""
+    """Put every original module back (a parked one on its own device first); the model is
+    exactly as before ``apply_plan_``."""
     originals = originals_of(model)
     for name, old in originals.items():
-        new = swap_module_(model, name, old)
-        param = next(new.parameters(), None)        # a masked layer has buffers only
-        if param is not None and param.device != weight_of(old).device:
-            old.to(param.device)
+        _put_back(model, name, old)
     originals.clear()
     return model

@@ -15,8 +15,8 @@ about 1.6 x the weights for a Llama-2 block. A ``Placement`` says
 * ``park_dense``: on a GPU, the dense originals of the swapped layers wait in CPU memory while
   masks train and come back when the session ends (normally, on error or on stop).
 
-The planner (``planner.plan_memory``) counts each placement and picks the first that fits
-(``choose``); ``compress`` runs with the one it picked.
+The planner (``planner.plan_memory``) counts each placement and picks the least offload
+that fits; ``compress`` runs with the one it picked.
 """
 from __future__ import annotations
 
@@ -69,9 +69,6 @@ class Placement:
         if self.offload_factors and torch.cuda.is_available():
             U, V = U.pin_memory(), V.pin_memory()
         return Factors(U.contiguous(), f.S.to(where, torch.float32), V.contiguous(), f.damping)
-
-    def targets_device(self, device: torch.device) -> torch.device:
-        return torch.device("cpu") if self.offload_targets else torch.device(device)
 
     def to_dict(self) -> dict:
         return {"factor_dtype": str(self.factor_dtype).removeprefix("torch."),

@@ -156,8 +156,8 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
 def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
             batch_size: int, step_len: int, two_targets: bool) -> dict:
     """Numbers and bytes that do not depend on the placement."""
-    tokens = n_calib * seq_len
     from .decompose import DECOMPOSITIONS
+    tokens = n_calib * seq_len
     b = DTYPES[dtype].itemsize                                             # bytes per number
     targets = find_targets(meta)
     cfg = meta.config

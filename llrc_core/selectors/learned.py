@@ -30,13 +30,12 @@ import torch
 from torch import nn
 
 from .. import distributed, distill, losses
-from ..apply import originals_of, restore_
+from ..apply import originals_of, park_, restore_
 from ..config import option
 from ..counting import layer_cost, ratios
 from ..errors import TrainingError
 from ..files import atomic_write
 from ..masked import MaskedLowRank, install_masked_
-from ..models import weight_of
 from ..placement import Placement
 from ..plan import RankPlan
 from ..threads import ThreadChooser, one_thread
@@ -104,7 +103,6 @@ def masked_session(model: nn.Module, factors: dict, placement: Placement | None 
     was_training = model.training
     cfg = getattr(model, "config", None)
     use_cache = getattr(cfg, "use_cache", None)
-    parked: list[tuple[nn.Module, torch.device]] = []
     try:
         for p, _ in flags:
             p.requires_grad_(False)
@@ -113,15 +111,9 @@ def masked_session(model: nn.Module, factors: dict, placement: Placement | None 
             cfg.use_cache = False
         layers = install_masked_(model, factors, bool(placement and placement.offload_factors))
         if placement is not None and placement.park_dense:
-            for name in layers:
-                old = originals_of(model)[name]
-                device = weight_of(old).device
-                if device.type != "cpu":
-                    parked.append((old.to("cpu"), device))     # Module.to: in place
+            park_(model, layers)                  # restore_ puts them back on their device
         yield layers
     finally:
-        for old, device in parked:
-            old.to(device)
         restore_(model)
         for p, flag in flags:
             p.requires_grad_(flag)
