@@ -41,6 +41,7 @@ VARIANTS: dict[str, dict] = {
     "constant-alpha": {"options": {"alpha_period": 0}},
     "whiten": {"decomposition": "whiten"},
     "whiten-lm": {"decomposition": "whiten", "options": {"objective": "lm"}},
+    "whiten-every": {"decomposition": "whiten", "options": {"distill_at": "every"}},
     "calib-8": {"n_calib": 8},
     "calib-32": {"n_calib": 32},
     "calib-128": {"n_calib": 128},

@@ -1,18 +1,20 @@
 """The GPU suite (issue 11): the Llama-2-7B shape with random bf16 weights on one GPU.
 
-Three benches, each in its own process under its own time limit (default 560 s, so that
+Four benches, each in its own process under its own time limit (default 560 s, so that
 each fits the 10-minute command limit of a lent GPU machine), their JSON gathered in
 ``--out``:
 
 1. ``memory``: statistics + whitening + SVD of all 224 layers (seconds), a few LLRC steps
    (seconds per step), apply and one evaluation batch, with each phase's peak
    ``max_memory_allocated`` against the planner's prediction (``bench/memory.py``).
+   ``onload``: the same on eight Llama-2-70B-shaped blocks with sequential onloading
+   (``--offload weights``): the blocks wait in CPU memory and visit the GPU layer by layer.
 2. ``step``: one LLRC mask-training step against one dense forward + backward step on the
    same batch (``bench/llrc_step.py``).
 3. ``inference``: decode and prefill tokens/s of compressed exports against dense at rho 0.8
    and 0.6 (``bench/inference.py``).
 
-    python bench/gpu_suite.py --out gpu-results            # all three
+    python bench/gpu_suite.py --out gpu-results            # all four
     python bench/gpu_suite.py --only memory --limit 580    # one
 
 Nothing here runs on a CPU-only machine: it stops with a message instead. The figures go
@@ -32,6 +34,9 @@ HERE = Path(__file__).resolve().parent
 SUITE = {
     "memory": ["memory.py", "--preset", "llama2-7b", "--device", "cuda", "--dtype", "bfloat16",
                "--n-calib", "64", "--seq-len", "512", "--steps", "5"],
+    "onload": ["memory.py", "--preset", "llama2-70b-8blocks", "--device", "cuda", "--dtype",
+               "bfloat16", "--offload", "weights", "--n-calib", "16", "--seq-len", "512",
+               "--steps", "3"],
     "step": ["llrc_step.py", "--preset", "llama2-7b", "--device", "cuda", "--bf16",
              "--batch", "4", "--seq-len", "512", "--steps", "4"],
     "inference": ["inference.py", "--preset", "llama2-7b", "--device", "cuda", "--dtype",

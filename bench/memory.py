@@ -12,6 +12,8 @@ runs in its own process.
     python bench/memory.py                                   # llama-small, llama-medium
     python bench/memory.py --preset llama2-7b-2blocks --dtype bfloat16 --n-calib 8 \\
         --seq-len 512                                        # the issue's 7B-shaped check
+    python bench/memory.py --preset llama2-70b-8blocks --device cuda --dtype bfloat16 \\
+        --offload weights                  # sequential onloading: 70B-shaped blocks in turn
 """
 from __future__ import annotations
 
@@ -39,6 +41,9 @@ PRESETS = {
     "llama2-7b-2blocks": dict(hidden_size=4096, num_hidden_layers=2, intermediate_size=11008,
                               num_attention_heads=32, num_key_value_heads=32,
                               vocab_size=32000),
+    "llama2-70b-8blocks": dict(hidden_size=8192, num_hidden_layers=8, intermediate_size=28672,
+                               num_attention_heads=64, num_key_value_heads=8,
+                               vocab_size=32000),
     "llama2-7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
 }
@@ -117,8 +122,12 @@ def worker(a) -> dict:
     base = 0 if cuda else rss_bytes()
     with Peaks(cuda) as peaks:
         peaks.enter("load")
-        with torch.device(a.device):       # built in its dtype: no float32 copy first
+        home = "cpu" if placement.offload_weights else a.device
+        with torch.device(home):           # built in its dtype: no float32 copy first
             model = transformers.LlamaForCausalLM._from_config(cfg, dtype=dtype).eval()
+        if placement.offload_weights:      # sequential onloading: blocks wait in CPU memory
+            from llrc_core.onload import enable_
+            enable_(model, a.device)
         peaks.enter("decomposition")
         t = time.perf_counter()
         dec = decompose_model(model, a.decomposition, windows, batch_size=a.batch_size,

@@ -13,6 +13,7 @@ from torch import nn
 
 from .decompose import Factors
 from .models import weight_of
+from .onload import is_offloaded, offload_like_, onloaded
 from .plan import RankPlan
 
 _ORIGINALS = "_llrc_originals"
@@ -90,7 +91,7 @@ def park_(model: nn.Module, names) -> None:
     for name in names:
         old = originals_of(model)[name]
         device = weight_of(old).device
-        if device.type != "cpu":
+        if device.type not in ("cpu", "meta"):      # meta: sequentially onloaded, in CPU memory
             parked[name] = device
             old.to("cpu")                                   # Module.to: in place
 
@@ -132,7 +133,11 @@ def apply_plan_(model: nn.Module, plan: RankPlan, factors: dict[str, Factors],
         m, n = weight_of(old).shape
         if (m, n) != (lp.m, lp.n):
             raise ValueError(f"{name}: plan shape {(lp.m, lp.n)} != layer shape {(m, n)}")
-        swap_module_(model, name, low_rank_from(old, factors[name], lp.kept))
+        # An onloaded original is read where its weights wait (CPU memory) and its low-rank
+        # form waits there too, offloaded alike (``onload.py``).
+        with onloaded(old, "cpu" if is_offloaded(old) else None):
+            new = low_rank_from(old, factors[name], lp.kept)
+        swap_module_(model, name, offload_like_(new, old))
         originals[name] = old
         if release:
             del factors[name]

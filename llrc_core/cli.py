@@ -1,7 +1,6 @@
 """Command-line interface: ``llrc`` / ``python -m llrc_core``. A thin face over the library."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -9,44 +8,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .decompose import DECOMPOSITIONS
+from .cli_parser import build_parser
 from .errors import LLRCError
 from .files import atomic_write, prepare_destination
 
 
 def _bar(desc: str):
     return lambda it: tqdm(it, desc=desc, leave=False)
-
-
-def _common(p: argparse.ArgumentParser, calib_required: bool = False) -> None:
-    p.add_argument("--model", required=True, help="Hub id or local folder")
-    p.add_argument("--device", default=None, help="cuda or cpu; unset: cuda when present")
-    p.add_argument("--dtype", default=None, help="compute dtype: float32, float16, bfloat16; "
-                   "unset (auto): bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the model's own code to run (off unless asked)")
-    p.add_argument("--allow-compressed", action="store_true",
-                   help="accept an LLRC low-rank export as --model: load it dense (A B "
-                   "multiplied back) to compress it again (refused unless asked)")
-    p.add_argument("--calib", required=calib_required,
-                   help="local .txt/.jsonl/.json file or folder, 'wikitext2', 'c4', 'selfgen'")
-    p.add_argument("--n-calib", type=int, default=32, help="calibration windows")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--decomposition", default="svd", choices=list(DECOMPOSITIONS))
-    p.add_argument("--alpha", type=float, default=0.5, help="ASVD exponent")
-    p.add_argument("--batch-size", type=int, default=8)
-
-
-def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output folder (must be new or empty)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--merged-dense", action="store_true",
-                   help="export a plain model of the original architecture (A B multiplied back)")
-    p.add_argument("--dense-below", type=float, default=0.0, metavar="SHARE",
-                   help="store dense (W = A B, same outputs) each low-rank layer that runs slower "
-                   "factorised than dense on --device (timed at one decode step) and saves under "
-                   "SHARE of its weights; the stored ratio is recomputed and printed (0: off)")
 
 
 def _stored_dense(args, model, plan, already=None):
@@ -59,10 +27,12 @@ def _stored_dense(args, model, plan, already=None):
     return dense
 
 
-def _load(args):
+def _load(args, placement=None):
     from .models import load_model
-    return load_model(args.model, args.device, args.dtype, args.trust_remote_code,
-                      allow_compressed=args.allow_compressed)
+    from .onload import load_sequential
+    load = load_sequential if placement is not None and placement.offload_weights else load_model
+    return load(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code,
+                allow_compressed=args.allow_compressed)
 
 
 def _decompose(args, loaded, placement=None):
@@ -140,11 +110,15 @@ def cmd_compress(args) -> dict | None:
     from .evaluate import eval_info, eval_windows
     from .events import JsonlLog, fan_out
     from .export import export_info, export_model
+    from .onload import disable_
     from .preflight import check_compress
     from .speed import stored_summary
     from .workflow import compress
 
+    from .selectors import get_selector
     opts = _method_options(args)
+    if args.decomposition == "auto":
+        args.decomposition = get_selector(args.method).preferred
     main = not distributed.init_from_env() or distributed.is_main()
     # Everything checkable without weights fails here, before loading (seconds, not minutes).
     early, memory = check_compress(
@@ -154,7 +128,7 @@ def cmd_compress(args) -> dict | None:
         dtype=args.dtype, batch_size=args.batch_size, allow_compressed=args.allow_compressed,
         offload=args.offload, factor_dtype=args.factor_dtype)
     t0 = time.time()
-    loaded = _load(args)
+    loaded = _load(args, memory.placement)
     dec, windows = _decompose(args, loaded, memory.placement)
     ev = None
     if args.eval_text and main:
@@ -180,6 +154,7 @@ def cmd_compress(args) -> dict | None:
               "stopped": res.stopped, "select_seconds": res.select_seconds,
               "seconds": time.time() - t0, "placement": memory.placement.to_dict(),
               "warnings": [*early, *res.warnings]}
+    disable_(loaded.model)                      # sequentially onloaded: all in CPU memory
     export_model(loaded.model, loaded.tokenizer, res.plan, args.out, report=report,
                  force=args.force, merged_dense=args.merged_dense,
                  dtype=loaded.source_dtype, source=loaded.source_info(),
@@ -305,125 +280,14 @@ def cmd_compare(args) -> dict:
             "out": str(Path(args.out) / "results.csv")}
 
 
-def _placement_args(p: argparse.ArgumentParser) -> None:
-    from .placement import OFFLOADS
-    p.add_argument("--offload", default="auto", choices=["auto", *OFFLOADS],
-                   help="what waits in CPU memory during the run: none, targets (distillation "
-                   "targets), factors (targets and factors); auto: the least that fits")
-    p.add_argument("--factor-dtype", default="auto", help="dtype factors are stored in: auto "
-                   "(the model's on a GPU, float32 on a CPU), float32, bfloat16, float16")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .counting import SCOPES
-    from .evaluate import EVAL_SEQ_LEN, EVAL_WINDOWS
-    from .selectors import SELECTORS, any_k_methods
-    from .selectors.base import SELECTIONS
-    ap = argparse.ArgumentParser(prog="llrc", description="Low-rank compression of language "
-                                 "models with learned rank selection")
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("spectra", help="singular values of every target layer to CSV")
-    _common(p)
-    p.add_argument("--out", required=True, help="CSV file")
-    p.add_argument("--force", action="store_true", help="overwrite --out")
-    p.set_defaults(func=cmd_spectra)
-
-    p = sub.add_parser("compress", help="select ranks, apply, evaluate, export")
-    _common(p, calib_required=True)
-    p.add_argument("--method", default="uniform",
-                   help=f"rank selector: {', '.join(sorted(SELECTORS))}")
-    p.add_argument("--ratio", type=float, required=True, help="kept parameter ratio in (0, 1]")
-    p.add_argument("--ratio-scope", default="linear", choices=list(SCOPES))
-    p.add_argument("--selection", default="top-k", choices=list(SELECTIONS),
-                   help=f"any-k only for {', '.join(any_k_methods())}")
-    p.add_argument("--opt", action="append", metavar="KEY=VALUE",
-                   help="method hyperparameter, repeatable (e.g. --opt steps=300)")
-    p.add_argument("--log", help="JSONL file receiving every event of the run (any method)")
-    p.add_argument("--checkpoint", help="learned methods: state file, written every 50 steps "
-                   "and at the end; a run with the same options resumes from it")
-    p.add_argument("--eval-text", help="text file for perplexity before and after")
-    p.add_argument("--eval-seq-len", type=int, default=EVAL_SEQ_LEN,
-                   help="tokens per evaluation window")
-    p.add_argument("--max-eval-windows", type=int, default=EVAL_WINDOWS,
-                   help="evaluation windows (the first ones of the text)")
-    _placement_args(p)
-    _export_args(p)
-    p.set_defaults(func=cmd_compress)
-
-    p = sub.add_parser("export", help="re-export an LLRC folder, or compress --model with --plan")
-    _common(p)
-    p.add_argument("--plan", help="rank_plan.json to apply when --model is not an LLRC folder")
-    _export_args(p)
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("eval", help="perplexity of a model or an exported folder on a text")
-    p.add_argument("--model", required=True)
-    p.add_argument("--text", required=True)
-    p.add_argument("--seq-len", type=int, default=EVAL_SEQ_LEN, help="tokens per window")
-    p.add_argument("--max-windows", type=int, default=EVAL_WINDOWS,
-                   help="windows evaluated (the first ones of the text)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("plan-memory", help="memory per phase of a compression, from the config "
-                       "alone (any model size: no weights are read)")
-    p.add_argument("--model", required=True, help="Hub id or folder (config.json is enough)")
-    p.add_argument("--dtype", default="bfloat16", help="compute dtype")
-    p.add_argument("--method", default="llrc", help="rank selector")
-    p.add_argument("--decomposition", default="whiten", choices=list(DECOMPOSITIONS))
-    p.add_argument("--n-calib", type=int, default=64, help="calibration windows")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per training step")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs (0: a CPU run)")
-    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
-    _placement_args(p)
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
-    p.set_defaults(func=cmd_plan_memory)
-
-    from .compare import CompareConfig
-    d = CompareConfig()
-    p = sub.add_parser("compare", help="grid of methods x ratios; resumable; tables and figures")
-    p.add_argument("--model", default=d.model, help="model folder, Hub id, or 'minilm'")
-    p.add_argument("--methods", help="comma list (default: every registered method)")
-    p.add_argument("--ratios", default="0.9,0.8,0.6", help="comma list of target ratios")
-    p.add_argument("--selection", default="top-k,any-k",
-                   help="top-k and/or any-k (any-k only where a method supports it)")
-    p.add_argument("--decomposition", default="auto", help="auto or a comma list of "
-                   + ",".join(DECOMPOSITIONS))
-    p.add_argument("--ratio-scope", default="linear", choices=list(SCOPES))
-    p.add_argument("--calib", default=d.calib, help="calibration text")
-    p.add_argument("--n-calib", type=int, default=d.n_calib)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--eval-text", default=d.eval_text)
-    p.add_argument("--eval-seq-len", type=int, default=d.eval_seq_len)
-    p.add_argument("--max-eval-windows", type=int, default=d.max_eval_windows)
-    p.add_argument("--tasks", help="comma list of zero-shot tasks (causal LMs)")
-    p.add_argument("--limit", type=int, default=None, help="docs per task")
-    p.add_argument("--opt", action="append", metavar="[METHOD.]KEY=VALUE",
-                   help="method hyperparameter, repeatable (e.g. --opt strs.candidates=[0.4,0.8])")
-    p.add_argument("--seeds", default=",".join(map(str, d.seeds)),
-                   help="comma list: each method that trains runs once per seed; summary.csv "
-                        "gives mean and sd per cell")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--device", default=None)
-    p.add_argument("--allow-compressed", action="store_true",
-                   help="accept an LLRC export as --model (loaded dense, compressed again)")
-    p.add_argument("--out", required=True, help="results folder (re-running resumes)")
-    p.set_defaults(func=cmd_compare)
-    for p in sub.choices.values():      # every subcommand's --help shows its defaults
-        p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    return ap
+COMMANDS = {"spectra": cmd_spectra, "compress": cmd_compress, "export": cmd_export,
+            "eval": cmd_eval, "plan-memory": cmd_plan_memory, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = args.func(args)
+        result = COMMANDS[args.command](args)
     except (LLRCError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

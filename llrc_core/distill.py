@@ -20,10 +20,18 @@ def base_of(model: nn.Module) -> nn.Module:
     return base if isinstance(base, nn.Module) else model
 
 
-def distill_layers(model: nn.Module) -> tuple[int, int]:
-    """Indices into ``hidden_states`` (0 = embeddings): middle block output and last."""
+DISTILL_AT = ("middle-last", "every")
+
+
+def distill_layers(model: nn.Module, at: str = "middle-last") -> tuple[int, ...]:
+    """Indices into ``hidden_states`` (0 = embeddings): ``middle-last``, the middle block's
+    output and the last (the paper); ``every``, every block's output."""
     _, blocks = find_blocks(model)
     n = len(blocks)
+    if at == "every":
+        return tuple(range(1, n + 1))
+    if at != "middle-last":
+        raise ValueError(f"distill_at must be one of {DISTILL_AT}, got {at!r}")
     return max(n // 2, 1), n
 
 

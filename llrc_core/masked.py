@@ -27,6 +27,7 @@ from torch import nn
 from .apply import wrap_
 from .decompose import Factors
 from .models import weight_of
+from .onload import onloaded
 
 
 class MaskedLowRank(nn.Module):
@@ -103,7 +104,9 @@ def install_masked_(model: nn.Module, factors: dict[str, Factors], offloaded: bo
     layers = {}
     for name, f in factors.items():
         old = model.get_submodule(name)
-        w = weight_of(old)
-        bias = getattr(old, "bias", None)
-        layers[name] = wrap_(model, name, MaskedLowRank(f, bias, w.dtype, w.device, offloaded))
+        with onloaded(old):          # sequentially onloaded: the bias and the device it runs on
+            w = weight_of(old)
+            bias = getattr(old, "bias", None)
+            layer = MaskedLowRank(f, bias, w.dtype, w.device, offloaded)
+        layers[name] = wrap_(model, name, layer)
     return layers

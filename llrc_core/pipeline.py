@@ -14,6 +14,7 @@ from .apply import apply_plan_
 from .calibration import CalibConfig, load_calibration
 from .decompose import DECOMPOSITIONS, Factors, decompose
 from .models import LoadedModel, Target, count_params, find_targets, weight_of
+from .onload import onloaded
 from .placement import Placement
 from .plan import RankPlan
 from .selectors import SelectionContext, get_selector
@@ -62,16 +63,18 @@ def decompose_model(model, decomposition: str = "svd", windows: torch.Tensor | N
 
     def run(names, stats):
         for name in names:
-            W = weight_of(modules[name]).detach()
             st = stats.get(name)
-            if st is not None and st.degenerate:     # nothing to weigh the input by
-                factors[name] = decompose(W, "svd")
-                warnings.append({"kind": "degenerate_input", "layer": name, "fallback": "svd",
-                                 "message": f"{name}: its input was zero on every calibration "
-                                 f"token, so {decomposition} has no statistics to use; it was "
-                                 "decomposed by plain SVD instead"})
-            else:
-                factors[name] = decompose(W, decomposition, st, alpha=alpha)
+            with onloaded(modules[name]):                # sequential onloading: W visits
+                W = weight_of(modules[name]).detach()
+                if st is not None and st.degenerate:     # nothing to weigh the input by
+                    factors[name] = decompose(W, "svd")
+                    warnings.append({"kind": "degenerate_input", "layer": name,
+                                     "fallback": "svd", "message": f"{name}: its input was "
+                                     "zero on every calibration token, so "
+                                     f"{decomposition} has no statistics to use; it was "
+                                     "decomposed by plain SVD instead"})
+                else:
+                    factors[name] = decompose(W, decomposition, st, alpha=alpha)
             if placement is not None:
                 factors[name] = placement.store(factors[name], W.device)
             if factors[name].damping > 0:

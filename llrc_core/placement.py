@@ -14,6 +14,9 @@ about 1.6 x the weights for a Llama-2 block. A ``Placement`` says
   calibration windows) in CPU memory, moved per batch.
 * ``park_dense``: on a GPU, the dense originals of the swapped layers wait in CPU memory while
   masks train and come back when the session ends (normally, on error or on stop).
+* ``offload_weights``: sequential onloading (``onload.py``): the model's blocks wait in CPU
+  memory and each layer visits the device for its forward pass; the device holds the
+  embeddings, the LM head and one layer's weights at a time (implies both offloads above).
 
 The planner (``planner.plan_memory``) counts each placement and picks the least offload
 that fits; ``compress`` runs with the one it picked.
@@ -27,7 +30,7 @@ import torch
 from .decompose import Factors
 from .models import DTYPES
 
-OFFLOADS = ("none", "targets", "factors")       # each level includes the one before
+OFFLOADS = ("none", "targets", "factors", "weights")   # each level includes the ones before
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Placement:
     offload_factors: bool = False
     offload_targets: bool = False
     park_dense: bool = False
+    offload_weights: bool = False
 
     @classmethod
     def for_run(cls, model_dtype: torch.dtype, device: torch.device | str, offload: str = "none",
@@ -54,12 +58,12 @@ class Placement:
                              f"{factor_dtype!r}")
         level = OFFLOADS.index(offload)
         return cls(dtype, offload_factors=level >= 2, offload_targets=level >= 1,
-                   park_dense=on_gpu)
+                   park_dense=on_gpu, offload_weights=level >= 3)
 
     @property
     def offload(self) -> str:
-        return "factors" if self.offload_factors else \
-            "targets" if self.offload_targets else "none"
+        return "weights" if self.offload_weights else "factors" if self.offload_factors \
+            else "targets" if self.offload_targets else "none"
 
     def store(self, f: Factors, device: torch.device) -> Factors:
         """``f`` as the run keeps it: ``U`` and ``V`` in ``factor_dtype`` on ``device`` (pinned

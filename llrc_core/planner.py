@@ -30,10 +30,14 @@ runs today:
 device, then distillation targets in CPU memory, then factors too) and keeps the first that
 fits; ``facts["placement"]`` says which.
 
-``peak_gpu_bytes`` is the largest need over the phases on the device the run uses (today one
-device holds the model: multi-GPU placement is issue 11's next part, so ``gpus`` > 1 is
-reported but not yet split); ``fits`` compares it with ``gpu_memory`` less a 5 % margin. On a
-CPU-only plan (``gpus=0``) the same numbers are host memory. Activations are an estimate
+``offload="weights"`` is sequential onloading (``onload.py``): the GPU holds the frame and
+one layer's weights at a time. With ``gpus`` > 1 (and no sequential onloading) whole blocks
+are placed across the GPUs by accelerate and every phase is counted per GPU (``spread.py``;
+planned only: ``compress`` runs on one GPU).
+
+``peak_gpu_bytes`` is the largest need over the phases on the fullest GPU; ``fits`` compares
+it with ``gpu_memory`` less a 5 % margin. On a CPU-only plan (``gpus=0``) the same numbers
+are host memory. Activations are an estimate
 (per token and block: 12 hidden-size and 5 intermediate-size values, every block, plus two
 rank-size values per masked layer; the tokens a learned method trains on per step) and are
 labelled so. ``bench/memory.py`` measures each phase's peak against these numbers.
@@ -45,7 +49,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .models import DTYPES, count_params, find_targets, skeleton
+from .models import DTYPES, count_params, find_blocks, find_targets, skeleton
+from . import spread
 from .placement import OFFLOADS, Placement
 
 GIB = 2 ** 30
@@ -108,9 +113,14 @@ class MemoryPlan:
                      f"{verdict} ({cap})")
         if self.placement is not None:
             pl = self.placement
+            if "device_map" in self.facts:
+                lines.append("blocks per GPU (accelerate): " + ", ".join(
+                    f"{g}: {n}" for g, n in self.facts["device_map"].items()))
             lines.append(f"placement: factors stored in "
                          f"{str(pl.factor_dtype).removeprefix('torch.')}, offload {pl.offload}"
-                         + (", dense originals parked in CPU memory while masks train"
+                         + (", dense blocks in CPU memory, onloaded one layer at a time"
+                            if pl.offload_weights and self.gpus else
+                            ", dense originals parked in CPU memory while masks train"
                             if pl.park_dense else ""))
         return "\n".join(lines)
 
@@ -145,7 +155,11 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
     plan = None
     for level in (OFFLOADS if offload == "auto" else (offload,)):
         placement = Placement.for_run(DTYPES[dtype], device, level, factor_dtype)
-        phases, host, facts = _phases(counts, placement, spec.trains, bool(gpus))
+        if gpus > 1 and not placement.offload_weights:       # blocks across GPUs
+            phases, host, facts = spread.phases(counts, placement, spec.trains, meta, gpus,
+                                                gpu_memory or float("inf"))
+        else:
+            phases, host, facts = _phases(counts, placement, spec.trains, bool(gpus))
         plan = MemoryPlan(str(model), dtype, method, gpus, gpu_memory, phases, host,
                           {**counts["facts"], **facts}, placement)
         if plan.fits or not gpus:          # on a CPU every placement is the same memory
@@ -175,7 +189,13 @@ def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
     stats = (8 * sum(t.n * t.n for t in widest) if "gram" in needs      # whiten, whiten-eig
              else 8 * sum(t.n for t in widest) if needs else 0)           # asvd; svd: none
     params = count_params(meta)
+    _, block_list = find_blocks(meta)
+    in_blocks = [count_params(blk) for blk in block_list]
     facts = {"params": params, "weights_bytes": params * b, "targets": len(targets),
+             # sequential onloading: what stays on the device, and what visits it at once
+             "frame_bytes": (params - sum(in_blocks)) * b,
+             "block_rest_bytes": (sum(in_blocks) - sum(t.m * t.n for t in targets)) * b,
+             "layer_bytes": max(t.m * t.n for t in targets) * b,
              "blocks": blocks, "hidden_size": d, "intermediate_size": inter,
              "dense_linear": sum(t.m * t.n for t in targets),
              "factor_numbers": sum(layer_factors.values()),
@@ -216,6 +236,8 @@ def decomposition_work(m: int, n: int, decomposition: str) -> int:
 def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
             ) -> tuple[dict[str, int], dict[str, int], dict]:
     """Bytes per phase on the run's device and on the host, for one placement."""
+    if placement.offload_weights and gpu:
+        return _sequential_phases(c, placement, trains)
     f, b = c["facts"], c["b"]
     fb = placement.factor_dtype.itemsize
     weights, spectrum = f["weights_bytes"], f["spectrum_numbers"]
@@ -272,13 +294,48 @@ def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
     return phases, host, extra
 
 
+def _sequential_phases(c: dict, placement: Placement, trains: bool
+                       ) -> tuple[dict[str, int], dict[str, int], dict]:
+    """Sequential onloading (``onload.py``) on a GPU: the device holds the frame (embeddings,
+    LM head, final norm) and one layer's weights at a time; the dense weights, the factors and
+    the distillation targets wait in CPU memory, and so do the compressed layers after apply
+    (the dense originals stay there too, for ``restore_``)."""
+    f, b = c["facts"], c["b"]
+    frame, layer = f["frame_bytes"], f["layer_bytes"]
+    stored = placement.factor_dtype.itemsize * f["factor_numbers"] + 4 * f["spectrum_numbers"]
+    work = f["hidden_states_block_bytes"] + f["stats_block_bytes"]
+    phases = {"load": frame, "statistics": frame + layer + work,
+              "decomposition": frame + layer + work + f["svd_work_bytes"],
+              "selection": frame, "apply": frame,
+              "evaluate": frame + layer + f["eval_batch_bytes"], "export": 0}
+    extra = {"placement": placement.to_dict() | {"device": "one GPU, blocks onloaded in turn"},
+             "factors_stored_bytes": stored}
+    home = f["weights_bytes"] - frame                 # the blocks, in CPU memory throughout
+    host = {"load": home, "statistics": home, "decomposition": home + stored,
+            "selection": home + stored}
+    if trains:    # the blocks' norms (kept for the backward), one block's fetched factors
+        copies = b * (c["block_factors"] + f["spectrum_numbers"])
+        phases["selection"] += (f["block_rest_bytes"] + copies + f["activations_bytes_estimate"]
+                                + f["mask_state_bytes"])
+        host["selection"] += f["distill_targets_bytes"]
+        extra.update(factor_copies_bytes=copies, parked_dense_bytes=0)
+    kept_layer = {t.name: b * min(t.m * t.n, n) for t, n in c["layers"]}
+    kept = sum(kept_layer.values())
+    host["apply"] = home + sum(max(placement.factor_dtype.itemsize * n, kept_layer[t.name])
+                               for t, n in c["layers"])
+    host["evaluate"] = home + kept
+    host["export"] = f["weights_bytes"] + kept + f["weights_bytes"]   # frame home, state dict
+    extra.update(kept_bound_bytes=kept)
+    return phases, host, extra
+
+
 def refusal(plan: MemoryPlan) -> str:
     """The message ``compress`` stops with when a plan does not fit (a GPU or the host)."""
     need = plan.peak_bytes / GIB
     if plan.gpus:
         where, cap = "on one GPU", f"{plan.gpu_memory:g} GiB (5 % margin)"
-        offload = "" if plan.placement is None or plan.placement.offload == "factors" else \
-            "--offload factors, "
+        offload = "" if plan.placement is None or plan.placement.offload_weights else \
+            "--offload weights, "
         fix = f"{offload}a GPU with more memory, a smaller --batch-size or --n-calib/--seq-len, " \
               "or a non-learned method"
     else:

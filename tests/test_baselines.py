@@ -195,6 +195,43 @@ def test_drank_rebalance_moves_qk_rank_to_v_in_parameter_units():
     assert 0.5 - TOL <= reb.ratio("linear") <= 0.5
 
 
+def test_drank_even_pool_spreads_every_blocks_qk_share_over_all_v():
+    """``pool="even"`` (the reference code): the Q and K share of both blocks (different
+    sizes) is one pool, and each V gets the same number of ranks from it."""
+    shapes = {f"layers.{b}.attn.{x}_proj": (128, 128) for b in range(2) for x in "qkv"}
+    roles = {n: (int(n.split(".")[1]), n.split(".")[-1][0]) for n in shapes}
+    ranks = {n: (10 if n.endswith("v_proj") else 40 if ".0." in n else 20) for n in shapes}
+    block = rebalance_qk_to_v(ranks, roles, shapes, beta=0.5)
+    even = rebalance_qk_to_v(ranks, roles, shapes, beta=0.5, pool="even")
+    assert (block["layers.0.attn.v_proj"], block["layers.1.attn.v_proj"]) == (50, 30)
+    assert (even["layers.0.attn.v_proj"], even["layers.1.attn.v_proj"]) == (40, 40)
+    assert all(even[n] == block[n] for n in shapes if not n.endswith("v_proj"))
+
+
+def test_drank_fallback_keeps_uniform_where_its_truncation_error_is_lower():
+    """Three layers with a hundredth of the others' energy but the same decay: the
+    effective-rank allocation ignores energy, so uniform ranks drop less of the spectrum; with
+    ``fallback`` that type takes uniform ranks (and says so). On equal energies the
+    effective-rank allocation is kept."""
+    from llrc_core.selectors.drank import truncation_error
+    shapes = {f"layers.{i}.mlp.fc": (256, 192) for i in range(6)}
+    ctx = _synthetic(shapes, decays=[2, 5, 10, 20, 40, 80])
+    kept = select_drank(ctx, DRankConfig(ratio=0.5, beta=0.0, fallback=True))
+    assert kept.meta["uniform_types"] == [] and kept.ranks() == \
+        select_drank(ctx, DRankConfig(ratio=0.5, beta=0.0)).ranks()
+    for i, n in enumerate(shapes):
+        if i >= 3:
+            ctx.spectra[n] = ctx.spectra[n] * 0.01
+    paper = select_drank(ctx, DRankConfig(ratio=0.5, beta=0.0)).ranks()
+    ref = select_drank(ctx, DRankConfig(ratio=0.5, beta=0.0, fallback=True))
+    assert ref.meta["uniform_types"] == ["mlp.fc"]
+    assert max(ref.ranks().values()) - min(ref.ranks().values()) <= 5   # landing moves a few
+    err = {k: sum(truncation_error(ctx.spectra[n], r[n]) for n in shapes)
+           for k, r in (("paper", paper), ("ref", ref.ranks()))}
+    assert err["ref"] < err["paper"] / 2
+    assert 0.5 - TOL <= ref.ratio("linear") <= 0.5
+
+
 # --------------------------------------------------------------------------- SVD-LLM
 def test_svdllm_is_uniform_on_whitening_and_refuses_other_decompositions(tiny):
     model, windows, decs = tiny

@@ -167,3 +167,33 @@ def test_activation_checkpointing_and_matmul_paths_give_the_same_plan(tiny):
     for path in ("dense", "factorised"):
         other, _ = run(tiny, ratio=0.6, path=path)
         assert abs(other.ratio("linear") - 0.6) <= 0.005
+
+
+def test_every_block_distillation_is_zero_unmasked_and_sees_each_block(tiny):
+    """``distill_at="every"``: one target per block output. The loss is zero for the model as
+    it is; masking one layer of the first block makes it positive, and every block output
+    from that block on carries part of it."""
+    from llrc_core.distill import distill_layers, hidden_at
+    from llrc_core.selectors.learned import Objective, masked_session
+    model, dec, windows = tiny
+    layers = distill_layers(model, "every")
+    assert layers == (1, 2) and distill_layers(model) == (1, 2)     # 2 blocks: the same
+    import transformers
+    with torch.device("meta"):
+        four = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=8, intermediate_size=16, num_hidden_layers=4, num_attention_heads=2,
+            vocab_size=32))
+    assert distill_layers(four, "every") == (1, 2, 3, 4) and distill_layers(four) == (2, 4)
+    objective = Objective(model, windows, "distill", 4, layers=layers, distance="mse")
+    idx = torch.arange(8)
+    assert objective(idx).item() == 0.0
+    name = next(n for n in dec.factors if ".0." in n)               # a layer of block 0
+    with masked_session(model, {name: dec.factors[name]}) as masked:
+        mask = torch.ones(dec.factors[name].rank)
+        mask[mask.numel() // 2:] = 0
+        masked[name].mask = mask
+        hs = hidden_at(model, windows[idx], layers)
+        per_block = [(h - t[idx]).pow(2).mean().item() for h, t in zip(hs, objective.targets)]
+        assert objective(idx).item() > 0 and all(d > 0 for d in per_block)
+    with pytest.raises(ValueError, match="distill_at must be one of"):
+        LLRCConfig(distill_at="all")

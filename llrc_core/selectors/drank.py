@@ -12,6 +12,11 @@
   attention where K/V are narrower than Q. Blocks without separate q/k/v layers (GPT-2's
   fused ``c_attn``) are left alone. Default ``beta = 0.3`` (paper: 0.3-0.4 best; its code
   uses 0.2).
+* The reference code differs in two ways, each an option measured in ``bench/README.md``:
+  ``fallback`` keeps the effective-rank allocation of a matrix type only where its
+  truncation error (the sum of the dropped ``S_i^2``: the calibration output error on
+  whitened factors) is below that of uniform ranks on the same type budget; ``pool="even"``
+  gathers the Q and K share of every block into one pool spread evenly over all V layers.
 * Greedy fix-up to the exact budget, one rank at a time by the same objective
   (``land_on_budget``): remove the rank whose loss ``R / (k (k - 1))`` per parameter is
   smallest while over budget, then add the rank with the largest gain ``R / (k (k + 1))``
@@ -34,15 +39,27 @@ _ROLE = {"q": re.compile(r"(^|\.)(q_proj|query|q|wq|q_lin)$"),
          "v": re.compile(r"(^|\.)(v_proj|value|v|wv|v_lin)$")}
 
 
+POOLS = ("block", "even")
+
+
 @dataclass
 class DRankConfig(SelectConfig):
     beta: float = field(default=0.3, metadata={
         "help": "fraction of Q and K rank moved to V (parameter units); 0 turns it off"})
+    fallback: bool = field(default=False, metadata={
+        "help": "per matrix type, keep the effective-rank allocation only where its "
+        "truncation error (sum of the dropped S^2) is below uniform ranks' (the reference "
+        "code); off: always (the paper)"})
+    pool: str = field(default="block", metadata={
+        "help": "block: each block's Q and K share moves to its own V (the paper); even: one "
+        "pool from every Q and K spread evenly over all V layers (the reference code)"})
 
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {self.beta}; the paper uses 0.3")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
 
 
 def lagrange_ranks(reff: dict[str, float], w: dict[str, int], T: float) -> dict[str, float]:
@@ -56,23 +73,35 @@ def _role(kind: str) -> str | None:
 
 
 def rebalance_qk_to_v(ranks: dict[str, int], roles: dict[str, tuple[int, str]],
-                      shapes: dict[str, tuple[int, int]], beta: float) -> dict[str, int]:
-    """Move ``beta`` of each block's Q and K ranks to its V, counted in parameters."""
+                      shapes: dict[str, tuple[int, int]], beta: float, pool: str = "block"
+                      ) -> dict[str, int]:
+    """Move ``beta`` of the Q and K ranks to V, counted in parameters: within each block
+    (``pool="block"``), or gathered from every block and spread evenly over every V
+    (``"even"``). Parameters V cannot take (break-even) stay with the landing pass."""
     ranks = dict(ranks)
     blocks: dict[int, dict[str, str]] = {}
     for name, (block, role) in roles.items():
         blocks.setdefault(block, {})[role] = name
-    for layers in blocks.values():
-        if set(layers) != {"q", "k", "v"}:
-            continue
-        q, k, v = layers["q"], layers["k"], layers["v"]
-        w = {n: sum(shapes[n]) for n in (q, k, v)}
+    trios = [(ls["q"], ls["k"], ls["v"]) for ls in blocks.values() if set(ls) == {"q", "k", "v"}]
+    freed = {}
+    for q, k, v in trios:
         dq, dk = math.floor(beta * ranks[q]), math.floor(beta * ranks[k])
         dq, dk = min(dq, ranks[q] - 1), min(dk, ranks[k] - 1)
+        ranks[q], ranks[k] = ranks[q] - dq, ranks[k] - dk
+        freed[v] = dq * sum(shapes[q]) + dk * sum(shapes[k])
+    if pool == "even" and freed:
+        share = sum(freed.values()) / len(freed)
+        freed = dict.fromkeys(freed, share)
+    for v, params in freed.items():
         room = break_even(*shapes[v]) - 1 - ranks[v]
-        dv = min((dq * w[q] + dk * w[k]) // w[v], max(room, 0))
-        ranks[q], ranks[k], ranks[v] = ranks[q] - dq, ranks[k] - dk, ranks[v] + dv
+        ranks[v] += min(int(params // sum(shapes[v])), max(room, 0))
     return ranks
+
+
+def truncation_error(spectrum, k: int) -> float:
+    """Sum of the dropped ``S_i^2`` when keeping the first ``k``: the output error on the
+    calibration tokens for whitened factors."""
+    return float(spectrum[k:].double().pow(2).sum())
 
 
 @register_selector("drank", DRankConfig, preferred="whiten")
@@ -84,21 +113,32 @@ def select_drank(ctx: SelectionContext, cfg: DRankConfig):
     groups: dict[str, list[str]] = {}
     for n in ctx.shapes:
         groups.setdefault(kinds[n][1], []).append(n)
-    ranks = {}
-    for names in groups.values():
+    ranks, uniform_types = {}, []
+    for kind, names in groups.items():
         T = budget * sum(ctx.shapes[n][0] * ctx.shapes[n][1] for n in names) / ctx.dense_linear
         ideal = lagrange_ranks({n: reff[n] for n in names}, {n: w[n] for n in names}, T)
-        for n in names:
-            ranks[n] = int(min(max(round(ideal[n]), 1), break_even(*ctx.shapes[n]) - 1))
+        dynamic = {n: int(min(max(round(ideal[n]), 1), break_even(*ctx.shapes[n]) - 1))
+                   for n in names}
+        if cfg.fallback:       # the same type budget as uniform ranks (one ratio per layer)
+            rho = T / sum(ctx.shapes[n][0] * ctx.shapes[n][1] for n in names)
+            flat = {n: int(min(max(rho * ctx.shapes[n][0] * ctx.shapes[n][1] // w[n], 1),
+                               break_even(*ctx.shapes[n]) - 1)) for n in names}
+            err = {key: sum(truncation_error(ctx.spectra[n], r[n]) for n in names)
+                   for key, r in (("dynamic", dynamic), ("uniform", flat))}
+            if err["uniform"] <= err["dynamic"]:
+                dynamic = flat
+                uniform_types.append(kind)
+        ranks.update(dynamic)
     roles = {n: (b, r) for n, (b, kind) in kinds.items() if (r := _role(kind)) is not None}
     if cfg.beta > 0:
-        ranks = rebalance_qk_to_v(ranks, roles, ctx.shapes, cfg.beta)
+        ranks = rebalance_qk_to_v(ranks, roles, ctx.shapes, cfg.beta, cfg.pool)
     # Objective change per parameter of one rank step: R/(k(k+1)) gained, R/(k(k-1)) lost.
     ranks = land_on_budget(ranks, ctx.shapes, budget,
                            lambda n, k: reff[n] / (max(k, 1) * (k + 1)) / w[n],
                            lambda n, k: reff[n] / (k * (k - 1)) / w[n])
     return ctx.prefix_plan(ranks, "drank", cfg, effective_rank=reff,
-                           groups={g: len(v) for g, v in groups.items()})
+                           groups={g: len(v) for g, v in groups.items()},
+                           uniform_types=uniform_types)
 
 
 def _kinds(ctx: SelectionContext) -> dict[str, tuple[int, str]]:

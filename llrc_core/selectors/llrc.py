@@ -10,7 +10,8 @@ gradients; ``gates.py``) and minimises
   the target, ``(E[rho] - target) / (1 - target)``: a steady push while the ratio is above the
   target (the paper uses the mean logit; the expected count is the sound choice it allows).
 * ``L_distill``: normalised MSE between the masked and the original model's hidden states at
-  the middle block and the last layer; targets precomputed once (``distill.py``). The paper
+  the middle block and the last layer (``distill_at="every"``: every block's output, averaged);
+  targets precomputed once (``distill.py``). The paper
   does not say MSE or normalised MSE: ``distill_loss`` picks. ``objective="lm"`` swaps in the
   next-token loss (the paper's ablation).
 * ``L_TV``: total variation along the singular index of the expected mask ``sigmoid(theta)``
@@ -60,6 +61,9 @@ class LLRCConfig(TrainConfig):
     alpha_period: int = option(50, "steps per cosine cycle of alpha(t) (0: constant alpha_high)")
     objective: str = option("distill", "distill (hidden states) or lm (next-token loss ablation)")
     distill_loss: str = option("nmse", "nmse (normalised MSE) or mse")
+    distill_at: str = option("middle-last", "hidden states distilled: middle-last (the "
+                             "paper: the middle block's output and the last) or every (every "
+                             "block's output: no block after the middle goes unwatched)")
     hold_steps: int = option(300, "steps (in all) at or under the target with the compression term off")
     tolerance: float = option(0.005, "allowed ratio drift above the target while holding")
     batch_size: int = option(4, "calibration windows per step")
@@ -74,6 +78,9 @@ class LLRCConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         check_fields(self, positive=("tau",))
+        if self.distill_at not in distill.DISTILL_AT:
+            raise ValueError(f"distill_at must be one of {distill.DISTILL_AT}, got "
+                             f"{self.distill_at!r}")
         if self.distill_loss not in ("nmse", "mse"):
             raise ValueError(f"distill_loss must be 'nmse' or 'mse', got {self.distill_loss!r}")
         if self.path not in ("auto", "dense", "factorised"):
@@ -106,11 +113,13 @@ class LLRCTrainer(MaskTrainer):
         _, self.blocks = find_blocks(ctx.model)  # before the swap: blocks hold nn.Linear
 
     def make_objective(self) -> Objective:
-        """Distillation at the middle block and the last layer (or the ``lm`` ablation), on
-        the first ``train_seq_len`` tokens of each window."""
+        """Distillation at the middle block and the last layer, or every block
+        (``distill_at``), or the ``lm`` ablation; on the first ``train_seq_len`` tokens of
+        each window."""
         cfg, model = self.cfg, self.ctx.model
         return Objective(model, self.ctx.windows, cfg.objective, cfg.batch_size,
-                         layers=distill.distill_layers(model), distance=cfg.distill_loss,
+                         layers=distill.distill_layers(model, cfg.distill_at),
+                         distance=cfg.distill_loss,
                          seq_len=cfg.train_seq_len, bf16=cfg.bf16,
                          targets_device=self.ctx.targets_device())
 

@@ -49,6 +49,7 @@ from ..errors import Stopped
 from ..files import atomic_json
 from ..losses import next_token_nll_sum, ppl_of
 from ..models import find_blocks, find_targets
+from ..onload import named_weights, onloaded
 from ..threads import ThreadChooser
 from .base import SelectConfig, SelectionContext, land_on_budget, ranks_cost
 from .registry import register_selector
@@ -194,7 +195,9 @@ def _table(model, factors, windows, candidates, batch_size, callback, should_sto
                 raise Stopped("STRS stopped before its sensitivity table was complete")
             threads.tick()
             old = model.get_submodule(t.name)
-            swap_module_(model, t.name, low_rank_from(old, factors[t.name], list(range(k))))
+            with onloaded(old):               # sequentially onloaded: the device and bias
+                new = low_rank_from(old, factors[t.name], list(range(k)))
+            swap_module_(model, t.name, new)
             try:
                 row[str(r)] = score(runner.forward_from(t.block))
             finally:
@@ -214,7 +217,7 @@ def cache_key(model, decomposition: str, factors, windows, candidates) -> str:
     h.update(type(model).__name__.encode())
     h.update((cfg.to_json_string(use_diff=False) if cfg is not None else "").encode())
     with torch.no_grad():   # parameter fingerprint: cheap sums, enough to tell weights apart
-        for name, p in model.named_parameters():
+        for name, p in named_weights(model):       # offloaded ones where they wait
             d = p.detach().double()
             h.update(f"{name}:{d.sum().item():.10e}:{d.abs().sum().item():.10e}".encode())
     h.update(decomposition.encode())
