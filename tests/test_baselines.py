@@ -218,12 +218,12 @@ def test_drank_fallback_keeps_uniform_where_its_truncation_error_is_lower():
     ctx = _synthetic(shapes, decays=[2, 5, 10, 20, 40, 80])
     kept = select_drank(ctx, DRankConfig(ratio=0.5, beta=0.0, fallback=True))
     assert kept.meta["uniform_types"] == [] and kept.ranks() == \
-        select_drank(ctx, DRankConfig(ratio=0.5, beta=0.0)).ranks()
+        select_drank(ctx, DRankConfig(ratio=0.5, beta=0.0, fallback=False)).ranks()
     for i, n in enumerate(shapes):
         if i >= 3:
             ctx.spectra[n] = ctx.spectra[n] * 0.01
-    paper = select_drank(ctx, DRankConfig(ratio=0.5, beta=0.0)).ranks()
-    ref = select_drank(ctx, DRankConfig(ratio=0.5, beta=0.0, fallback=True))
+    paper = select_drank(ctx, DRankConfig(ratio=0.5, beta=0.0, fallback=False)).ranks()
+    ref = select_drank(ctx, DRankConfig(ratio=0.5, beta=0.0))            # the default
     assert ref.meta["uniform_types"] == ["mlp.fc"]
     assert max(ref.ranks().values()) - min(ref.ranks().values()) <= 5   # landing moves a few
     err = {k: sum(truncation_error(ctx.spectra[n], r[n]) for n in shapes)
