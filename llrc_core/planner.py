@@ -115,7 +115,8 @@ class MemoryPlan:
             pl = self.placement
             if "device_map" in self.facts:
                 lines.append("blocks per GPU (accelerate): " + ", ".join(
-                    f"{g}: {n}" for g, n in self.facts["device_map"].items()))
+                    f"{g}: {n}" for g, n in self.facts["device_map"].items())
+                    + " (a plan: compress runs on one GPU so far)")
             lines.append(f"placement: factors stored in "
                          f"{str(pl.factor_dtype).removeprefix('torch.')}, offload {pl.offload}"
                          + (", dense blocks in CPU memory, onloaded one layer at a time"
