@@ -42,7 +42,6 @@ VARIANTS: dict[str, dict] = {
     "whiten": {"decomposition": "whiten"},
     "whiten-lm": {"decomposition": "whiten", "options": {"objective": "lm"}},
     "whiten-every": {"decomposition": "whiten", "options": {"distill_at": "every"}},
-    "whiten-hold750": {"decomposition": "whiten", "options": {"hold_steps": 750, "steps": 1000}},
     "calib-8": {"n_calib": 8},
     "calib-32": {"n_calib": 32},
     "calib-128": {"n_calib": 128},

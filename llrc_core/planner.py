@@ -27,8 +27,8 @@ runs today:
   batch's logits; export writes the state dict once more from the CPU.
 
 ``offload="auto"`` counts the placements of ``placement.OFFLOADS`` in order (all on the
-device, then distillation targets in CPU memory, then factors too) and keeps the first that
-fits; ``facts["placement"]`` says which.
+device, then distillation targets in CPU memory, then factors too, then the dense blocks)
+and keeps the first that fits; ``facts["placement"]`` says which.
 
 ``offload="weights"`` is sequential onloading (``onload.py``): the GPU holds the frame and
 one layer's weights at a time. With ``gpus`` > 1 (and no sequential onloading) whole blocks
