@@ -13,7 +13,7 @@ from torch import nn
 
 from .decompose import Factors
 from .models import weight_of
-from .onload import is_offloaded, offload_like_, onloaded
+from .onload import offload_like_, onloaded
 from .plan import RankPlan
 
 _ORIGINALS = "_llrc_originals"
@@ -135,7 +135,7 @@ def apply_plan_(model: nn.Module, plan: RankPlan, factors: dict[str, Factors],
             raise ValueError(f"{name}: plan shape {(lp.m, lp.n)} != layer shape {(m, n)}")
         # An onloaded original is read where its weights wait (CPU memory) and its low-rank
         # form waits there too, offloaded alike (``onload.py``).
-        with onloaded(old, "cpu" if is_offloaded(old) else None):
+        with onloaded(old, "cpu"):
             new = low_rank_from(old, factors[name], lp.kept)
         swap_module_(model, name, offload_like_(new, old))
         originals[name] = old

@@ -112,13 +112,12 @@ def cmd_compress(args) -> dict | None:
     from .export import export_info, export_model
     from .onload import disable_
     from .preflight import check_compress
+    from .selectors import get_selector
     from .speed import stored_summary
     from .workflow import compress
 
-    from .selectors import get_selector
     opts = _method_options(args)
-    if args.decomposition == "auto":
-        args.decomposition = get_selector(args.method).preferred
+    args.decomposition = get_selector(args.method).resolve(args.decomposition)
     main = not distributed.init_from_env() or distributed.is_main()
     # Everything checkable without weights fails here, before loading (seconds, not minutes).
     early, memory = check_compress(

@@ -107,7 +107,7 @@ def method_axes(name: str, cfg: CompareConfig) -> list[tuple[str, str]]:
     sels = [s for s in cfg.selections if s in spec.selections] or [spec.selections[0]]
     decs = []
     for d in cfg.decompositions:
-        d = spec.preferred if d == "auto" else d
+        d = spec.resolve(d)
         if d in spec.allowed_decompositions and d not in decs:
             decs.append(d)
     return [(d, s) for d in decs for s in sels]

@@ -92,17 +92,14 @@ def _frame_to(module: nn.Module, blocks: set[int], device: torch.device) -> None
 @contextmanager
 def onloaded(module: nn.Module, device: torch.device | str | None = None) -> Iterator[nn.Module]:
     """Within the block, ``module``'s offloaded weights are present (on ``device``, default
-    their execution device); a module that is not offloaded is left as it is."""
+    their execution device); a module that is not offloaded is left as it is, wherever it
+    is (``device`` then does nothing)."""
     with ExitStack() as stack:
         for m in module.modules():
             if has_offloaded_params(m):
                 stack.enter_context(align_module_device(
                     m, None if device is None else torch.device(device)))
         yield module
-
-
-def is_offloaded(module: nn.Module) -> bool:
-    return any(has_offloaded_params(m) for m in module.modules())
 
 
 def offload_like_(new: nn.Module, old: nn.Module) -> nn.Module:

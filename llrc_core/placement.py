@@ -74,6 +74,11 @@ class Placement:
             U, V = U.pin_memory(), V.pin_memory()
         return Factors(U.contiguous(), f.S.to(where, torch.float32), V.contiguous(), f.damping)
 
+    def stored_bytes(self, factor_numbers: int, spectrum_numbers: int) -> int:
+        """Bytes of factors as ``store`` keeps them: ``U``, ``V`` in ``factor_dtype``, ``S``
+        in float32."""
+        return self.factor_dtype.itemsize * factor_numbers + 4 * spectrum_numbers
+
     def to_dict(self) -> dict:
         return {"factor_dtype": str(self.factor_dtype).removeprefix("torch."),
                 "offload": self.offload, "park_dense": self.park_dense}

@@ -49,8 +49,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .models import DTYPES, count_params, find_blocks, find_targets, skeleton
 from . import spread
+from .models import DTYPES, count_params, find_blocks, find_targets, skeleton
 from .placement import OFFLOADS, Placement
 
 GIB = 2 ** 30
@@ -215,9 +215,18 @@ def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
     # One evaluation batch: its float32 logits and a block's intermediate values.
     vocab = int(getattr(cfg, "vocab_size", 0) or 0)
     facts["eval_batch_bytes"] = batch_size * seq_len * (4 * vocab + b * (4 * d + 3 * inter))
-    return {"b": b, "facts": facts, "layers": [(t, layer_factors[t.name]) for t in targets],
+    return {"b": b, "dtype": DTYPES[dtype], "facts": facts, "layers": [(t, layer_factors[t.name]) for t in targets],
             "block_factors": max(sum(layer_factors[t.name] for t in ts)
-                                 for ts in per_block.values())}
+                                 for ts in per_block.values()),
+            # a layer's kept-rank factors after apply: at most its dense size
+            "kept_layer": {t.name: b * min(t.m * t.n, layer_factors[t.name]) for t in targets}}
+
+
+def _released_apply(c: dict, placement: Placement) -> int:
+    """Apply releases each layer's factors as its kept-rank factors are made (``compress``):
+    at any moment a layer holds one or the other, so the sum of the larger of the two."""
+    fb = placement.factor_dtype.itemsize
+    return sum(max(fb * n, c["kept_layer"][t.name]) for t, n in c["layers"])
 
 
 def decomposition_work(m: int, n: int, decomposition: str) -> int:
@@ -242,7 +251,7 @@ def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
     f, b = c["facts"], c["b"]
     fb = placement.factor_dtype.itemsize
     weights, spectrum = f["weights_bytes"], f["spectrum_numbers"]
-    stored = fb * f["factor_numbers"] + 4 * spectrum            # U, V in factor_dtype; S fp32
+    stored = placement.stored_bytes(f["factor_numbers"], spectrum)
     on_dev = 0 if placement.offload_factors else stored
     on_host = stored if placement.offload_factors else 0
     phases = {"load": weights,
@@ -270,17 +279,15 @@ def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
         extra.update(factor_copies_bytes=copies, parked_dense_bytes=parked)
     else:
         phases["selection"] = weights + on_dev
-    # Apply releases each layer's factors as its kept-rank factors are made (``compress``):
-    # at any moment a layer holds one or the other, so the sum of the larger of the two. On a
-    # GPU its dense original then leaves for CPU memory (kept-rank <= dense): the peak is at
-    # the start, with one layer's kept-rank factors being made.
-    kept_layer = {t.name: b * min(t.m * t.n, n) for t, n in c["layers"]}
-    kept = sum(kept_layer.values())                 # kept-rank factors: at most the dense size
+    # On a GPU apply moves each layer's dense original to CPU memory once its kept-rank
+    # factors exist (kept-rank <= dense): the peak is at the start, with one layer's kept-rank
+    # factors being made. On a CPU, ``_released_apply``.
+    kept = sum(c["kept_layer"].values())
     if gpu:
-        apply = weights + on_dev + max(kept_layer.values())
+        apply = weights + on_dev + max(c["kept_layer"].values())
         resident = weights - b * f["dense_linear"] + kept
     else:
-        apply = weights + sum(max(fb * n, kept_layer[t.name]) for t, n in c["layers"])
+        apply = weights + _released_apply(c, placement)
         resident = weights + kept
     phases.update(apply=apply, evaluate=resident + f["eval_batch_bytes"], export=resident)
     extra.update(kept_bound_bytes=kept)
@@ -303,7 +310,7 @@ def _sequential_phases(c: dict, placement: Placement, trains: bool
     (the dense originals stay there too, for ``restore_``)."""
     f, b = c["facts"], c["b"]
     frame, layer = f["frame_bytes"], f["layer_bytes"]
-    stored = placement.factor_dtype.itemsize * f["factor_numbers"] + 4 * f["spectrum_numbers"]
+    stored = placement.stored_bytes(f["factor_numbers"], f["spectrum_numbers"])
     work = f["hidden_states_block_bytes"] + f["stats_block_bytes"]
     phases = {"load": frame, "statistics": frame + layer + work,
               "decomposition": frame + layer + work + f["svd_work_bytes"],
@@ -320,10 +327,8 @@ def _sequential_phases(c: dict, placement: Placement, trains: bool
                                 + f["mask_state_bytes"])
         host["selection"] += f["distill_targets_bytes"]
         extra.update(factor_copies_bytes=copies, parked_dense_bytes=0)
-    kept_layer = {t.name: b * min(t.m * t.n, n) for t, n in c["layers"]}
-    kept = sum(kept_layer.values())
-    host["apply"] = home + sum(max(placement.factor_dtype.itemsize * n, kept_layer[t.name])
-                               for t, n in c["layers"])
+    kept = sum(c["kept_layer"].values())
+    host["apply"] = home + _released_apply(c, placement)
     host["evaluate"] = home + kept
     host["export"] = f["weights_bytes"] + kept + f["weights_bytes"]   # frame home, state dict
     extra.update(kept_bound_bytes=kept)

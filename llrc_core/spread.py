@@ -57,34 +57,32 @@ def phases(c: dict, placement: Placement, trains: bool, meta: nn.Module, gpus: i
     on_dev = not placement.offload_factors
     targets = {t.name: (t, n) for t, n in c["layers"]}
     work = f["hidden_states_block_bytes"] + f["stats_block_bytes"] + f["svd_work_bytes"]
-    first = (0 if placement.offload_targets else f["distill_targets_bytes"]) * trains + \
-        (f["mask_state_bytes"] + f["activations_bytes_estimate"]) * trains
+    act = f["activations_bytes_estimate"] if trains else 0       # split over the GPUs' blocks
+    lead = ((0 if placement.offload_targets else f["distill_targets_bytes"])
+            + f["mask_state_bytes"]) if trains else 0           # on GPU 0 only
     ratio = fb * f["factor_numbers"] / (b * f["dense_linear"]) if on_dev else 0.0
     cap = MARGIN * gpu_memory * 2 ** 30
-    budgets = [(cap - work - (first if g == 0 else 0) - f["eval_batch_bytes"]) / (1 + ratio)
+    budgets = [(cap - work - (lead + act if g == 0 else 0) - f["eval_batch_bytes"]) / (1 + ratio)
                for g in range(gpus)]
-    dmap = device_map(meta, gpus, budgets, torch.float16 if b == 2 else torch.float32)
+    dmap = device_map(meta, gpus, budgets, c["dtype"])
+    block_ids = {id(blk) for blk in find_blocks(meta)[1]}
     per = {g: dict.fromkeys(("weights", "dense", "factors", "kept", "blocks", "layer"), 0)
            for g in [*range(gpus), "cpu"]}
     for name, where in dmap.items():
-        where = where if where in per else "cpu"          # "disk" counts as not placed
-        g = per[where]
+        g = per[where if where in per else "cpu"]          # "disk" counts as not placed
         module = meta.get_submodule(name) if name else meta
         g["weights"] += b * count_params(module)
-        inside = [v for k, v in targets.items() if not name or k.startswith(name + ".")]
-        g["blocks"] += sum(1 for blk in find_blocks(meta)[1] if blk is module)
-        for t, n in inside:
-            g["dense"] += b * t.m * t.n
-            g["factors"] += fb * n
-            g["kept"] += b * min(t.m * t.n, n)
-            g["layer"] = max(g["layer"], b * min(t.m * t.n, n))
-    blocks = f["blocks"]
+        g["blocks"] += id(module) in block_ids
+        for key, (t, n) in targets.items():
+            if not name or key.startswith(name + "."):
+                g["dense"] += b * t.m * t.n
+                g["factors"] += fb * n
+                g["kept"] += c["kept_layer"][key]
+                g["layer"] = max(g["layer"], c["kept_layer"][key])
     per_gpu = {}
     for g in range(gpus):
         p = per[g]
         fac = p["factors"] if on_dev else 0
-        act = f["activations_bytes_estimate"] * p["blocks"] // max(blocks, 1)
-        parked = p["dense"] if placement.park_dense else 0
         own = {"load": p["weights"],
                "statistics": p["weights"] + f["hidden_states_block_bytes"]
                + f["stats_block_bytes"],
@@ -94,19 +92,20 @@ def phases(c: dict, placement: Placement, trains: bool, meta: nn.Module, gpus: i
                "evaluate": p["weights"] - p["dense"] + p["kept"] + f["eval_batch_bytes"],
                "export": p["weights"] - p["dense"] + p["kept"]}
         if trains:
-            copies = b * c["block_factors"] if not on_dev else 0
-            own["selection"] += copies + act - parked + (first - f["activations_bytes_estimate"]
-                                                         if g == 0 else 0)
+            copies = 0 if on_dev else b * c["block_factors"]
+            parked = p["dense"] if placement.park_dense else 0
+            own["selection"] += (copies + act * p["blocks"] // max(f["blocks"], 1) - parked
+                                 + (lead if g == 0 else 0))
         per_gpu[g] = own
     fullest = {ph: max(per_gpu[g][ph] for g in per_gpu) for ph in per_gpu[0]}
     if per["cpu"]["weights"]:                 # accelerate could not place everything
         fullest = {ph: v + per["cpu"]["weights"] for ph, v in fullest.items()}
-    stored = fb * f["factor_numbers"] + 4 * f["spectrum_numbers"]
-    host_extra = (0 if on_dev else stored) + \
-        (f["distill_targets_bytes"] * trains if placement.offload_targets else 0)
-    host = {ph: (sum(per[g]["dense"] for g in range(gpus)) if placement.park_dense and
-                 ph != "load" and ph != "statistics" and ph != "decomposition" else 0)
-            + (host_extra if ph in ("decomposition", "selection", "apply") else 0)
+    stored = placement.stored_bytes(f["factor_numbers"], f["spectrum_numbers"])
+    offloaded = (0 if on_dev else stored) + \
+        (f["distill_targets_bytes"] if trains and placement.offload_targets else 0)
+    parked = sum(per[g]["dense"] for g in range(gpus)) if placement.park_dense else 0
+    host = {ph: (parked if ph in ("selection", "apply", "evaluate", "export") else 0)
+            + (offloaded if ph in ("decomposition", "selection", "apply") else 0)
             for ph in fullest}
     host["export"] += f["weights_bytes"]                 # the state dict written from the CPU
     extra = {"placement": placement.to_dict() | {"device": f"{gpus} GPUs, blocks placed by "

@@ -15,6 +15,7 @@ from llrc_core.apply import restore_
 from llrc_core.models import find_blocks, find_targets, load_model
 from llrc_core.pipeline import calibrate, compress_, decompose_model, select_plan
 from llrc_core.placement import Placement
+from test_selectors import ROWS
 
 
 def _devices(module) -> set[str]:
@@ -118,12 +119,11 @@ def test_compress_with_offloaded_weights_writes_the_same_export(tmp_path):
     assert torch.equal(logits[0], logits[1])
 
 
-@pytest.mark.parametrize("method", sorted(__import__("test_selectors").ROWS))
+@pytest.mark.parametrize("method", sorted(ROWS))
 def test_every_method_plans_the_same_onloaded(method):
     """Each registered method (its fast row of ``test_selectors``) on the tiny Llama: the plan
     of an onloaded model equals the in-memory one's, so no method reads a weight that waits
     offloaded."""
-    from test_selectors import ROWS
     plans = []
     for onloaded in (False, True):
         model, ids = tiny_model("llama"), tiny_ids(8, 16)

@@ -118,12 +118,13 @@ def select_drank(ctx: SelectionContext, cfg: DRankConfig):
         groups.setdefault(kinds[n][1], []).append(n)
     ranks, uniform_types = {}, []
     for kind, names in groups.items():
-        T = budget * sum(ctx.shapes[n][0] * ctx.shapes[n][1] for n in names) / ctx.dense_linear
+        dense = sum(ctx.shapes[n][0] * ctx.shapes[n][1] for n in names)
+        T = budget * dense / ctx.dense_linear
         ideal = lagrange_ranks({n: reff[n] for n in names}, {n: w[n] for n in names}, T)
         dynamic = {n: int(min(max(round(ideal[n]), 1), break_even(*ctx.shapes[n]) - 1))
                    for n in names}
         if cfg.fallback:       # the same type budget as uniform ranks (one ratio per layer)
-            rho = T / sum(ctx.shapes[n][0] * ctx.shapes[n][1] for n in names)
+            rho = T / dense
             flat = {n: int(min(max(rho * ctx.shapes[n][0] * ctx.shapes[n][1] // w[n], 1),
                                break_even(*ctx.shapes[n]) - 1)) for n in names}
             err = {key: sum(truncation_error(ctx.spectra[n], r[n]) for n in names)

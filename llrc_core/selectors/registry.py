@@ -30,6 +30,10 @@ class Method:
     def allowed_decompositions(self) -> tuple[str, ...]:
         return self.decompositions or tuple(DECOMPOSITIONS)
 
+    def resolve(self, decomposition: str) -> str:
+        """``auto``: the method's preferred decomposition; any other name as it is."""
+        return self.preferred if decomposition == "auto" else decomposition
+
     def check(self, selection: str, decomposition: str) -> None:
         """``ValueError`` naming the fix for a pair this method does not support."""
         for axis, value, allowed, fix in (
