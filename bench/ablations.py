@@ -48,6 +48,18 @@ VARIANTS: dict[str, dict] = {
     "calib-256": {"n_calib": 256},
     "domain-piqa": {"calib": str(PIQA)},
 }
+#: The same questions on whitened factors (LLRC's default since they won, see bench/README),
+#: plus the schedule: a step cap that lets rho 0.6 finish holding, the paper's 750 hold steps,
+#: the authors' learning rate.
+VARIANTS.update({f"whiten-{k}": {**VARIANTS[k], "decomposition": "whiten"}
+                 for k in ("tv-off", "top-k", "constant-alpha", "calib-32", "calib-128",
+                           "domain-piqa")})
+VARIANTS.update({
+    "whiten-steps1000": {"decomposition": "whiten", "options": {"steps": 1000}},
+    "whiten-hold750": {"decomposition": "whiten", "options": {"hold_steps": 750, "steps": 1200}},
+    "whiten-lr001": {"decomposition": "whiten",
+                     "options": {"lr": 0.01, "lr_final": 0.001, "steps": 1200}},
+})
 BASE = dict(decomposition="asvd", n_calib=16, calib=str(DATA / "wikitext-2" / "valid.txt"))
 
 
@@ -62,6 +74,11 @@ def variant_config(name: str, args, method: str = "llrc") -> CompareConfig:
         calib=v["calib"], n_calib=v["n_calib"], seq_len=args.seq_len, seeds=args.seeds,
         max_eval_windows=args.eval_windows,
         options={method: options} if method == "llrc" else {})
+
+
+def _calibration(name: str) -> tuple:
+    v = {**BASE, **VARIANTS[name]}
+    return v["calib"], v["n_calib"]
 
 
 def _kept(layer: dict) -> set[int]:
@@ -80,7 +97,8 @@ def stability(rows: list[dict]) -> float | None:
 
 
 def run_variant(name: str, args, method: str = "llrc") -> list[dict]:
-    out = Path(args.out) / (name if method == "llrc" else method)
+    out = Path(args.out) / (name if method == "llrc" else
+                            method if name == "base" else f"{method}-{name}")
     cfg = variant_config(name, args, method)
     run_compare(cfg, out, log=lambda msg: print(f"[{name}] {msg}", file=sys.stderr))
     rows = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
@@ -135,7 +153,12 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    results = {"svdllm (whiten, reference)": run_variant("base", args, "svdllm")}
+    # One SVD-LLM reference row per calibration set the variants use.
+    refs: dict[tuple, str] = {}
+    for n in ["base", *names]:
+        refs.setdefault(_calibration(n), n)
+    results = {f"svdllm (whiten, reference{'' if n == 'base' else ', calibration of ' + n})":
+               run_variant(n, args, "svdllm") for n in refs.values()}
     results.update({n: run_variant(n, args) for n in names})
     print(table(results, args.ratios))
     if args.json:

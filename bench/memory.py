@@ -4,7 +4,8 @@ A Llama-shaped model with random weights is built from a config in its dtype, th
 compression runs as ``llrc compress`` runs it: statistics and decomposition (block by block,
 factors stored as the placement says), LLRC mask training for a few steps (whole windows, so
 that the planner's activation estimate is for the same tokens), apply (factors released
-layer by layer), one evaluation batch. A sampling thread reads the process's resident
+layer by layer), one evaluation batch, the export (``--max-shard-size``: one shard at a
+time; ``--export-dtype``: cast as written, as a source stored in another dtype is). A sampling thread reads the process's resident
 memory every 10 ms; each phase's peak, less the memory before the model was built, is
 compared with ``llrc plan-memory``'s host bytes for the same settings (``gpus=0``). Each case
 runs in its own process.
@@ -49,7 +50,8 @@ PRESETS = {
 }
 DEFAULT_CASES = [("llama-small", "float32"), ("llama-medium", "float32")]
 COMPARED = {"load": ("load",), "decomposition": ("statistics", "decomposition"),
-            "selection": ("selection",), "apply": ("apply",), "evaluate": ("evaluate",)}
+            "selection": ("selection",), "apply": ("apply",), "evaluate": ("evaluate",),
+            "export": ("export",)}
 
 
 def rss_bytes() -> int:
@@ -103,10 +105,9 @@ class Peaks:
 def worker(a) -> dict:
     import torch
     import transformers
+    from llrc_core.export import export_model
     from llrc_core.pipeline import compress_, decompose_model, select_plan
-    from llrc_core.planner import plan_memory
-    from llrc_core.placement import Placement
-    from llrc_core.planner import device_memory_gib
+    from llrc_core.planner import device_memory_gib, plan_memory
     dtype, cuda = getattr(torch, a.dtype), a.device == "cuda"
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(**PRESETS[a.preset])
@@ -115,7 +116,8 @@ def worker(a) -> dict:
     gpus, gib = device_memory_gib(a.device)
     plan = plan_memory(str(folder), a.dtype, "llrc", a.decomposition, a.n_calib, a.seq_len,
                        a.batch_size, gpus=gpus, gpu_memory=gib if gpus else None,
-                       offload=a.offload, factor_dtype=a.factor_dtype, train_seq_len=0)
+                       offload=a.offload, factor_dtype=a.factor_dtype, train_seq_len=0,
+                       max_shard_size=a.max_shard_size)
     placement = plan.placement
     windows = torch.randint(0, cfg.vocab_size, (a.n_calib, a.seq_len),
                             generator=torch.Generator().manual_seed(0))
@@ -146,12 +148,19 @@ def worker(a) -> dict:
         peaks.enter("evaluate")
         with torch.no_grad():
             model(windows[:a.batch_size])
+        peaks.enter("export")
+        if placement.offload_weights:
+            from llrc_core.onload import disable_
+            disable_(model)                # as ``compress`` does: all in CPU memory
+        export_model(model, None, rank_plan, folder / "export", max_shard_size=a.max_shard_size,
+                     dtype=a.export_dtype)
         peaks.enter("done")
     measured = {p: peaks.peaks.get(p, 0) - base for p in COMPARED}
     used = plan.phases if gpus else plan.cpu_phases
     planned = {p: max(used[q] for q in qs) for p, qs in COMPARED.items()}
     return {"preset": a.preset, "device": str(torch.cuda.get_device_name(0)) if cuda else
-            "cpu", "dtype": a.dtype, "placement": placement.to_dict(),
+            "cpu", "dtype": a.dtype, "export_dtype": a.export_dtype or a.dtype,
+            "max_shard_size": a.max_shard_size, "placement": placement.to_dict(),
             "decomposition": a.decomposition, "n_calib": a.n_calib, "seq_len": a.seq_len,
             "batch_size": a.batch_size, "steps": a.steps, "baseline_bytes": base,
             "decompose_s": decompose_s, "select_s": select_s,
@@ -175,6 +184,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--max-shard-size", default="5GB", help="the export's shards")
+    ap.add_argument("--export-dtype", default=None, help="dtype stored (default: --dtype)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -188,7 +199,9 @@ def main() -> None:
                 "--factor-dtype", a.factor_dtype, "--decomposition", a.decomposition,
                 "--device", a.device, "--offload", a.offload,
                 "--n-calib", str(a.n_calib), "--seq-len", str(a.seq_len),
-                "--batch-size", str(a.batch_size), "--steps", str(a.steps)]
+                "--batch-size", str(a.batch_size), "--steps", str(a.steps),
+                "--max-shard-size", a.max_shard_size,
+                *(["--export-dtype", a.export_dtype] if a.export_dtype else [])]
         proc = subprocess.run(args, capture_output=True, text=True,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         if proc.returncode != 0:

@@ -23,7 +23,9 @@ def model_card(cfg: dict, plan: RankPlan, tensors: dict, name: str) -> str:
             ("parameters stored", f"{params:,} in {info['dtype']}"
                                   + (" (every weight dense: stored ratio 1.0)" if merged else "")),
             ("computed in / stored in", f"{storage['compute_dtype']} / {storage['dtype']}"),
-            ("weights file", f"{_mb(storage['weights_bytes'])} (source"
+            ("weights file" + ("s" if storage.get("weights_files", 1) > 1 else ""),
+             (f"{storage['weights_files']} shards, " if storage.get("weights_files", 1) > 1
+              else "") + f"{_mb(storage['weights_bytes'])} (source"
                              + (f" `{src['model']}`" if src.get("model") else "")
                              + f": {_mb(src['weights_bytes'])} in {src['dtype']}, "
                                f"{src.get('weights_from', 'measured')})"),

@@ -125,7 +125,7 @@ def cmd_compress(args) -> dict | None:
         n_calib=args.n_calib, seq_len=args.seq_len, out=args.out, force=args.force,
         eval_text=args.eval_text, trust_remote_code=args.trust_remote_code, device=args.device,
         dtype=args.dtype, batch_size=args.batch_size, allow_compressed=args.allow_compressed,
-        offload=args.offload, factor_dtype=args.factor_dtype)
+        offload=args.offload, factor_dtype=args.factor_dtype, max_shard_size=args.max_shard_size)
     t0 = time.time()
     loaded = _load(args, memory.placement)
     dec, windows = _decompose(args, loaded, memory.placement)
@@ -157,7 +157,8 @@ def cmd_compress(args) -> dict | None:
     export_model(loaded.model, loaded.tokenizer, res.plan, args.out, report=report,
                  force=args.force, merged_dense=args.merged_dense,
                  dtype=loaded.source_dtype, source=loaded.source_info(),
-                 dense=None if args.merged_dense else _stored_dense(args, loaded.model, res.plan))
+                 dense=None if args.merged_dense else _stored_dense(args, loaded.model, res.plan),
+                 max_shard_size=args.max_shard_size)
     _print_warnings(report["warnings"])
     distributed.barrier()
     return {k: v for k, v in report.items() if k not in ("ranks", "warnings")} | {
@@ -206,7 +207,8 @@ def cmd_export(args) -> dict:
         source, dtype = loaded.source_info(), args.dtype or loaded.source_dtype
     dense = already if args.merged_dense else _stored_dense(args, model, plan, already)
     out = export_model(model, tok, plan, args.out, report=report, force=args.force,
-                       merged_dense=args.merged_dense, dtype=dtype, source=source, dense=dense)
+                       merged_dense=args.merged_dense, dtype=dtype, source=source, dense=dense,
+                       max_shard_size=args.max_shard_size)
     storage = export_info(out)["storage"]
     return {"out": args.out, "merged_dense": args.merged_dense,
             "plan_ratio_linear": plan.ratio("linear"), "plan_ratio_model": plan.ratio("model"),

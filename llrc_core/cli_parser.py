@@ -30,6 +30,14 @@ def _common(p: argparse.ArgumentParser, calib_required: bool = False,
     p.add_argument("--batch-size", type=int, default=8)
 
 
+def _size(text: str) -> int:
+    from .shards import shard_bytes
+    try:
+        return shard_bytes(text)
+    except ValueError as exc:            # argparse's own message would hide ours
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (must be new or empty)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -39,6 +47,10 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    help="store dense (W = A B, same outputs) each low-rank layer that runs slower "
                    "factorised than dense on --device (timed at one decode step) and saves under "
                    "SHARE of its weights; the stored ratio is recomputed and printed (0: off)")
+    from .shards import DEFAULT_MAX_SHARD
+    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD, metavar="SIZE", type=_size,
+                   help="largest weights file (e.g. 5GB, 500MB): a bigger export is written "
+                   "shard by shard with an index, so it needs one shard of extra memory")
 
 
 def _placement_args(p: argparse.ArgumentParser) -> None:

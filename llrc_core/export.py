@@ -1,7 +1,8 @@
 """Write a compressed model to a folder that reloads anywhere, and load it back.
 
 A factorised export folder holds:
-  model.safetensors   factor weights ``{layer}.A.weight (m, k)``, ``{layer}.B.weight (k, n)``,
+  model.safetensors   (or shards of at most ``max_shard_size`` and their index, ``shards.py``)
+                      factor weights ``{layer}.A.weight (m, k)``, ``{layer}.B.weight (k, n)``,
                       ``{layer}.A.bias``; original weights for dense layers and everything else
                       (tied weights once); ``W = A B`` for a layer stored dense (below);
                       metadata: the kept indices each layer was written for
@@ -39,7 +40,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .apply import LowRankLinear
 from .errors import ModelLoadError
@@ -49,6 +50,7 @@ from .hf_remote import modeling_llrc as remote
 from .card import model_card
 from .models import DTYPES, source_estimate
 from .plan import RankPlan
+from .shards import DEFAULT_MAX_SHARD, WeightsRecipe, shard_bytes, write_shards
 from .speed import StoredDense
 
 WEIGHTS = remote.WEIGHTS
@@ -130,7 +132,8 @@ def _tied_targets(model) -> set[str]:
 
 def weights_to_save(model) -> dict[str, torch.Tensor]:
     """The state dict with each shared (tied) tensor once, under its source name (the one
-    transformers loads and ties from), contiguous and on CPU."""
+    transformers loads and ties from), where the model holds it: ``shards.cast`` brings each
+    to the CPU as its shard is written."""
     targets = _tied_targets(model)
     groups: dict[tuple, list[str]] = {}
     state = model.state_dict()
@@ -139,7 +142,7 @@ def weights_to_save(model) -> dict[str, torch.Tensor]:
     out = {}
     for keys in groups.values():
         keep = next((k for k in keys if k not in targets), keys[0])
-        out[keep] = state[keep].detach().to("cpu").contiguous()
+        out[keep] = state[keep].detach()
     return dict(sorted(out.items()))
 
 
@@ -148,17 +151,12 @@ def merged_weights(tensors: dict[str, torch.Tensor], plan: RankPlan, model,
     """Factor weights multiplied back: ``W = A B`` (in float64, then ``dtype``, by default the
     factors' own) under the original key, transposed for GPT-2 style ``Conv1D`` layers, for the
     layers ``names`` (default: all low-rank); a layer already held dense is left as it is."""
-    out = dict(tensors)
+    return _recipe(tensors, plan, model, dtype, names).make_all()
+
+
+def _recipe(tensors, plan: RankPlan, model, dtype, names) -> WeightsRecipe:
     names = [n for n, lp in plan.layers.items() if not lp.dense] if names is None else names
-    for name in names:
-        if f"{name}.A.weight" not in out and f"{name}.weight" in out:
-            continue
-        A, B = out.pop(f"{name}.A.weight"), out.pop(f"{name}.B.weight")  # (m, k), (k, n)
-        W = (A.double() @ B.double()).to(dtype or A.dtype)                # (m, n)
-        out[f"{name}.weight"] = W.t().contiguous() if _is_conv1d(model, name) else W
-        if f"{name}.A.bias" in out:
-            out[f"{name}.bias"] = out.pop(f"{name}.A.bias")
-    return dict(sorted(out.items()))
+    return WeightsRecipe.of(tensors, names, lambda n: _is_conv1d(model, n), dtype)
 
 
 def _is_conv1d(model, name: str) -> bool:
@@ -187,23 +185,6 @@ def _dtype_name(tensors: dict[str, torch.Tensor]) -> str:
         raise ValueError(f"the model mixes dtypes {sorted(map(str, dtypes))}; cast it to one "
                          "(model.to(torch.float16), ...) or pass dtype= to export_model")
     return dtype_name(dtypes.pop())
-
-
-def cast_weights(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
-    """Floating tensors in ``dtype`` (new tensors: the model is untouched); a value that does
-    not fit the dtype (inf after the cast) is an error naming the tensor."""
-    want = getattr(torch, dtype)
-    out = {}
-    for key, t in tensors.items():
-        if t.is_floating_point() and t.dtype != want:
-            c = t.to(want).contiguous()
-            if not torch.isfinite(c).all() and torch.isfinite(t).all():
-                raise ValueError(f"{key} overflows {dtype} (largest |value| "
-                                 f"{t.abs().max().item():.3g}); export in a wider dtype "
-                                 "(--dtype float32 or bfloat16)")
-            t = c
-        out[key] = t
-    return out
 
 
 def source_of(model, plan: RankPlan, source: dict | None) -> dict:
@@ -255,7 +236,8 @@ def _config_dict(model, plan: RankPlan, storage: dict, merged: bool,
 
 def export_model(model, tokenizer, plan: RankPlan, out: str | Path, *, report: dict | None = None,
                  force: bool = False, merged_dense: bool = False, dtype=None,
-                 source: dict | None = None, dense: StoredDense | None = None) -> Path:
+                 source: dict | None = None, dense: StoredDense | None = None,
+                 max_shard_size: int | str = DEFAULT_MAX_SHARD) -> Path:
     """Save the compressed ``model`` (``plan`` applied) atomically into ``out``; with
     ``merged_dense`` save the plain original architecture with ``A B`` multiplied back.
 
@@ -263,9 +245,11 @@ def export_model(model, tokenizer, plan: RankPlan, out: str | Path, *, report: d
     model's). ``source`` describes the uncompressed model (``LoadedModel.source_info()``:
     ``model``, ``dtype``, ``weights_bytes``); report.json, config.json and the card state the
     compute and stored dtype and the weights size next to the source's. ``dense``: low-rank
-    layers stored as one ``W = A B`` (module docstring)."""
+    layers stored as one ``W = A B`` (module docstring). The weights are made and written one
+    shard of at most ``max_shard_size`` at a time (``shards.py``)."""
     out = Path(out).expanduser().absolute()
     prepare_destination(out, force)          # before any work: a clear refusal
+    shard_bytes(max_shard_size)
     store = None if dtype is None else dtype_name(dtype)
     stored_as = dense.names_in(plan) if dense else []   # may be plain modules already
     dense = None if merged_dense or not stored_as else dense   # merged: every layer dense
@@ -285,15 +269,15 @@ def export_model(model, tokenizer, plan: RankPlan, out: str | Path, *, report: d
         kept = dense.stored_plan(plan) if dense else plan     # what the weights file holds
         meta = {"format": "pt", "llrc_format": str(remote.FORMAT_STORED_DENSE if dense
                                                    else remote.FORMAT)}
-        if merged_dense or dense:
-            tensors = merged_weights(tensors, plan, model, getattr(torch, stored),
-                                     None if merged_dense else stored_as)
+        recipe = _recipe(tensors, plan, model, getattr(torch, stored),
+                         None if merged_dense else stored_as if dense else [])
         if not merged_dense:
             meta["llrc_layers"] = json.dumps({n: lp.kept for n, lp in plan.layers.items()})
-        tensors = cast_weights(tensors, stored)
-        save_file(tensors, str(tmp / WEIGHTS), metadata=meta)
-        storage = {"dtype": stored, "compute_dtype": compute,
-                   "weights_bytes": (tmp / WEIGHTS).stat().st_size,
+        files = write_shards(tmp, recipe, meta, max_shard_size)
+        storage = {"dtype": stored, "compute_dtype": compute, "weights_files": len(files)
+                   - (remote.INDEX in files),
+                   "weights_bytes": sum((tmp / f).stat().st_size for f in files
+                                        if f != remote.INDEX),
                    "stored_ratio_linear": 1.0 if merged_dense else kept.ratio("linear"),
                    "stored_ratio_model": 1.0 if merged_dense else kept.ratio("model"),
                    "source": source_of(model, plan, source)}
@@ -309,7 +293,7 @@ def export_model(model, tokenizer, plan: RankPlan, out: str | Path, *, report: d
         if not merged_dense:
             shutil.copyfile(MODELING_FILE, tmp / "modeling_llrc.py")
         cfg = _config_dict(model, plan, storage, merged_dense, report, dense)
-        (tmp / "README.md").write_text(model_card(cfg, plan, tensors, out.name))
+        (tmp / "README.md").write_text(model_card(cfg, plan, recipe.meta(), out.name))
         if not merged_dense:   # config.json last: the manifest lists every other file but
             cfg["llrc"]["files"] = {p.name: p.stat().st_size   # the card (free to edit)
                                     for p in sorted(tmp.iterdir()) if p.name != "README.md"}
@@ -361,7 +345,7 @@ def load_dense(path: str | Path, device: str | None = None, dtype=None):
         config = copy.deepcopy(model.config)
         del config.llrc                       # a plain config: no plan travels on
         dense = getattr(transformers, base_class_name(model))._from_config(config, dtype=want)
-        _load_state(dense, merged_weights(weights_to_save(model), plan, model, want))
+        _load_state(dense, [merged_weights(weights_to_save(model), plan, model, want)])
         model = dense
     return model.to(device or "cpu").eval(), tok, plan
 
@@ -369,7 +353,7 @@ def load_dense(path: str | Path, device: str | None = None, dtype=None):
 def _load_merged(path: Path, raw: dict):
     import transformers
     base = getattr(transformers, raw["llrc_merged"]["base_class"])
-    if not (path / WEIGHTS).is_file():
+    if not any((path / f).is_file() for f in (WEIGHTS, remote.INDEX)):
         raise remote.LLRCExportError(f"{WEIGHTS} is missing: export again")
     return base.from_pretrained(path, dtype=getattr(torch, raw["llrc_merged"]["dtype"]))
 
@@ -387,17 +371,22 @@ def _load_low_rank(path: Path, raw: dict):
     config.name_or_path = str(path)
     model = base._from_config(config, dtype=getattr(torch, sec["dtype"]))
     remote.swap_low_rank_(model, specs, make_layer=LowRankLinear)
-    remote.check_weights(str(path / WEIGHTS), specs, model, sec)
-    _load_state(model, load_file(str(path / WEIGHTS)))
+    remote.check_weights(str(path), specs, model, sec)
+    files, _ = remote.weight_files(str(path))
+    _load_state(model, (load_file(f) for f in files))      # one shard in memory at a time
     return model
 
 
-def _load_state(model, state: dict) -> None:
-    """Load ``state`` strictly, except keys tied to a loaded tensor (written once)."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
+def _load_state(model, states) -> None:
+    """Load the dicts ``states`` (the shards) strictly, except keys tied to a loaded tensor
+    (written once)."""
+    seen, unexpected = set(), []
+    for state in states:
+        unexpected += model.load_state_dict(state, strict=False).unexpected_keys
+        seen |= set(state)
     ptr = {k: v.data_ptr() for k, v in model.state_dict().items()}
-    loaded = {ptr[k] for k in state if k in ptr}
-    untied = [k for k in missing if ptr[k] not in loaded]
+    loaded = {ptr[k] for k in seen if k in ptr}
+    untied = [k for k in ptr if k not in seen and ptr[k] not in loaded]
     if unexpected or untied:
         raise remote.LLRCExportError(f"weights do not match {type(model).__name__}: missing "
                                      f"{untied[:3]}, unexpected {unexpected[:3]}")

@@ -24,7 +24,9 @@ runs today:
   factors and its kept-rank factors; on a GPU, weights + the factors still on the device
   + one layer's kept-rank factors. **evaluate** / **export**: the weights (less the dense
   targets on a GPU) + the kept-rank factors (at most the dense size) + for evaluate one
-  batch's logits; export writes the state dict once more from the CPU.
+  batch's logits; export + at most one shard of tensors made as they are written (cast to the
+  stored dtype or multiplied back; ``shards.py``, 5 GB by default): an upper bound, none are
+  made when the model is exported factorised in its own dtype.
 
 ``offload="auto"`` counts the placements of ``placement.OFFLOADS`` in order (all on the
 device, then distillation targets in CPU memory, then factors too, then the dense blocks)
@@ -52,6 +54,7 @@ import torch
 from . import spread
 from .models import DTYPES, count_params, find_blocks, find_targets, skeleton
 from .placement import OFFLOADS, Placement
+from .shards import DEFAULT_MAX_SHARD, write_buffer_bytes
 
 GIB = 2 ** 30
 PHASES = ("load", "statistics", "decomposition", "selection", "apply", "evaluate", "export")
@@ -130,14 +133,15 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
                 decomposition: str = "whiten", n_calib: int = 64, seq_len: int = 512,
                 batch_size: int = 4, gpus: int = 1, gpu_memory: float | None = 80.0,
                 trust_remote_code: bool = False, meta=None, offload: str = "auto",
-                factor_dtype: str | None = None, train_seq_len: int | None = None
-                ) -> MemoryPlan:
+                factor_dtype: str | None = None, train_seq_len: int | None = None,
+                max_shard_size: int | str = DEFAULT_MAX_SHARD) -> MemoryPlan:
     """Count the memory of compressing ``model`` (a folder or Hub id; only its config is
     read) with ``method`` at these settings. ``meta``: an already built model (meta-device,
     or loaded: only its shapes, parameter count and config are used). ``offload``: one of
     ``placement.OFFLOADS``, or ``auto``: the first of them that fits (``facts["placement"]``
     says which). ``train_seq_len``: tokens of each window a learned method trains on per
-    step (``None``: the method's default; 0: the whole window)."""
+    step (``None``: the method's default; 0: the whole window). ``max_shard_size``: the
+    export's shards (``shards.py``), written one at a time from CPU memory."""
     from .selectors import get_selector
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -152,6 +156,8 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
     step_len = min(seq_len, train_seq_len) if train_seq_len else seq_len
     counts = _counts(meta, dtype, decomposition, n_calib, seq_len, batch_size, step_len,
                      two_targets=method == "llrc")
+    f = counts["facts"]
+    f["write_buffer_bytes"] = write_buffer_bytes(f["weights_bytes"], max_shard_size)
     device = "cuda" if gpus else "cpu"
     plan = None
     for level in (OFFLOADS if offload == "auto" else (offload,)):
@@ -298,7 +304,7 @@ def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
                     evaluate=parked_after, export=parked_after)
     else:
         host = dict(phases)
-    host["export"] += weights                       # the state dict written from the CPU
+    host["export"] += f["write_buffer_bytes"]       # one shard written from the CPU
     return phases, host, extra
 
 
@@ -330,7 +336,7 @@ def _sequential_phases(c: dict, placement: Placement, trains: bool
     kept = sum(c["kept_layer"].values())
     host["apply"] = home + _released_apply(c, placement)
     host["evaluate"] = home + kept
-    host["export"] = f["weights_bytes"] + kept + f["weights_bytes"]   # frame home, state dict
+    host["export"] = f["weights_bytes"] + kept + f["write_buffer_bytes"]
     extra.update(kept_bound_bytes=kept)
     return phases, host, extra
 
@@ -363,14 +369,16 @@ def device_memory_gib(device: str | None) -> tuple[int, float]:
 
 def check_fits(model: str, method: str, decomposition: str, *, dtype: str, n_calib: int,
                seq_len: int, batch_size: int, device: str | None, meta, offload: str = "auto",
-               factor_dtype: str | None = None, train_seq_len: int | None = None) -> MemoryPlan:
+               factor_dtype: str | None = None, train_seq_len: int | None = None,
+               max_shard_size: int | str = DEFAULT_MAX_SHARD) -> MemoryPlan:
     """The plan of this run on the memory it will have (its ``placement`` is the one the run
     uses); ``LLRCError`` when it cannot fit."""
     from .errors import LLRCError
     gpus, gib = device_memory_gib(device)
     plan = plan_memory(model, dtype, method, decomposition, n_calib, seq_len, batch_size,
                        gpus=gpus, gpu_memory=gib, meta=meta, offload=offload,
-                       factor_dtype=factor_dtype, train_seq_len=train_seq_len)
+                       factor_dtype=factor_dtype, train_seq_len=train_seq_len,
+                       max_shard_size=max_shard_size)
     if not plan.fits:
         raise LLRCError(refusal(plan))
     return plan

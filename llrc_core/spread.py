@@ -107,7 +107,7 @@ def phases(c: dict, placement: Placement, trains: bool, meta: nn.Module, gpus: i
     host = {ph: (parked if ph in ("selection", "apply", "evaluate", "export") else 0)
             + (offloaded if ph in ("decomposition", "selection", "apply") else 0)
             for ph in fullest}
-    host["export"] += f["weights_bytes"]                 # the state dict written from the CPU
+    host["export"] += f["write_buffer_bytes"]            # one shard written from the CPU
     extra = {"placement": placement.to_dict() | {"device": f"{gpus} GPUs, blocks placed by "
                                                             "accelerate"},
              "factors_stored_bytes": stored, "per_gpu": per_gpu,

@@ -39,7 +39,9 @@ CASES = [
     ("demo", "demo", torch.float32, "uniform"),
     ("llama-fp16", "llama", torch.float16, "any-k"),
     ("gpt2-bf16", "gpt2", torch.bfloat16, "any-k"),
+    ("demo-shards", "demo", torch.float32, "uniform"),
 ]
+SHARDS = {"demo-shards": "4MB"}     # max_shard_size of a case written in shards (default 5GB)
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}   # max |logit diff|
 
 
@@ -119,9 +121,11 @@ def reloaded(tmp_path_factory):
         with torch.no_grad():
             ref = model(ids).logits
         report = {"ppl_before": 93.25, "ppl_after": 124.5,
-                  "eval_text": "data/wikitext-2/test.txt"} if arch == "demo" else None
-        export_model(model, tok, plan, work / name, report=report)
-        export_model(model, tok, plan, work / f"{name}-merged", merged_dense=True)
+                  "eval_text": "data/wikitext-2/test.txt"} if name == "demo" else None
+        shard = SHARDS.get(name, "5GB")
+        export_model(model, tok, plan, work / name, report=report, max_shard_size=shard)
+        export_model(model, tok, plan, work / f"{name}-merged", merged_dense=True,
+                     max_shard_size=shard)
         save_file({"ids": ids, "ref": ref}, str(work / f"{name}.ids.safetensors"))
         cases[name] = dict(ref=ref, plan=plan, dtype=dtype, total=plan.total_params,
                            has_tok=tok is not None)
@@ -169,18 +173,72 @@ def test_weights_file_size_matches_achieved_ratio(reloaded, name):
     the kept-index metadata) comes on top; it is read from the file's first 8 bytes."""
     work, cases, _, _ = reloaded
     case = cases[name]
-    path = work / name / "model.safetensors"
-    size = path.stat().st_size
-    header = 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+    size, header = _weights_size(work / name)
     itemsize = torch.tensor([], dtype=case["dtype"]).element_size()
     predicted = case["plan"].ratio("model") * case["total"] * itemsize
     assert abs(size - header - predicted) <= 0.02 * predicted
     assert abs(size - (predicted + header)) <= 0.02 * (predicted + header)
-    if name == "demo":   # a real model: the header is negligible, the ratio alone predicts it
+    if arch_of(name) == "demo":   # a real model: the header is negligible, the ratio predicts it
         assert abs(size - predicted) <= 0.02 * predicted
-    merged = (work / f"{name}-merged" / "model.safetensors").stat().st_size
+    merged, _ = _weights_size(work / f"{name}-merged")
     dense = case["total"] * itemsize
     assert abs(merged - dense) <= 0.02 * dense + header
+    cfg = json.loads((work / name / "config.json").read_text())
+    assert cfg["llrc"]["storage"]["weights_bytes"] == size
+
+
+def arch_of(name: str) -> str:
+    return next(c[1] for c in CASES if c[0] == name)
+
+
+def _weights_size(folder: Path) -> tuple[int, int]:
+    """Bytes of an export's weights files (one, or the shards) and of their headers."""
+    from llrc_core.hf_remote.modeling_llrc import weight_files
+    paths = [Path(f) for f in weight_files(str(folder))[0]]
+    return (sum(p.stat().st_size for p in paths),
+            sum(8 + struct.unpack("<Q", p.read_bytes()[:8])[0] for p in paths))
+
+
+def test_sharded_export_is_written_shard_by_shard(reloaded, monkeypatch, tmp_path):
+    """4 MB shards of the demo model: transformers' index names every tensor once, each shard
+    is at most 4 MB (or one larger tensor: the 47 MB embedding) and says ``format: pt``, the
+    kept-index metadata sits in the index, and every weights file written holds one shard's
+    tensors only (what bounds the export's extra memory)."""
+    from safetensors import safe_open
+
+    from llrc_core import shards
+    work, cases, _, _ = reloaded
+    shard_count = {}
+    for folder in (work / "demo-shards", work / "demo-shards-merged"):
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        files = sorted(set(index["weight_map"].values()))
+        assert len(files) >= 6 and not (folder / "model.safetensors").exists()
+        tensors = {}
+        for f in files:
+            assert (folder / f).stat().st_size <= 4_000_000 or len(load_file(folder / f)) == 1
+            with safe_open(str(folder / f), framework="pt") as sf:
+                assert sf.metadata() == {"format": "pt"}
+            tensors.update(load_file(folder / f))
+        assert sorted(tensors) == sorted(index["weight_map"])
+        assert index["metadata"]["total_size"] == sum(t.nbytes for t in tensors.values())
+        shard_count[folder.name] = len(files)
+    index = json.loads((work / "demo-shards" / "model.safetensors.index.json").read_text())
+    assert json.loads(index["metadata"]["llrc_layers"]) == {
+        n: lp.kept for n, lp in cases["demo-shards"]["plan"].layers.items()}
+    cfg = json.loads((work / "demo-shards" / "config.json").read_text())
+    assert cfg["llrc"]["storage"]["weights_files"] == shard_count["demo-shards"]
+    assert f"| weights files | {shard_count['demo-shards']} shards, " in \
+        (work / "demo-shards" / "README.md").read_text()
+
+    written = []
+    monkeypatch.setattr(shards, "save_file", lambda t, path, metadata: written.append(
+        (sum(x.nbytes for x in t.values()), len(t))) or save_file(t, path, metadata=metadata))
+    model, tok, plan, _ = build("demo", torch.float32, "uniform")
+    export_model(model, tok, plan, tmp_path / "m", merged_dense=True, max_shard_size="10MB")
+    assert len(written) >= 5 and all(n <= 10_000_000 or k == 1 for n, k in written)
+    with pytest.raises(ValueError, match="not a size"):
+        export_model(model, tok, plan, tmp_path / "bad", max_shard_size="5XB")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_folder_contents_and_card(reloaded):
@@ -247,7 +305,9 @@ def test_failure_mid_write_leaves_no_destination(small, tmp_path, monkeypatch, w
         if where == "save_file":           # half a file is on disk when the failure comes
             Path(args[1]).write_bytes(b"partial")
         raise exc("simulated failure")
-    monkeypatch.setattr(files if where == "_move_into_place" else ex, where, fail)
+    from llrc_core import shards
+    monkeypatch.setattr({"_move_into_place": files, "save_file": shards}.get(where, ex), where,
+                        fail)
     with pytest.raises(exc):
         export_model(model, None, plan, out, force=existing)
     if existing:     # --force over an old export: the old one is intact

@@ -193,7 +193,7 @@ def test_sweep_removes_only_what_a_killed_export_left(ws):
 def test_a_failed_export_leaves_no_folder_and_shows_no_traceback(app, ws, monkeypatch):
     import time
 
-    from llrc_core import export
+    from llrc_core import shards
     _, space, _ = ws
     app.switch_page("pages/compress.py").run()
     app.selectbox(key="compress_method").set_value("uniform").run()
@@ -203,7 +203,7 @@ def test_a_failed_export_leaves_no_folder_and_shows_no_traceback(app, ws, monkey
         if key == "export_job":                         # the disk fills while writing
             def full(*args, **kwargs):
                 raise OSError(28, "No space left on device")
-            monkeypatch.setattr(export, "save_file", full)
+            monkeypatch.setattr(shards, "save_file", full)
             app.switch_page("pages/export.py").run()
             app.text_input(key="export_folder").set_value("full")
             app.button(key="FormSubmitter:export_form-Save to folder").click().run()

@@ -150,6 +150,9 @@ def test_sequential_onloading_holds_the_frame_and_one_layer(configs):
     assert plan.cpu_phases["load"] == home
     assert plan.cpu_phases["selection"] == home + f["factors_stored_bytes"] + \
         f["distill_targets_bytes"]
+    # export: the dense weights (kept for restore_), the kept-rank factors, and one 5 GB
+    # shard being written (shards.py), not the state dict a second time
+    assert plan.cpu_phases["export"] == 2 * params + f["kept_bound_bytes"] + 5 * 10 ** 9
     assert plan.fits and plan.peak_bytes < 32 * 2 ** 30 and plan.peak_phase == "decomposition"
     assert "onloaded one layer at a time" in plan.table()
 

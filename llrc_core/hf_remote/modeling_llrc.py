@@ -10,7 +10,8 @@ without ``trust_remote_code`` transformers refuses the folder instead of buildin
 base class with random low-rank layers), rebuilds the base config (``llrc.base_model_type`` and
 the fields around it) and the original architecture (``llrc.base_class``),
 swaps every factorised layer for a ``LowRankLinear`` (``y = A (B x) + bias``) and lets
-transformers load ``model.safetensors`` as usual. A layer marked ``"stored": "dense"`` (format
+transformers load ``model.safetensors`` (or its shards, named by
+``model.safetensors.index.json``) as usual. A layer marked ``"stored": "dense"`` (format
 3: its factors were multiplied back at export because they ran slower than the dense matrix)
 keeps the base class's own module and loads ``W = A B`` as its weight. Before any weight is
 read the folder is checked: every file the export wrote is present with its size, each planned
@@ -36,6 +37,7 @@ FORMAT = 2                      # version of the ``llrc`` section in config.json
 FORMAT_STORED_DENSE = 3         # written when some low-rank layer is stored dense (``stored``)
 READS = (1, 2, 3)               # formats this loader reads (1: base model_type at the top)
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"   # a sharded export: transformers' index of the shards
 MODEL_TYPE = "llrc"             # the export's own model_type: no stock class claims it
 
 
@@ -205,20 +207,50 @@ def swap_low_rank_(model: nn.Module, specs: dict, make_layer=LowRankLinear) -> n
     return model
 
 
-def check_weights(path: str, specs: dict, model: nn.Module, sec: dict | None = None) -> None:
-    """Shapes in the safetensors header agree with ``specs``; the kept indices the weights were
-    written for (file metadata) agree with config.json (``sec``, for the layers stored dense).
-    Reads the header only."""
+def weight_files(folder: str) -> tuple[list[str], dict | None]:
+    """The weights files of an export (``model.safetensors``, or the shards its index names)
+    and the index's metadata (None for one file)."""
+    index = os.path.join(folder, INDEX)
+    if not os.path.isfile(index):
+        return [os.path.join(folder, WEIGHTS)], None
+    with open(index, encoding="utf-8") as f:
+        raw = json.load(f)
+    names = sorted(set(raw.get("weight_map", {}).values()))
+    bad = [n for n in names if os.path.basename(n) != n]
+    if bad or not names:
+        raise LLRCExportError(f"{INDEX} in {folder!r} names no shard or a path outside the "
+                              f"folder ({bad[:1]}); export again")
+    return [os.path.join(folder, n) for n in names], raw.get("metadata") or {}
+
+
+def read_headers(folder: str) -> tuple[dict, dict]:
+    """``({key: shape}, metadata)`` over every weights file, reading headers only; the LLRC
+    metadata of a sharded export is the index's."""
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as f:
-        keys = set(f.keys())
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-        meta = f.metadata() or {}
+    files, meta = weight_files(folder)
+    shapes = {}
+    for path in files:
+        if not os.path.isfile(path):
+            raise LLRCExportError(f"{os.path.basename(path)} is missing from {folder!r}: the "
+                                  "export is incomplete; copy the whole folder or export again")
+        with safe_open(path, framework="pt") as f:
+            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            if meta is None:                    # one file: its own header's metadata
+                meta = f.metadata() or {}
+    return shapes, meta
+
+
+def check_weights(folder: str, specs: dict, model: nn.Module, sec: dict | None = None) -> None:
+    """Shapes in the safetensors headers agree with ``specs``; the kept indices the weights
+    were written for (metadata) agree with config.json (``sec``, for the layers stored dense).
+    Reads the headers only."""
+    shapes, meta = read_headers(folder)
+    keys = set(shapes)
     written = json.loads(meta.get("llrc_layers", "null"))
     if written is None:
-        raise LLRCExportError(f"{os.path.basename(path)} carries no LLRC metadata: it was not "
-                              "written by the LLRC exporter (or was replaced); export again")
+        raise LLRCExportError(f"the weights in {folder!r} carry no LLRC metadata: they were not "
+                              "written by the LLRC exporter (or were replaced); export again")
     layers = (sec or {}).get("plan", {}).get("layers", {})
     planned = {n: lp.get("kept") for n, lp in layers.items()}   # stored-dense layers too
     for name, (m, n, kept) in specs.items():
@@ -250,7 +282,7 @@ def check_weights(path: str, specs: dict, model: nn.Module, sec: dict | None = N
 def check_folder(folder: str, sec: dict) -> dict:
     """Files present and specs valid; returns the specs."""
     check_files(folder, sec)
-    if not os.path.isfile(os.path.join(folder, WEIGHTS)):
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in (WEIGHTS, INDEX)):
         raise LLRCExportError(f"{WEIGHTS} is missing from {folder!r}: export again")
     return layer_specs(sec)
 
@@ -317,7 +349,7 @@ class LLRCModel:
         # check the header before transformers reads a tensor, on a skeleton without weights
         with torch.device("meta"):
             skeleton = klass._from_config(config, dtype=kwargs["dtype"])
-        check_weights(os.path.join(folder, WEIGHTS), specs, skeleton, sec)
+        check_weights(folder, specs, skeleton, sec)
         model, info = klass.from_pretrained(folder, *args, config=config,
                                             output_loading_info=True, **kwargs)
         bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys",
