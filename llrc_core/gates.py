@@ -54,6 +54,15 @@ def gate(theta: torch.Tensor, tau: float, noise: torch.Tensor | None, selection:
     return mask, soft                                                # value hard, grad soft
 
 
+def dense_switch(mask: torch.Tensor, break_even: int) -> torch.Tensor:
+    """The layer as the plan will store it: once ``mask`` keeps ``break_even`` values or more
+    the layer is dense, so every value is kept (value 1 everywhere); the gradient is the
+    mask's own, so the gates can still close (ARA's switch, ``selectors/ara.py``)."""
+    if mask.detach().sum() < break_even:
+        return mask
+    return mask + (1 - mask).detach()
+
+
 def expected_kept(theta: torch.Tensor, selection: str) -> torch.Tensor:
     """Expected number of kept singular values (differentiable); the same in both modes,
     since top-k keeps as many as there are open gates."""

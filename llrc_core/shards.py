@@ -28,7 +28,6 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
-from .hf_remote.modeling_llrc import INDEX, WEIGHTS
 
 DEFAULT_MAX_SHARD = "5GB"         # transformers' and the Hub's default shard size
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -139,6 +138,7 @@ def write_shards(folder: Path, recipe: WeightsRecipe, metadata: dict[str, str],
                  max_shard_size: int | str = DEFAULT_MAX_SHARD) -> list[str]:
     """Write ``recipe`` into ``folder`` one shard at a time; returns the file names written.
     ``metadata`` goes into the single file's header, or the index of several shards."""
+    from .hf_remote.modeling_llrc import INDEX, WEIGHTS    # imports transformers: not at once
     split = split_torch_state_dict_into_shards(recipe.meta(),
                                                max_shard_size=shard_bytes(max_shard_size),
                                                filename_pattern="model{suffix}.safetensors")

@@ -197,3 +197,23 @@ def test_every_block_distillation_is_zero_unmasked_and_sees_each_block(tiny):
         assert objective(idx).item() > 0 and all(d > 0 for d in per_block)
     with pytest.raises(ValueError, match="distill_at must be one of"):
         LLRCConfig(distill_at="all")
+
+
+def test_dense_switch_keeps_every_value_from_break_even_with_the_gradient_flowing(tiny):
+    """``gates.dense_switch``: under break-even the mask is unchanged; from it the value is 1
+    everywhere (the layer as stored dense) and the gradient is the mask's own. A run with the
+    switch still meets its ratio."""
+    from llrc_core.gates import dense_switch, gate
+    theta = torch.tensor([4.0, 3.0, -2.0, 1.0, -5.0], requires_grad=True)
+    noise = torch.zeros(5)
+    mask, _ = gate(theta, 0.3, noise, "any-k")                   # kept: 3 of 5
+    assert dense_switch(mask, 4) is mask
+    switched = dense_switch(mask, 3)
+    assert torch.equal(switched.detach(), torch.ones(5))
+    w = torch.arange(5.0)
+    (g_mask,) = torch.autograd.grad((mask * w).sum(), theta)
+    (g_switch,) = torch.autograd.grad((dense_switch(gate(theta, 0.3, noise, "any-k")[0], 3)
+                                       * w).sum(), theta)
+    assert torch.equal(g_mask, g_switch) and g_switch.abs().sum() > 0
+    plan, _ = run(tiny, ratio=0.9, dense_switch=True)
+    assert abs(plan.ratio("linear") - 0.9) <= 0.005

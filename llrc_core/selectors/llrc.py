@@ -18,6 +18,8 @@ gradients; ``gates.py``) and minimises
   (contiguous selections). On the noisy soft samples it mostly pushed logits to extremes and
   did not reduce the number of 0/1 transitions; on the expected mask it does.
 * ``alpha(t)``: cosine cyclical schedule between ``alpha_low`` and ``alpha_high``.
+* ``dense_switch`` (off by default): a layer whose sampled mask keeps break-even values or
+  more runs with all of them, as the plan will store it (``gates.dense_switch``).
 
 Once the deterministic ratio (gates ``theta > 0``, break-even rule applied) reaches the target,
 ``hold_steps`` more steps run with the compression term off while the ratio stays within
@@ -38,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import distill, gates
 from ..config import option
+from ..counting import break_even
 from ..models import find_blocks
 from .base import SelectionContext, land_on_budget
 from .learned import (MaskTrainer, Objective, TrainConfig, achieved, check_fields,
@@ -71,6 +74,8 @@ class LLRCConfig(TrainConfig):
     logit_high: float = option(6.0, "initial logit of the first singular value")
     logit_low: float = option(3.0, "initial logit of the last singular value")
     seed: int = option(0, "seed for noise and batch order (per step: resumable)")
+    dense_switch: bool = option(False, "a layer whose open gates reach break-even runs "
+                                "with every singular value in training, as it will be stored")
     path: str = option("auto", "masked matmul: auto (cheaper per layer), dense or factorised")
     activation_checkpointing: bool = option(False, "recompute block activations in backward")
     bf16: bool = option(False, "bfloat16 autocast (CUDA)")
@@ -111,6 +116,7 @@ class LLRCTrainer(MaskTrainer):
         self.optimizer = torch.optim.AdamW(self.theta.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.phase, self.held, self.step = "compress", 0, 0
         _, self.blocks = find_blocks(ctx.model)  # before the swap: blocks hold nn.Linear
+        self.break_even = {n: break_even(*ctx.shapes[n]) for n in self.names}
 
     def make_objective(self) -> Objective:
         """Distillation at the middle block and the last layer, or every block
@@ -155,7 +161,8 @@ class LLRCTrainer(MaskTrainer):
         tv = 0.0
         for n, t in zip(self.names, self.theta):
             mask, _ = gates.gate(t, cfg.tau, gates.logistic_noise(t.shape, gen), cfg.selection)
-            layers[n].mask = mask
+            layers[n].mask = gates.dense_switch(mask, self.break_even[n]) \
+                if cfg.dense_switch else mask
             tv = tv + gates.total_variation(torch.sigmoid(t))    # of the expected mask
         tv = tv / len(self.names)
         fit = self.objective(idx)
