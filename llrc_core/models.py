@@ -150,7 +150,7 @@ def skeleton(source: str | Path, trust_remote_code: bool = False) -> nn.Module:
         return auto.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def _source_dtype(src: str, config) -> torch.dtype | None:
+def source_dtype(src: str, config) -> torch.dtype | None:
     """The dtype the source stores: its config's ``dtype`` / ``torch_dtype``, else the first
     floating tensor in a local folder's safetensors header (None when neither says)."""
     for key in ("dtype", "torch_dtype"):
@@ -236,7 +236,7 @@ def load_model(source: str | Path, device: str | None = None, dtype=None,
     model.to(dev).eval()
     find_targets(model)  # fail early on an architecture without target layers
     return LoadedModel(model, tokenizer, src, dev, dt, causal, time.time() - t0,
-                       _source_dtype(src, config) or next(model.parameters()).dtype,
+                       source_dtype(src, config) or next(model.parameters()).dtype,
                        _source_bytes(src))
 
 

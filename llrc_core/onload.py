@@ -25,6 +25,13 @@ that hold their own factors (``masked.py``); only the blocks' norms visit the de
 autograd keeps the copies its backward pass needs. The dense weights of a target never
 return to the device while masks train.
 
+Loading is lazy when it can be: transformers memory-maps a safetensors checkpoint loaded on
+the CPU in its own dtype, and ``enable_`` keeps those tensors as they are, so the waiting
+blocks are pages of the checkpoint file that the kernel reads as each block is onloaded (and
+may drop again), not a copy (``tests/test_onload.py`` checks the addresses; the planner's
+``mapped_host_bytes``). A run in another dtype (e.g. a float16 Llama-2 checkpoint run in
+bfloat16) casts, and the blocks are copies in CPU memory.
+
 On a CPU the same hooks run with the CPU as execution device: weights are meta tensors
 between forward passes exactly as on a GPU, which is how the tests check that nothing reads a
 weight without onloading it.

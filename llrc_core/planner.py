@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import spread
-from .models import DTYPES, count_params, find_blocks, find_targets, skeleton
+from .models import DTYPES, count_params, find_blocks, find_targets, skeleton, source_dtype
 from .placement import OFFLOADS, Placement
 from .shards import DEFAULT_MAX_SHARD, write_buffer_bytes
 
@@ -126,6 +126,10 @@ class MemoryPlan:
                             if pl.offload_weights and self.gpus else
                             ", dense originals parked in CPU memory while masks train"
                             if pl.park_dense else ""))
+        if self.facts.get("mapped_host_bytes"):
+            lines.append(f"of the CPU memory, {self.facts['mapped_host_bytes'] / GIB:.1f} GiB "
+                         "are the blocks memory-mapped from the checkpoint (safetensors in the "
+                         "compute dtype): file pages, read as each block is onloaded")
         return "\n".join(lines)
 
 
@@ -158,6 +162,8 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
                      two_targets=method == "llrc")
     f = counts["facts"]
     f["write_buffer_bytes"] = write_buffer_bytes(f["weights_bytes"], max_shard_size)
+    # transformers memory-maps a safetensors checkpoint loaded on the CPU in its own dtype
+    f["weights_mapped"] = source_dtype(str(model), meta.config) == DTYPES[dtype]
     device = "cuda" if gpus else "cpu"
     plan = None
     for level in (OFFLOADS if offload == "auto" else (offload,)):
@@ -322,9 +328,9 @@ def _sequential_phases(c: dict, placement: Placement, trains: bool
               "decomposition": frame + layer + work + f["svd_work_bytes"],
               "selection": frame, "apply": frame,
               "evaluate": frame + layer + f["eval_batch_bytes"], "export": 0}
-    extra = {"placement": placement.to_dict() | {"device": "one GPU, blocks onloaded in turn"},
-             "factors_stored_bytes": stored}
     home = f["weights_bytes"] - frame                 # the blocks, in CPU memory throughout
+    extra = {"placement": placement.to_dict() | {"device": "one GPU, blocks onloaded in turn"},
+             "factors_stored_bytes": stored, "mapped_host_bytes": home * f["weights_mapped"]}
     host = {"load": home, "statistics": home, "decomposition": home + stored,
             "selection": home + stored}
     if trains:    # the blocks' norms (kept for the backward), one block's fetched factors

@@ -133,3 +133,39 @@ def test_every_method_plans_the_same_onloaded(method):
         plan = select_plan(model, dec, method, ids, ratio=0.6, **ROWS[method])
         plans.append({n: lp.kept for n, lp in plan.layers.items()})
     assert plans[0] == plans[1]
+
+
+def _mapped_ranges(path) -> list[tuple[int, int]]:
+    """Address ranges of this process mapping ``path`` (``/proc/self/maps``)."""
+    out = []
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[-1] == str(path):
+            lo, hi = fields[0].split("-")
+            out.append((int(lo, 16), int(hi, 16)))
+    return out
+
+
+@pytest.mark.parametrize("dtype, mapped", [("float32", True), ("bfloat16", False)])
+def test_blocks_wait_as_pages_of_the_checkpoint_when_its_dtype_is_the_runs(
+        tmp_path, dtype, mapped):
+    """A float32 checkpoint loaded for a float32 run: every block weight waiting in CPU memory
+    lies in the memory-mapped safetensors file (no copy: file pages, read as blocks are
+    onloaded), as the planner's ``mapped_host_bytes`` counts. Loaded for a bfloat16 run they
+    are cast copies, and the planner counts no mapped bytes."""
+    from conftest import tiny_tokenizer
+    from llrc_core.onload import load_sequential
+    from llrc_core.planner import plan_memory
+    tiny_model("llama").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    loaded = load_sequential(str(tmp_path), "cpu", dtype)
+    ranges = _mapped_ranges((tmp_path / "model.safetensors").resolve())
+    _, blocks = find_blocks(loaded.model)
+    waiting = [t for n, t in onload.named_weights(loaded.model) if n.startswith("model.layers.")]
+    assert len(waiting) == len(list(blocks[0].parameters())) * len(blocks)
+    inside = [any(lo <= t.data_ptr() < hi for lo, hi in ranges) for t in waiting]
+    assert all(inside) if mapped else not any(inside)
+    plan = plan_memory(str(tmp_path), dtype, gpus=1, gpu_memory=80, offload="weights")
+    home = plan.cpu_phases["load"]
+    assert home > 0 and plan.facts["mapped_host_bytes"] == (home if mapped else 0)
+    assert ("memory-mapped" in plan.table()) == mapped
