@@ -58,6 +58,7 @@ VARIANTS.update({
     "whiten-steps1000": {"decomposition": "whiten", "options": {"steps": 1000}},
     "whiten-hold750": {"decomposition": "whiten", "options": {"hold_steps": 750, "steps": 1200}},
     "whiten-dense-switch": {"decomposition": "whiten", "options": {"dense_switch": True}},
+    "whiten-tv2": {"decomposition": "whiten", "options": {"beta_tv": 2.0}},
     "whiten-lr001": {"decomposition": "whiten",
                      "options": {"lr": 0.01, "lr_final": 0.001, "steps": 1200}},
 })
