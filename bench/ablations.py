@@ -3,6 +3,7 @@
     python bench/ablations.py --out out/ablations                      # every variant
     python bench/ablations.py --out out/ablations --variants base,tv-off --ratios 0.8
     python bench/ablations.py --out out/ablations --smoke              # CI-sized run
+    python bench/ablations.py --out x --prefix-of runs/compare_demo_v2 --ratios 0.6 --n-calib 32
 
 Each variant is one ``llrc compare`` grid of LLRC alone (``compare.run_compare``: cells are
 cached, so a run grown by a seed or a variant only computes what is new), with the options,
@@ -134,6 +135,37 @@ def table(results: dict[str, list[dict]], ratios) -> str:
     return "\n".join(lines)
 
 
+def prefix_check(grid: Path, ratio: float, n_calib: int, seq_len: int = 128) -> list[dict]:
+    """LLRC's any-k plans of a ``compare`` folder against the same per-layer counts kept as the
+    prefix of the (whitened) factors: how much of LLRC's gain is the allocation, how much
+    the choice of indices. The factors and evaluation windows are rebuilt as ``compare``
+    builds them (``n_calib`` windows of WikiText-2 valid; 16 x 256 tokens of test)."""
+    from llrc_core.apply import restore_
+    from llrc_core.evaluate import eval_windows, perplexity
+    from llrc_core.models import load_model
+    from llrc_core.pipeline import calibrate, compress_, decompose_model
+    from llrc_core.plan import LayerPlan, RankPlan
+    loaded = load_model(ROOT / "assets" / "demo-model", device="cpu", dtype="float32")
+    windows = calibrate(loaded, BASE["calib"], n_calib, seq_len)
+    ev = eval_windows(loaded.tokenizer, DATA / "wikitext-2" / "test.txt", 256, 16)
+    dec, rows = None, []
+    for path in sorted(grid.glob(f"cells/llrc__*__any-k__{ratio}__seed*.json")):
+        plan = RankPlan.from_dict(json.loads(path.read_text())["plan"])
+        dec = dec or decompose_model(loaded.model, plan.decomposition, windows)
+        prefix = RankPlan({n: LayerPlan(lp.m, lp.n, None if lp.kept is None
+                                        else list(range(len(lp.kept))))
+                           for n, lp in plan.layers.items()}, plan.total_params, "prefix",
+                          plan.decomposition, "top-k")
+        row = {"cell": path.stem}
+        for name, p in (("any-k", plan), ("prefix", prefix)):
+            compress_(loaded.model, dec, p)
+            row[name] = perplexity(loaded.model, ev)["ppl"]
+            restore_(loaded.model)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -145,7 +177,15 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--smoke", action="store_true", help="2 variants, 1 ratio, 2 seeds, 4 steps")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--prefix-of", metavar="COMPARE_DIR", help="only: LLRC's any-k plans of "
+                    "that folder at --ratios against the same counts kept as prefixes")
+    ap.add_argument("--n-calib", type=int, default=BASE["n_calib"],
+                    help="with --prefix-of: the folder's calibration windows")
     args = ap.parse_args(argv)
+    if args.prefix_of:
+        for r in args.ratios.split(","):
+            prefix_check(Path(args.prefix_of), float(r), args.n_calib, args.seq_len)
+        return 0
     if args.smoke:
         args.variants, args.ratios, args.seeds, args.steps = "base,tv-off", "0.8", "0,1", 4
         args.eval_windows = 2

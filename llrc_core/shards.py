@@ -42,7 +42,7 @@ def shard_bytes(size: int | str) -> int:
         value = float(text[:-2] if text[-2:] in _UNITS else text) * unit
     except ValueError:
         value = -1.0
-    if not value >= 1:
+    if not 1 <= value < float("inf"):
         raise ValueError(f"max shard size {size!r} is not a size: give bytes or a size such as "
                          "'5GB' or '500MB'")
     return int(value)

@@ -199,6 +199,18 @@ def _weights_size(folder: Path) -> tuple[int, int]:
             sum(8 + struct.unpack("<Q", p.read_bytes()[:8])[0] for p in paths))
 
 
+@pytest.mark.parametrize("size, want", [("5GB", 5 * 10 ** 9), (" 500mb ", 5 * 10 ** 8),
+                                        ("1.5KB", 1500), (4096, 4096), ("0", None),
+                                        ("inf", None), ("nan", None), ("5 GiB", None)])
+def test_shard_sizes_read_as_the_hub_writes_them(size, want):
+    from llrc_core.shards import shard_bytes
+    if want is None:
+        with pytest.raises(ValueError, match="not a size"):
+            shard_bytes(size)
+    else:
+        assert shard_bytes(size) == want
+
+
 def test_sharded_export_is_written_shard_by_shard(reloaded, monkeypatch, tmp_path):
     """4 MB shards of the demo model: transformers' index names every tensor once, each shard
     is at most 4 MB (or one larger tensor: the 47 MB embedding) and says ``format: pt``, the
