@@ -74,9 +74,21 @@ def variant_config(name: str, args, method: str = "llrc") -> CompareConfig:
         model=str(ROOT / "assets" / "demo-model"), methods=(method,), ratios=args.ratios,
         selections=(selection if method == "llrc" else "top-k",),
         decompositions=(v["decomposition"] if method == "llrc" else "whiten",),
-        calib=v["calib"], n_calib=v["n_calib"], seq_len=args.seq_len, seeds=args.seeds,
+        calib=_piqa_text(args.out) if v["calib"] == str(PIQA) else v["calib"],
+        n_calib=v["n_calib"], seq_len=args.seq_len, seeds=args.seeds,
         max_eval_windows=args.eval_windows,
         options={method: options} if method == "llrc" else {})
+
+
+def _piqa_text(out) -> str:
+    """PIQA's questions with their two solutions as plain text, written once into ``out``:
+    the task file holds JSON records with an ``instruction`` field, which calibration (a
+    text, or records of strings or ``text`` fields) does not read."""
+    path = Path(out) / "piqa.txt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n\n".join(r["instruction"] for r in json.loads(PIQA.read_text())))
+    return str(path)
 
 
 def _calibration(name: str) -> tuple:

@@ -33,3 +33,14 @@ def test_table_shows_mean_and_sample_sd_per_ratio():
     assert "| base | 12.00 ± 2.00 | 3 | 1.00 |" in text
     assert set(ablations.VARIANTS) >= {"base", "tv-off", "lm-loss", "top-k", "constant-alpha",
                                        "whiten", "calib-8", "calib-256", "domain-piqa"}
+
+
+def test_the_piqa_domain_variant_calibrates_on_plain_text(tmp_path):
+    """The PIQA task file is JSON records that calibration does not read; the bench writes
+    their instructions as a text once, and calibration reads it."""
+    from llrc_core.calibration import local_text
+    path = ablations._piqa_text(tmp_path)
+    assert path == str(tmp_path / "piqa.txt")
+    text = local_text(path, 128)
+    assert "Solution1:" in text and len(text) > 100_000
+    assert ablations._piqa_text(tmp_path) == path          # written once
