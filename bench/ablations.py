@@ -3,7 +3,7 @@
     python bench/ablations.py --out out/ablations                      # every variant
     python bench/ablations.py --out out/ablations --variants base,tv-off --ratios 0.8
     python bench/ablations.py --out out/ablations --smoke              # CI-sized run
-    python bench/ablations.py --out x --prefix-of runs/compare_demo_v2 --ratios 0.6 --n-calib 32
+    python bench/ablations.py --out x --prefix-of runs/compare_demo_v2 --ratios 0.6
 
 Each variant is one ``llrc compare`` grid of LLRC alone (``compare.run_compare``: cells are
 cached, so a run grown by a seed or a variant only computes what is new), with the options,
@@ -147,19 +147,22 @@ def table(results: dict[str, list[dict]], ratios) -> str:
     return "\n".join(lines)
 
 
-def prefix_check(grid: Path, ratio: float, n_calib: int, seq_len: int = 128) -> list[dict]:
+def prefix_check(grid: Path, ratio: float) -> list[dict]:
     """LLRC's any-k plans of a ``compare`` folder against the same per-layer counts kept as the
     prefix of the (whitened) factors: how much of LLRC's gain is the allocation, how much
-    the choice of indices. The factors and evaluation windows are rebuilt as ``compare``
-    builds them (``n_calib`` windows of WikiText-2 valid; 16 x 256 tokens of test)."""
+    the choice of indices. The model, factors and evaluation windows are rebuilt from the
+    folder's ``config.json`` (relative paths from the repository root, where it ran)."""
     from llrc_core.apply import restore_
     from llrc_core.evaluate import eval_windows, perplexity
     from llrc_core.models import load_model
     from llrc_core.pipeline import calibrate, compress_, decompose_model
     from llrc_core.plan import LayerPlan, RankPlan
-    loaded = load_model(ROOT / "assets" / "demo-model", device="cpu", dtype="float32")
-    windows = calibrate(loaded, BASE["calib"], n_calib, seq_len)
-    ev = eval_windows(loaded.tokenizer, DATA / "wikitext-2" / "test.txt", 256, 16)
+    cfg = json.loads((grid / "config.json").read_text())
+    at = lambda f: str(ROOT / f)                       # noqa: E731  (absolute stays absolute)
+    loaded = load_model(at(cfg["model"]), device="cpu", dtype="float32")
+    windows = calibrate(loaded, at(cfg["calib"]), cfg["n_calib"], cfg["seq_len"])
+    ev = eval_windows(loaded.tokenizer, at(cfg["eval_text"]), cfg["eval_seq_len"],
+                      cfg["max_eval_windows"])
     dec, rows = None, []
     for path in sorted(grid.glob(f"cells/llrc__*__any-k__{ratio}__seed*.json")):
         plan = RankPlan.from_dict(json.loads(path.read_text())["plan"])
@@ -191,12 +194,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--prefix-of", metavar="COMPARE_DIR", help="only: LLRC's any-k plans of "
                     "that folder at --ratios against the same counts kept as prefixes")
-    ap.add_argument("--n-calib", type=int, default=BASE["n_calib"],
-                    help="with --prefix-of: the folder's calibration windows")
     args = ap.parse_args(argv)
     if args.prefix_of:
         for r in args.ratios.split(","):
-            prefix_check(Path(args.prefix_of), float(r), args.n_calib, args.seq_len)
+            prefix_check(Path(args.prefix_of), float(r))
         return 0
     if args.smoke:
         args.variants, args.ratios, args.seeds, args.steps = "base,tv-off", "0.8", "0,1", 4

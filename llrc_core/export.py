@@ -274,10 +274,8 @@ def export_model(model, tokenizer, plan: RankPlan, out: str | Path, *, report: d
         if not merged_dense:
             meta["llrc_layers"] = json.dumps({n: lp.kept for n, lp in plan.layers.items()})
         files = write_shards(tmp, recipe, meta, max_shard_size)
-        storage = {"dtype": stored, "compute_dtype": compute, "weights_files": len(files)
-                   - (remote.INDEX in files),
-                   "weights_bytes": sum((tmp / f).stat().st_size for f in files
-                                        if f != remote.INDEX),
+        storage = {"dtype": stored, "compute_dtype": compute, "weights_files": len(files),
+                   "weights_bytes": sum((tmp / f).stat().st_size for f in files),
                    "stored_ratio_linear": 1.0 if merged_dense else kept.ratio("linear"),
                    "stored_ratio_model": 1.0 if merged_dense else kept.ratio("model"),
                    "source": source_of(model, plan, source)}
@@ -353,7 +351,7 @@ def load_dense(path: str | Path, device: str | None = None, dtype=None):
 def _load_merged(path: Path, raw: dict):
     import transformers
     base = getattr(transformers, raw["llrc_merged"]["base_class"])
-    if not any((path / f).is_file() for f in (WEIGHTS, remote.INDEX)):
+    if not remote.has_weights(str(path)):
         raise remote.LLRCExportError(f"{WEIGHTS} is missing: export again")
     return base.from_pretrained(path, dtype=getattr(torch, raw["llrc_merged"]["dtype"]))
 

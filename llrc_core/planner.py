@@ -227,7 +227,8 @@ def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
     # One evaluation batch: its float32 logits and a block's intermediate values.
     vocab = int(getattr(cfg, "vocab_size", 0) or 0)
     facts["eval_batch_bytes"] = batch_size * seq_len * (4 * vocab + b * (4 * d + 3 * inter))
-    return {"b": b, "dtype": DTYPES[dtype], "facts": facts, "layers": [(t, layer_factors[t.name]) for t in targets],
+    return {"b": b, "dtype": DTYPES[dtype], "facts": facts,
+            "layers": [(t, layer_factors[t.name]) for t in targets],
             "block_factors": max(sum(layer_factors[t.name] for t in ts)
                                  for ts in per_block.values()),
             # a layer's kept-rank factors after apply: at most its dense size

@@ -136,8 +136,8 @@ def cast(key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def write_shards(folder: Path, recipe: WeightsRecipe, metadata: dict[str, str],
                  max_shard_size: int | str = DEFAULT_MAX_SHARD) -> list[str]:
-    """Write ``recipe`` into ``folder`` one shard at a time; returns the file names written.
-    ``metadata`` goes into the single file's header, or the index of several shards."""
+    """Write ``recipe`` into ``folder`` one shard at a time; returns the weights files'
+    names. ``metadata`` goes into the single file's header, or the index of several shards."""
     from .hf_remote.modeling_llrc import INDEX, WEIGHTS    # imports transformers: not at once
     split = split_torch_state_dict_into_shards(recipe.meta(),
                                                max_shard_size=shard_bytes(max_shard_size),
@@ -152,4 +152,4 @@ def write_shards(folder: Path, recipe: WeightsRecipe, metadata: dict[str, str],
     index = {"metadata": {**split.metadata, **metadata},
              "weight_map": dict(sorted(split.tensor_to_filename.items()))}
     (folder / INDEX).write_text(json.dumps(index, indent=1))
-    return [*split.filename_to_tensors, INDEX]
+    return list(split.filename_to_tensors)

@@ -207,6 +207,11 @@ def swap_low_rank_(model: nn.Module, specs: dict, make_layer=LowRankLinear) -> n
     return model
 
 
+def has_weights(folder: str) -> bool:
+    """The folder holds ``model.safetensors`` or the index of its shards."""
+    return any(os.path.isfile(os.path.join(folder, f)) for f in (WEIGHTS, INDEX))
+
+
 def weight_files(folder: str) -> tuple[list[str], dict | None]:
     """The weights files of an export (``model.safetensors``, or the shards its index names)
     and the index's metadata (None for one file)."""
@@ -282,7 +287,7 @@ def check_weights(folder: str, specs: dict, model: nn.Module, sec: dict | None =
 def check_folder(folder: str, sec: dict) -> dict:
     """Files present and specs valid; returns the specs."""
     check_files(folder, sec)
-    if not any(os.path.isfile(os.path.join(folder, f)) for f in (WEIGHTS, INDEX)):
+    if not has_weights(folder):
         raise LLRCExportError(f"{WEIGHTS} is missing from {folder!r}: export again")
     return layer_specs(sec)
 
