@@ -53,8 +53,8 @@ VARIANTS: dict[str, dict] = {
 #: plus the schedule: a step cap that lets rho 0.6 finish holding, the paper's 750 hold steps,
 #: the authors' learning rate.
 VARIANTS.update({f"whiten-{k}": {**VARIANTS[k], "decomposition": "whiten"}
-                 for k in ("tv-off", "top-k", "constant-alpha", "calib-32", "calib-128",
-                           "domain-piqa")})
+                 for k in ("tv-off", "top-k", "constant-alpha", "calib-8", "calib-32",
+                           "calib-128", "calib-256", "domain-piqa")})
 VARIANTS.update({
     "whiten-steps1000": {"decomposition": "whiten", "options": {"steps": 1000}},
     "whiten-hold750": {"decomposition": "whiten", "options": {"hold_steps": 750, "steps": 1200}},
@@ -62,6 +62,9 @@ VARIANTS.update({
     "whiten-tv2": {"decomposition": "whiten", "options": {"beta_tv": 2.0}},
     "whiten-lr001": {"decomposition": "whiten",
                      "options": {"lr": 0.01, "lr_final": 0.001, "steps": 1200}},
+    # The two changes that lowered rho 0.6 most, together (the issue's 40 % goal).
+    "whiten-calib-128-hold750": {"decomposition": "whiten", "n_calib": 128,
+                                 "options": {"hold_steps": 750, "steps": 1200}},
 })
 BASE = dict(decomposition="asvd", n_calib=16, calib=str(DATA / "wikitext-2" / "valid.txt"))
 

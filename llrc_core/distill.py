@@ -20,16 +20,19 @@ def base_of(model: nn.Module) -> nn.Module:
     return base if isinstance(base, nn.Module) else model
 
 
-DISTILL_AT = ("middle-last", "every")
+DISTILL_AT = ("middle-last", "every", "last")
 
 
 def distill_layers(model: nn.Module, at: str = "middle-last") -> tuple[int, ...]:
     """Indices into ``hidden_states`` (0 = embeddings): ``middle-last``, the middle block's
-    output and the last (the paper); ``every``, every block's output."""
+    output and the last (the paper); ``every``, every block's output; ``last``, the last
+    alone (what ARS and ARA distil on an encoder)."""
     _, blocks = find_blocks(model)
     n = len(blocks)
     if at == "every":
         return tuple(range(1, n + 1))
+    if at == "last":
+        return (n,)
     if at != "middle-last":
         raise ValueError(f"distill_at must be one of {DISTILL_AT}, got {at!r}")
     return max(n // 2, 1), n

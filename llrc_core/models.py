@@ -204,7 +204,7 @@ def _load_export(src: str, allow_compressed: bool, dev, dt) -> LoadedModel | Non
 
 def load_model(source: str | Path, device: str | None = None, dtype=None,
                trust_remote_code: bool = False, causal: bool | None = None,
-               allow_compressed: bool = False) -> LoadedModel:
+               allow_compressed: bool = False, stored_dtype: bool = False) -> LoadedModel:
     """Load a model and tokenizer from a local folder or a Hub id.
 
     Causal LMs load through ``AutoModelForCausalLM``; encoders such as BERT (without
@@ -212,6 +212,9 @@ def load_model(source: str | Path, device: str | None = None, dtype=None,
     An LLRC low-rank export is refused with a message saying what to do, unless
     ``allow_compressed`` (then it loads as a dense model, its factors multiplied back).
     ``source_dtype`` records the dtype the source stores, so an export can keep it.
+    ``stored_dtype``: load in that dtype instead of ``dtype`` (a safetensors checkpoint is
+    then memory-mapped, not copied: ``onload.load_sequential`` casts layer by layer);
+    ``LoadedModel.dtype`` says which was used.
     """
     from transformers import AutoTokenizer
 
@@ -225,6 +228,9 @@ def load_model(source: str | Path, device: str | None = None, dtype=None,
     t0 = time.time()
     config = read_config(src, trust_remote_code)
     auto, causal = auto_class(config, causal)
+    stored = source_dtype(src, config)
+    if stored_dtype and stored is not None and stored.is_floating_point:
+        dt = stored
     try:
         model = auto.from_pretrained(src, dtype=dt, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
@@ -236,7 +242,7 @@ def load_model(source: str | Path, device: str | None = None, dtype=None,
     model.to(dev).eval()
     find_targets(model)  # fail early on an architecture without target layers
     return LoadedModel(model, tokenizer, src, dev, dt, causal, time.time() - t0,
-                       source_dtype(src, config) or next(model.parameters()).dtype,
+                       stored or next(model.parameters()).dtype,
                        _source_bytes(src))
 
 

@@ -25,12 +25,15 @@ that hold their own factors (``masked.py``); only the blocks' norms visit the de
 autograd keeps the copies its backward pass needs. The dense weights of a target never
 return to the device while masks train.
 
-Loading is lazy when it can be: transformers memory-maps a safetensors checkpoint loaded on
-the CPU in its own dtype, and ``enable_`` keeps those tensors as they are, so the waiting
-blocks are pages of the checkpoint file that the kernel reads as each block is onloaded (and
-may drop again), not a copy (``tests/test_onload.py`` checks the addresses; the planner's
-``mapped_host_bytes``). A run in another dtype (e.g. a float16 Llama-2 checkpoint run in
-bfloat16) casts, and the blocks are copies in CPU memory.
+Loading is lazy: transformers memory-maps a safetensors checkpoint loaded on the CPU in its
+own dtype, and ``enable_`` keeps those tensors as they are, so the waiting blocks are pages of
+the checkpoint file that the kernel reads as each block is onloaded (and may drop again), not
+a copy (``tests/test_onload.py`` checks the addresses; the planner's ``mapped_host_bytes``).
+A run in another dtype (a float16 Llama-2 checkpoint run in bfloat16) stays lazy too:
+``load_sequential`` loads the checkpoint in its own dtype and ``enable_(dtype=...)`` gives the
+blocks' placeholders the run's dtype, so each weight is cast as it is onloaded (accelerate's
+``set_module_tensor_to_device`` casts a value to its placeholder's dtype): one layer's copy
+at a time instead of the whole model's.
 
 On a CPU the same hooks run with the CPU as execution device: weights are meta tensors
 between forward passes exactly as on a GPU, which is how the tests check that nothing reads a
@@ -57,43 +60,80 @@ def execution_device(model: nn.Module) -> torch.device | None:
     return getattr(model, _ATTR, None)
 
 
-def enable_(model: nn.Module, device: torch.device | str) -> nn.Module:
+def enable_(model: nn.Module, device: torch.device | str,
+            dtype: torch.dtype | None = None) -> nn.Module:
     """The frame on ``device``; every block's weights in CPU memory, onloaded per submodule
-    for its forward pass. The model must sit in CPU memory (``load_model(device="cpu")``)."""
+    for its forward pass. The model must sit in CPU memory (``load_model(device="cpu")``).
+    ``dtype``: the run's dtype when the weights are stored in another: the frame is cast now,
+    the blocks' weights wait as they are and are cast as they are onloaded."""
     device = torch.device(device)
     if execution_device(model) is not None:
         raise ValueError("the model is already onloaded sequentially")
     _, blocks = find_blocks(model)
-    _frame_to(model, {id(b) for b in blocks}, device)
+    cast = _caster(model, dtype)
+    _frame_to(model, {id(b) for b in blocks}, lambda t: cast(t).to(device))
     for block in blocks:
+        for m in block.modules():                             # its persistent buffers
+            m._buffers.update({n: cast(t) for n, t in m._buffers.items() if t is not None})
         _offload(block, device)
+        if dtype is not None:
+            _placeholders_to(block, dtype)
     object.__setattr__(model, _ATTR, device)    # plain attribute, not a submodule
     return model
 
 
 def load_sequential(source, device: str | None = None, dtype=None, **kw):
-    """``models.load_model`` into CPU memory in the compute dtype of ``device``, then
-    ``enable_`` on ``device``; ``LoadedModel.device`` is the execution device."""
+    """``models.load_model`` into CPU memory, then ``enable_`` on ``device``;
+    ``LoadedModel.device`` is the execution device and ``dtype`` the compute dtype of
+    ``device``. The checkpoint is loaded in the dtype it stores (memory-mapped, not copied)
+    and cast layer by layer as it is onloaded, unless the model keeps some modules in
+    float32 (transformers' ``_keep_in_fp32_modules``): then it is loaded cast, as a copy."""
     from dataclasses import replace
 
     from .models import load_model, pick_device, pick_dtype
     dev = pick_device(device)
-    loaded = load_model(source, "cpu", pick_dtype(dtype, dev), **kw)
-    enable_(loaded.model, dev)
-    return replace(loaded, device=dev)
+    dt = pick_dtype(dtype, dev)
+    loaded = load_model(source, "cpu", dt, stored_dtype=True, **kw)
+    model = loaded.model
+    if loaded.dtype != dt and (getattr(model, "_keep_in_fp32_modules", None)
+                               or getattr(model, "_keep_in_fp32_modules_strict", None)):
+        loaded = load_model(source, "cpu", dt, **kw)   # rare: transformers' own cast rules
+    enable_(loaded.model, dev, dt if loaded.dtype != dt else None)
+    return replace(loaded, device=dev, dtype=dt)
 
 
-def _frame_to(module: nn.Module, blocks: set[int], device: torch.device) -> None:
-    """Move every tensor outside the blocks to ``device`` (``Module.to`` moves parameters in
-    place, so tied weights such as embedding and LM head stay one tensor)."""
+def _caster(model: nn.Module, dtype: torch.dtype | None):
+    """``t -> t`` in ``dtype`` for the floating parameters and persistent buffers of
+    ``model`` (what a checkpoint holds and ``from_pretrained(dtype=...)`` casts); buffers a
+    model computes for itself (rotary frequencies) keep their dtype."""
+    if dtype is None:
+        return lambda t: t
+    own = {id(b) for m in model.modules() for n, b in m._buffers.items()
+           if b is not None and n in m._non_persistent_buffers_set}
+    return lambda t: t.to(dtype) if t.is_floating_point() and id(t) not in own else t
+
+
+def _placeholders_to(module: nn.Module, dtype: torch.dtype) -> None:
+    """The meta placeholders of offloaded floating weights take ``dtype``: onloading then
+    casts each weight to it (``set_module_tensor_to_device`` casts to the placeholder's)."""
+    for m in module.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if p.is_meta and p.is_floating_point() and p.dtype != dtype:
+                m._parameters[name] = nn.Parameter(torch.empty_like(p, dtype=dtype),
+                                                   requires_grad=p.requires_grad)
+
+
+def _frame_to(module: nn.Module, blocks: set[int], fn) -> None:
+    """Apply ``fn`` (move, cast) to every tensor outside the blocks, in place (``_apply``
+    keeps each parameter object, so tied weights such as embedding and LM head stay one)."""
     if id(module) in blocks:
         return
     if not any(id(m) in blocks for m in module.modules()):
-        module.to(device)
+        module._apply(fn)
         return
-    module._apply(lambda t: t.to(device), recurse=False)     # its own tensors only
+    module._apply(fn, recurse=False)                          # its own tensors only
     for child in module.children():
-        _frame_to(child, blocks, device)
+        _frame_to(child, blocks, fn)
 
 
 @contextmanager

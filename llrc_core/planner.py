@@ -128,8 +128,9 @@ class MemoryPlan:
                             if pl.park_dense else ""))
         if self.facts.get("mapped_host_bytes"):
             lines.append(f"of the CPU memory, {self.facts['mapped_host_bytes'] / GIB:.1f} GiB "
-                         "are the blocks memory-mapped from the checkpoint (safetensors in the "
-                         "compute dtype): file pages, read as each block is onloaded")
+                         "are the blocks memory-mapped from the checkpoint (safetensors, in "
+                         "its stored dtype): file pages, read and cast as each block is "
+                         "onloaded")
         return "\n".join(lines)
 
 
@@ -162,8 +163,11 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
                      two_targets=method == "llrc")
     f = counts["facts"]
     f["write_buffer_bytes"] = write_buffer_bytes(f["weights_bytes"], max_shard_size)
-    # transformers memory-maps a safetensors checkpoint loaded on the CPU in its own dtype
-    f["weights_mapped"] = source_dtype(str(model), meta.config) == DTYPES[dtype]
+    # Sequential onloading loads a safetensors checkpoint in its own dtype, memory-mapped
+    # (onload.load_sequential), and casts each layer as it is onloaded.
+    stored = source_dtype(str(model), meta.config)
+    f["weights_mapped"] = stored is not None and stored.is_floating_point
+    f["stored_itemsize"] = stored.itemsize if f["weights_mapped"] else DTYPES[dtype].itemsize
     device = "cuda" if gpus else "cpu"
     plan = None
     for level in (OFFLOADS if offload == "auto" else (offload,)):
@@ -208,7 +212,7 @@ def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
              # sequential onloading: what stays on the device, and what visits it at once
              "frame_bytes": (params - sum(in_blocks)) * b,
              "block_rest_bytes": (sum(in_blocks) - sum(t.m * t.n for t in targets)) * b,
-             "layer_bytes": max(t.m * t.n for t in targets) * b,
+             "layer_bytes": max(t.m * t.n for t in targets) * b, "itemsize": b,
              "blocks": blocks, "hidden_size": d, "intermediate_size": inter,
              "dense_linear": sum(t.m * t.n for t in targets),
              "factor_numbers": sum(layer_factors.values()),
@@ -329,7 +333,8 @@ def _sequential_phases(c: dict, placement: Placement, trains: bool
               "decomposition": frame + layer + work + f["svd_work_bytes"],
               "selection": frame, "apply": frame,
               "evaluate": frame + layer + f["eval_batch_bytes"], "export": 0}
-    home = f["weights_bytes"] - frame                 # the blocks, in CPU memory throughout
+    # The blocks, in CPU memory throughout: pages of the checkpoint in its stored dtype.
+    home = (f["weights_bytes"] - frame) // f["itemsize"] * f["stored_itemsize"]
     extra = {"placement": placement.to_dict() | {"device": "one GPU, blocks onloaded in turn"},
              "factors_stored_bytes": stored, "mapped_host_bytes": home * f["weights_mapped"]}
     host = {"load": home, "statistics": home, "decomposition": home + stored,

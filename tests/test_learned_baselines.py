@@ -12,8 +12,8 @@ from conftest import DEMO, WIKI_VALID, tiny_ids, tiny_model
 from llrc_core.apply import LowRankLinear, restore_
 from llrc_core.masked import MaskedLowRank
 from llrc_core.pipeline import compress_, decompose_model, select_plan
-from llrc_core.selectors.ara import (ARAConfig, candidate_fractions, rescale_counts,
-                                     soft_masks, st_masks, staircase_index)
+from llrc_core.selectors.ara import (ARAConfig, candidate_fractions, init_logits,
+                                     rescale_counts, soft_masks, st_masks, staircase_index)
 from llrc_core.gates import gumbel_sigmoid, logistic_noise
 from llrc_core.selectors.ars import ARSConfig, alignment, log_ratio_reg, threshold_counts
 
@@ -252,12 +252,32 @@ def test_progress_events(tiny, method):
     assert events[-1] == {"type": "done", "step": 3, "plan": plan.to_dict(), "stopped": False}
 
 
+def test_ara_two_level_init_starts_at_the_uniform_fraction_and_broad():
+    c = candidate_fractions(100)
+    t = torch.tensor([0.02, 0.3, 0.45, 0.77, 0.99])     # (at 0.5 the flat softmax is exact)
+    two, bump = init_logits(c, t, "two-level"), init_logits(c, t, "bump", 0.1)
+    p_two, p_bump = torch.softmax(two, -1), torch.softmax(bump, -1)
+    assert torch.allclose(p_two @ c, t, atol=1e-5)          # exactly at the start fraction
+    for row, centre in zip(two, t):                         # two levels, split at the centre
+        assert set(row.tolist()) == {0.0, row[0].item()}
+        assert torch.equal(row != 0, c >= centre)
+    spread = lambda p: ((p * (c - (p @ c)[:, None]) ** 2).sum(1)).sqrt()   # noqa: E731
+    # Broad away from the ends (sd 0.24-0.29 against the bump's 0.10): the fraction moves
+    # fast; near 0 or 1 both are narrow.
+    assert (spread(p_two)[1:4] > 2 * spread(p_bump)[1:4]).all()
+    # Ends: finite logits, the fraction half a candidate step inside (0, 1).
+    ends = init_logits(c, torch.tensor([1.0, 1e-6]), "two-level")
+    assert ends.isfinite().all()
+    assert torch.allclose(torch.softmax(ends, -1) @ c, torch.tensor([0.995, 0.005]), atol=1e-5)
+
+
 BAD_CONFIGS = [
     (ARSConfig, dict(tau=0), "tau"), (ARSConfig, dict(p=1.5), "p"),
     (ARSConfig, dict(steps=0), "steps"), (ARSConfig, dict(objective="mse"), "objective"),
     (ARSConfig, dict(lam=-1), "lam"), (ARAConfig, dict(k_factor=0.9), "k_factor"),
     (ARAConfig, dict(lr=0), "lr"),
     (ARAConfig, dict(candidates=0), "candidates"), (ARAConfig, dict(ratio=1.5), "ratio"),
+    (ARAConfig, dict(init="uniform"), "init"),
 ]
 
 

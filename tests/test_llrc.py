@@ -184,6 +184,7 @@ def test_every_block_distillation_is_zero_unmasked_and_sees_each_block(tiny):
             hidden_size=8, intermediate_size=16, num_hidden_layers=4, num_attention_heads=2,
             vocab_size=32))
     assert distill_layers(four, "every") == (1, 2, 3, 4) and distill_layers(four) == (2, 4)
+    assert distill_layers(four, "last") == (4,)
     objective = Objective(model, windows, "distill", 4, layers=layers, distance="mse")
     idx = torch.arange(8)
     assert objective(idx).item() == 0.0

@@ -146,26 +146,38 @@ def _mapped_ranges(path) -> list[tuple[int, int]]:
     return out
 
 
-@pytest.mark.parametrize("dtype, mapped", [("float32", True), ("bfloat16", False)])
-def test_blocks_wait_as_pages_of_the_checkpoint_when_its_dtype_is_the_runs(
-        tmp_path, dtype, mapped):
-    """A float32 checkpoint loaded for a float32 run: every block weight waiting in CPU memory
-    lies in the memory-mapped safetensors file (no copy: file pages, read as blocks are
-    onloaded), as the planner's ``mapped_host_bytes`` counts. Loaded for a bfloat16 run they
-    are cast copies, and the planner counts no mapped bytes."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_blocks_wait_as_pages_of_the_checkpoint_in_any_run_dtype(tmp_path, dtype):
+    """A float32 checkpoint loaded for a float32 or a bfloat16 run: every block weight waiting
+    in CPU memory lies in the memory-mapped safetensors file (no copy: file pages, read as
+    blocks are onloaded), as the planner's ``mapped_host_bytes`` counts (at the checkpoint's
+    4 bytes a number). A bfloat16 run casts each weight as it is onloaded: the model computes
+    the same logits, bit for bit, as one loaded cast, and ``disable_`` hands back bfloat16."""
     from conftest import tiny_tokenizer
+    from llrc_core.models import load_model
     from llrc_core.onload import load_sequential
     from llrc_core.planner import plan_memory
     tiny_model("llama").save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
     loaded = load_sequential(str(tmp_path), "cpu", dtype)
+    assert loaded.dtype == getattr(torch, dtype) and loaded.source_dtype == torch.float32
     ranges = _mapped_ranges((tmp_path / "model.safetensors").resolve())
     _, blocks = find_blocks(loaded.model)
     waiting = [t for n, t in onload.named_weights(loaded.model) if n.startswith("model.layers.")]
     assert len(waiting) == len(list(blocks[0].parameters())) * len(blocks)
-    inside = [any(lo <= t.data_ptr() < hi for lo, hi in ranges) for t in waiting]
-    assert all(inside) if mapped else not any(inside)
+    assert all(any(lo <= t.data_ptr() < hi for lo, hi in ranges) for t in waiting)
+    assert {t.dtype for t in waiting} == {torch.float32}
+    assert {p.dtype for p in loaded.model.parameters()} == {getattr(torch, dtype)}
+    ids = tiny_ids(2, 16)
+    eager = load_model(str(tmp_path), "cpu", dtype).model
+    with torch.no_grad():
+        assert torch.equal(loaded.model(input_ids=ids).logits, eager(input_ids=ids).logits)
+    rotary = loaded.model.model.rotary_emb.inv_freq          # computed, not cast
+    assert rotary.dtype == eager.model.rotary_emb.inv_freq.dtype
+    onload.disable_(loaded.model)
+    assert {p.dtype for p in loaded.model.parameters()} == {getattr(torch, dtype)}
     plan = plan_memory(str(tmp_path), dtype, gpus=1, gpu_memory=80, offload="weights")
     home = plan.cpu_phases["load"]
-    assert home > 0 and plan.facts["mapped_host_bytes"] == (home if mapped else 0)
-    assert ("memory-mapped" in plan.table()) == mapped
+    in_blocks = sum(p.numel() for p in blocks.parameters())
+    assert plan.facts["mapped_host_bytes"] == home == in_blocks * 4
+    assert "memory-mapped" in plan.table()

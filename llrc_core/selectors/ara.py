@@ -20,9 +20,12 @@ no formula we could check; this is our reading): a compressed layer whose relati
 error ``sqrt(sum dropped S^2 / sum S^2)`` exceeds its parameter saving ``1 - k (m + n) / (m n)``
 is pushed towards dense by ``relu(1 / k_factor - rho)``; the mean over layers is the term.
 
-Initialisation (our choice, the paper is silent): every layer's softmax is a Gaussian bump of
-width ``init_width`` at the fraction that meets the target with uniform ranks, so training
-starts at the budget and reallocates; ``init_width = 0`` gives uniform logits.
+Initialisation (the paper is silent): every layer starts at the fraction ``t`` that meets the
+target with uniform ranks, so training starts at the budget and reallocates. ``two-level``
+(the default, as the authors' code does): one logit for every candidate at or above ``t``,
+zero below, the gap chosen so that the expected fraction is ``t``; the softmax is broad, so
+the expected fraction moves fast. ``bump`` (our first reading): a Gaussian bump of width
+``init_width`` at ``t`` (flat logits when the width is 0); narrow, so it moves slowly.
 
 Finalise: scale every expected fraction by one factor ``s`` (bisection) so the budget holds,
 dense switch re-applied, then +1 steps to the largest rounding deficits (``land_on_budget``).
@@ -42,6 +45,8 @@ from ..config import option
 from .learned import (EpochBatches, MaskTrainer, TrainConfig, check_fields, other_params,
                       register_learned)
 
+INITS = ("two-level", "bump")
+
 
 @dataclass
 class ARAConfig(TrainConfig):
@@ -52,13 +57,17 @@ class ARAConfig(TrainConfig):
         "help": "K = floor(k_factor m n/(m+n)); a layer is dense when k_factor * rho >= 1"})
     alpha: float = field(default=100.0, metadata={"help": "weight of (R - R*)^2"})
     beta: float = field(default=50.0, metadata={"help": "weight of the guidance loss"})
+    init: str = option("two-level", "'two-level' (authors' code: broad, two logit levels "
+                       "around the uniform fraction) or 'bump' (a bump of init_width)")
     init_width: float = field(default=0.1, metadata={
-        "help": "softmax starts as a bump of this width at the uniform fraction (0: flat)"})
+        "help": "init 'bump': its width around the uniform fraction (0: flat)"})
 
     def __post_init__(self):
         super().__post_init__()
         check_fields(self, positive=("candidates",),
                      nonneg=("alpha", "beta", "init_width"))
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.k_factor < 1:
             raise ValueError(f"k_factor must be >= 1 (K must reach break-even), got "
                              f"{self.k_factor}")
@@ -106,11 +115,26 @@ def tail_error(S: torch.Tensor) -> torch.Tensor:
     return (e2 / e2[0].clamp_min(1e-300)).sqrt().float()
 
 
-def init_logits(c: torch.Tensor, centres: torch.Tensor, width: float) -> torch.Tensor:
-    """(L, D+1): a Gaussian bump at each layer's centre fraction (flat when width is 0)."""
-    if width == 0:
-        return torch.zeros(centres.numel(), c.numel())
-    return -0.5 * ((c[None, :] - centres[:, None]) / width) ** 2
+def init_logits(c: torch.Tensor, centres: torch.Tensor, init: str = "two-level",
+                width: float = 0.1) -> torch.Tensor:
+    """(L, D+1) logits whose softmax has the expected fraction ``centres`` (L,).
+
+    ``two-level``: ``g`` on the candidates ``c_j >= t``, 0 below; with ``n1, S1`` (``n2,
+    S2``) the count and sum of the candidates above (below), ``E[c] = t`` solves to
+    ``exp(g) = (S2 - t n2) / (t n1 - S1)``. ``t`` is kept half a step inside (0, 1), where
+    the gap is finite. ``bump``: a Gaussian of ``width`` at ``t`` (flat when ``width`` is 0).
+    """
+    if init == "bump":
+        if width == 0:
+            return torch.zeros(centres.numel(), c.numel())
+        return -0.5 * ((c[None, :] - centres[:, None]) / width) ** 2
+    c, half = c.double(), 0.5 / (c.numel() - 1)
+    t = centres.double().clamp(half, 1 - half)[:, None]                  # (L, 1)
+    above = c[None, :] >= t                                               # (L, D+1)
+    n1, s1 = above.sum(1, keepdim=True), (c * above).sum(1, keepdim=True)
+    n2, s2 = c.numel() - n1, c.sum() - s1
+    gap = torch.log((s2 - t * n2) / (t * n1 - s1))
+    return torch.where(above, gap, torch.zeros_like(gap)).float()
 
 
 def rescale_counts(rho: dict[str, float], K: dict[str, int], shapes: dict[str, tuple[int, int]],
@@ -149,7 +173,8 @@ class ARATrainer(MaskTrainer):
             tails[i, :self.ranks[i] + 1] = tail_error(factors[n].S)
         uniform = budget / ctx.dense_linear          # fraction of break-even, uniform ranks
         centres = torch.tensor([min(1.0, uniform * be[n] / self.K[n]) for n in names])
-        self.logits = init_logits(c, centres, cfg.init_width).to(device).requires_grad_(True)
+        self.logits = init_logits(c, centres, cfg.init, cfg.init_width
+                                  ).to(device).requires_grad_(True)
         self.optimizer = torch.optim.AdamW([self.logits], lr=cfg.lr)
         per_layer = {"K": [self.K[n] for n in names], "r": self.ranks,
                      "be": [be[n] for n in names], "width": [sum(shapes[n]) for n in names],

@@ -66,7 +66,8 @@ class LLRCConfig(TrainConfig):
     distill_loss: str = option("nmse", "nmse (normalised MSE) or mse")
     distill_at: str = option("middle-last", "hidden states distilled: middle-last (the "
                              "paper: the middle block's output and the last) or every (every "
-                             "block's output: no block after the middle goes unwatched)")
+                             "block's output: no block after the middle goes unwatched) "
+                             "or last (the last alone, as ARS and ARA distil an encoder)")
     hold_steps: int = option(300, "steps (in all) at or under the target with the compression term off")
     tolerance: float = option(0.005, "allowed ratio drift above the target while holding")
     batch_size: int = option(4, "calibration windows per step")
