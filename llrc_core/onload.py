@@ -73,11 +73,9 @@ def enable_(model: nn.Module, device: torch.device | str,
     cast = _caster(model, dtype)
     _frame_to(model, {id(b) for b in blocks}, lambda t: cast(t).to(device))
     for block in blocks:
-        for m in block.modules():                             # its persistent buffers
-            m._buffers.update({n: cast(t) for n, t in m._buffers.items() if t is not None})
         _offload(block, device)
         if dtype is not None:
-            _placeholders_to(block, dtype)
+            _to_run_dtype_(block, cast, dtype)
     object.__setattr__(model, _ATTR, device)    # plain attribute, not a submodule
     return model
 
@@ -113,10 +111,12 @@ def _caster(model: nn.Module, dtype: torch.dtype | None):
     return lambda t: t.to(dtype) if t.is_floating_point() and id(t) not in own else t
 
 
-def _placeholders_to(module: nn.Module, dtype: torch.dtype) -> None:
-    """The meta placeholders of offloaded floating weights take ``dtype``: onloading then
+def _to_run_dtype_(module: nn.Module, cast, dtype: torch.dtype) -> None:
+    """An offloaded module in the run's dtype: its buffers (not offloaded) cast now by
+    ``cast``; the meta placeholders of its floating weights take ``dtype``, so onloading
     casts each weight to it (``set_module_tensor_to_device`` casts to the placeholder's)."""
     for m in module.modules():
+        m._buffers.update({n: cast(t) for n, t in m._buffers.items() if t is not None})
         for name, p in m.named_parameters(recurse=False):
             if p.is_meta and p.is_floating_point() and p.dtype != dtype:
                 m._parameters[name] = nn.Parameter(torch.empty_like(p, dtype=dtype),
