@@ -3,10 +3,13 @@ bit for bit; the thread chooser picks the measured faster count and puts the sta
 back; the thread count changes no bit of LLRC's steps or STRS's scores."""
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 import torch
 
-from conftest import WIKI_VALID, tiny_ids, tiny_model
+from conftest import ROOT, WIKI_VALID, tiny_ids, tiny_model
 from llrc_core.apply import low_rank_from, swap_module_
 from llrc_core.losses import next_token_loss, next_token_nll_sum, ppl_of
 from llrc_core.models import find_targets
@@ -172,3 +175,16 @@ def test_demo_thread_count_changes_no_bit_of_llrc_or_strs(demo, monkeypatch):
         assert {e["threads"] for e in steps} == {n}
     assert runs[1] == runs[2]                                      # ==: bit for bit
     assert runs[1][0][-1][3] != runs[1][0][0][3]                   # the gates did move
+
+
+def test_strs_floor_counts_the_tables_passes_and_its_head_time(capsys):
+    """``bench/strs_floor.py`` on the demo model: 36 layers x 9 candidates, all below
+    break-even, 4 batches of 8 windows each, and the table's head time is their product."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import strs_floor
+    assert strs_floor.main(["--repeat", "1", "--n-calib", "32"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["passes"], out["batches_per_pass"], out["vocab"], out["hidden"]) == \
+        (324, 4, 30522, 384)
+    assert out["table_head_s"] == pytest.approx(324 * 4 * out["head_and_loss_s"], abs=0.1)
+    assert out["head_and_loss_s"] > 0 and out["gemm_s"] > 0
