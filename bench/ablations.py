@@ -69,6 +69,8 @@ VARIANTS.update({
     # A larger batch over 128 windows: less gradient noise per step (default 4 windows).
     "whiten-calib-128-bs8": {"decomposition": "whiten", "n_calib": 128,
                              "options": {"batch_size": 8}},
+    "whiten-calib-128-every": {"decomposition": "whiten", "n_calib": 128,
+                               "options": {"distill_at": "every"}},
     # Calibration windows as long as the evaluation's (256 tokens): the demo model's absolute
     # positions 128..255 are otherwise never seen while whitening and training.
     "whiten-seq256": {"decomposition": "whiten", "seq_len": 256},
