@@ -71,6 +71,9 @@ VARIANTS.update({
                              "options": {"batch_size": 8}},
     "whiten-calib-128-every": {"decomposition": "whiten", "n_calib": 128,
                                "options": {"distill_at": "every"}},
+    # Start from the uniform ranks on the budget (SVD-LLM's allocation on whitened factors):
+    # training then only moves the budget between layers.
+    "whiten-init-uniform": {"decomposition": "whiten", "options": {"init": "uniform"}},
     # Calibration windows as long as the evaluation's (256 tokens): the demo model's absolute
     # positions 128..255 are otherwise never seen while whitening and training.
     "whiten-seq256": {"decomposition": "whiten", "seq_len": 256},

@@ -20,6 +20,11 @@ def init_logits(r: int, high: float = 6.0, low: float = 3.0) -> torch.Tensor:
     return torch.linspace(high, low, r)
 
 
+def init_at(r: int, k: int, level: float = 3.0) -> torch.Tensor:
+    """Logits that open the first ``k`` of ``r`` gates: ``+level`` then ``-level``."""
+    return torch.where(torch.arange(r) < k, level, -level).float()
+
+
 def logistic_noise(shape, generator: torch.Generator | None = None) -> torch.Tensor:
     u = torch.rand(shape, generator=generator).clamp(1e-6, 1 - 1e-6)
     return torch.log(u) - torch.log1p(-u)

@@ -218,3 +218,22 @@ def test_dense_switch_keeps_every_value_from_break_even_with_the_gradient_flowin
     assert torch.equal(g_mask, g_switch) and g_switch.abs().sum() > 0
     plan, _ = run(tiny, ratio=0.9, dense_switch=True)
     assert abs(plan.ratio("linear") - 0.9) <= 0.005
+
+
+def test_uniform_init_starts_at_the_uniform_ranks_and_lands_on_the_ratio(tiny):
+    """``init="uniform"``: the deterministic gates at step 0 keep exactly the uniform
+    selector's prefix in every layer; training from there meets the ratio."""
+    from llrc_core.pipeline import make_context
+    from llrc_core.selectors.llrc import LLRCTrainer
+    model, dec, windows = tiny
+    cfg = LLRCConfig(ratio=0.5, init="uniform", **{k: v for k, v in FAST.items()
+                                                  if k != "mask_every"})
+    ctx = make_context(model, dec, windows)
+    trainer = LLRCTrainer(ctx, cfg, ctx.reachable_budget(cfg))
+    uniform = select_plan(model, dec, "uniform", ratio=0.5)
+    assert all(lp.kept for lp in uniform.layers.values())      # no layer dense at 0.5
+    assert trainer.kept() == {n: lp.kept for n, lp in uniform.layers.items()}
+    plan, _ = run(tiny, ratio=0.5, init="uniform")
+    assert abs(plan.ratio("linear") - 0.5) <= 0.005
+    with pytest.raises(ValueError, match="init must be one of"):
+        LLRCConfig(init="closed")

@@ -1,6 +1,7 @@
 """LLRC: learned any-k / top-k masks over singular values (arXiv 2512.13733).
 
-One logit per singular value per layer (initialised ``linspace(6, 3, r)``), all model weights
+One logit per singular value per layer (initialised ``linspace(6, 3, r)``: every gate open;
+``init="uniform"``: the uniform ranks on the budget open, the rest closed), all model weights
 frozen. Each step samples Gumbel-Sigmoid gates (hard in the forward pass, straight-through
 gradients; ``gates.py``) and minimises
 
@@ -43,8 +44,12 @@ from ..config import option
 from ..counting import break_even
 from ..models import find_blocks
 from .base import SelectionContext, land_on_budget
+from .uniform import uniform_ranks
 from .learned import (MaskTrainer, Objective, TrainConfig, achieved, check_fields,
                       register_learned, step_generator)
+
+
+INITS = ("open", "uniform")
 
 
 @dataclass
@@ -72,6 +77,9 @@ class LLRCConfig(TrainConfig):
     tolerance: float = option(0.005, "allowed ratio drift above the target while holding")
     batch_size: int = option(4, "calibration windows per step")
     train_seq_len: int = option(128, "tokens of each window used per step (0: whole window)")
+    init: str = option("open", "open (every gate open: linspace(logit_high, logit_low)) or "
+                       "uniform (the uniform ranks on the budget open, +-logit_low: "
+                       "training only moves the budget between layers)")
     logit_high: float = option(6.0, "initial logit of the first singular value")
     logit_low: float = option(3.0, "initial logit of the last singular value")
     seed: int = option(0, "seed for noise and batch order (per step: resumable)")
@@ -89,6 +97,8 @@ class LLRCConfig(TrainConfig):
                              f"{self.distill_at!r}")
         if self.distill_loss not in ("nmse", "mse"):
             raise ValueError(f"distill_loss must be 'nmse' or 'mse', got {self.distill_loss!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.path not in ("auto", "dense", "factorised"):
             raise ValueError(f"path must be auto, dense or factorised, got {self.path!r}")
 
@@ -110,10 +120,14 @@ class LLRCTrainer(MaskTrainer):
     def __init__(self, ctx: SelectionContext, cfg: LLRCConfig, budget: int):
         super().__init__(ctx, cfg, budget)
         device = self.device
-        self.theta = nn.ParameterList(
-            nn.Parameter(gates.init_logits(ctx.factors[n].rank, cfg.logit_high,
-                                           cfg.logit_low).to(device))
-            for n in self.names)
+        if cfg.init == "uniform":
+            start = uniform_ranks(ctx, budget)[0]
+            logits = [gates.init_at(ctx.factors[n].rank, start[n], cfg.logit_low)
+                      for n in self.names]
+        else:
+            logits = [gates.init_logits(ctx.factors[n].rank, cfg.logit_high, cfg.logit_low)
+                      for n in self.names]
+        self.theta = nn.ParameterList(nn.Parameter(t.to(device)) for t in logits)
         self.optimizer = torch.optim.AdamW(self.theta.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.phase, self.held, self.step = "compress", 0, 0
         _, self.blocks = find_blocks(ctx.model)  # before the swap: blocks hold nn.Linear

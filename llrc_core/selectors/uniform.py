@@ -9,9 +9,9 @@ from .base import SelectConfig, SelectionContext, bisect_monotone, land_on_budge
 from .registry import register_selector
 
 
-@register_selector("uniform")
-def select_uniform(ctx: SelectionContext, cfg: SelectConfig):
-    budget = ctx.reachable_budget(cfg)
+def uniform_ranks(ctx: SelectionContext, budget: int) -> tuple[dict[str, int], float]:
+    """The same fraction of break-even in every layer, landed on ``budget``; and the
+    fraction."""
     be = {name: break_even(m, n) for name, (m, n) in ctx.shapes.items()}
 
     def ranks_at(f: float) -> dict[str, int]:
@@ -19,5 +19,10 @@ def select_uniform(ctx: SelectionContext, cfg: SelectConfig):
 
     f = bisect_monotone(lambda f: ranks_cost(ranks_at(f), ctx.shapes), budget)
     # Top up the layers furthest below the common fraction first.
-    ranks = land_on_budget(ranks_at(f), ctx.shapes, budget, lambda n, k: -k / be[n])
+    return land_on_budget(ranks_at(f), ctx.shapes, budget, lambda n, k: -k / be[n]), f
+
+
+@register_selector("uniform")
+def select_uniform(ctx: SelectionContext, cfg: SelectConfig):
+    ranks, f = uniform_ranks(ctx, ctx.reachable_budget(cfg))
     return ctx.prefix_plan(ranks, "uniform", cfg, fraction=f)
