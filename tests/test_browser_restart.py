@@ -26,7 +26,11 @@ pytestmark = [
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing (apt chromium)"),
     pytest.mark.skipif(sync_playwright is None, reason="playwright missing (pip install)"),
 ]
-STEPS, EVERY = 24, 10            # the studio checkpoints every 10 steps (studio.runs)
+# The studio checkpoints every 10 steps (studio.runs). The page shows a step after the trainer
+# has run it, so the kill lands some steps later than the page says: 60 steps leave room for
+# that lag (with 24, a fast machine once finished the run, and wrote its final checkpoint,
+# before the kill).
+STEPS, EVERY = 60, 10
 
 
 def start_run(page, url: str) -> None:
@@ -62,13 +66,13 @@ def test_a_run_killed_with_its_server_resumes_on_the_same_url():
         try:
             start_run(page, url)
             sid = token(page)                        # the session id travels in the URL
-            expect(page.get_by_text(re.compile(rf"step (1[1-9]|2[0-3]) of {STEPS}\b"))
+            expect(page.get_by_text(re.compile(rf"step (1[1-9]|2[0-9]) of {STEPS}\b"))
                    ).to_be_visible()
             proc.kill()                              # the server dies mid-run: no clean-up
             proc.wait(30)
             (ckpt,) = (workspace / "checkpoints").glob("llrc-*.pt")
             step = int(torch.load(ckpt, weights_only=True)["step"])
-            assert step in (EVERY, 2 * EVERY)
+            assert step % EVERY == 0 and EVERY <= step < STEPS     # a checkpoint mid-run
             (record,) = (workspace / "sessions" / sid / "runs").glob("*.json")
             assert json.loads(record.read_text())["status"] == "started"
 
