@@ -4,6 +4,7 @@
     python bench/ablations.py --out out/ablations --variants base,tv-off --ratios 0.8
     python bench/ablations.py --out out/ablations --smoke              # CI-sized run
     python bench/ablations.py --out x --prefix-of runs/compare_demo_v2 --ratios 0.6
+    python bench/ablations.py --out x --losses-of DIR/cells/A.json DIR/cells/B.json
 
 Each variant is one ``llrc compare`` grid of LLRC alone (``compare.run_compare``: cells are
 cached, so a run grown by a seed or a variant only computes what is new), with the options,
@@ -23,6 +24,8 @@ import itertools
 import json
 import sys
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -163,6 +166,44 @@ def table(results: dict[str, list[dict]], ratios) -> str:
     return "\n".join(lines)
 
 
+def _session(grid: Path):
+    """A ``compare`` session rebuilt from a compare folder's ``config.json`` (relative paths
+    from the repository root, where it ran; ``minilm`` stays a name)."""
+    from llrc_core.compare import Session
+    raw = json.loads((grid / "config.json").read_text())
+    at = lambda f: f if not f or "/" not in f else str(ROOT / f)   # noqa: E731
+    cfg = CompareConfig.from_dict({**raw, **{k: at(raw[k]) for k in ("model", "calib",
+                                                                      "eval_text")}})
+    return Session(cfg, log=lambda msg: print(msg, file=sys.stderr))
+
+
+def plan_losses(cells: list[Path]) -> list[dict]:
+    """Each cell's plan scored on its folder's calibration windows by the distillation losses
+    (the last state's scaled MSE; middle + last, nmse) and by its evaluation: does a method
+    reach a lower training loss, and does that loss follow the evaluation?"""
+    from llrc_core import distill
+    from llrc_core.apply import restore_
+    from llrc_core.pipeline import compress_
+    from llrc_core.plan import RankPlan
+    from llrc_core.selectors.learned import Objective
+    s = _session(cells[0].parent.parent)
+    model, idx = s.loaded.model, torch.arange(s.windows.shape[0])
+    losses = {"last_mse": Objective(model, s.windows, "distill", 8, distance="scaled"),
+              "middle_last_nmse": Objective(model, s.windows, "distill", 8, distance="nmse",
+                                            layers=distill.distill_layers(model))}
+    rows = []
+    for path in cells:
+        plan = RankPlan.from_dict(json.loads(path.read_text())["plan"])
+        compress_(model, s.dec(plan.decomposition), plan)
+        with torch.no_grad():
+            row = {"cell": str(path), **{k: f(idx).item() for k, f in losses.items()}}
+        row.update({k: v for k, v in s.evaluate().items() if k in ("ppl", "fidelity")})
+        restore_(model)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def prefix_check(grid: Path, ratio: float) -> list[dict]:
     """LLRC's any-k plans of a ``compare`` folder against the same per-layer counts kept as the
     prefix of the factors: how much of LLRC's gain is the allocation, how much the choice of
@@ -170,14 +211,9 @@ def prefix_check(grid: Path, ratio: float) -> list[dict]:
     rebuilt from the folder's ``config.json`` by a ``compare`` session (relative paths from
     the repository root, where it ran)."""
     from llrc_core.apply import restore_
-    from llrc_core.compare import Session
     from llrc_core.pipeline import compress_
     from llrc_core.plan import LayerPlan, RankPlan
-    raw = json.loads((grid / "config.json").read_text())
-    at = lambda f: f if not f or "/" not in f else str(ROOT / f)   # noqa: E731 ("minilm" stays)
-    cfg = CompareConfig.from_dict({**raw, **{k: at(raw[k]) for k in ("model", "calib",
-                                                                      "eval_text")}})
-    s, rows = Session(cfg, log=lambda msg: print(msg, file=sys.stderr)), []
+    s, rows = _session(grid), []
     metric = "ppl" if s.loaded.causal else "fidelity"
     for path in sorted(grid.glob(f"cells/llrc__*__any-k__{ratio}__seed*.json")):
         plan = RankPlan.from_dict(json.loads(path.read_text())["plan"])
@@ -208,7 +244,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--prefix-of", metavar="COMPARE_DIR", help="only: LLRC's any-k plans of "
                     "that folder at --ratios against the same counts kept as prefixes")
+    ap.add_argument("--losses-of", nargs="+", metavar="CELL_JSON", help="only: these compare "
+                    "cells' plans scored by the distillation losses on their folder's "
+                    "calibration windows, and by their evaluation")
     args = ap.parse_args(argv)
+    if args.losses_of:
+        plan_losses([Path(p) for p in args.losses_of])
+        return 0
     if args.prefix_of:
         for r in args.ratios.split(","):
             prefix_check(Path(args.prefix_of), float(r))
