@@ -24,10 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llrc_core.counting import break_even                       # noqa: E402
 from llrc_core.losses import next_token_nll_sum                 # noqa: E402
 from llrc_core.models import find_targets, load_model           # noqa: E402
-from llrc_core.selectors.strs import STRSConfig, candidate_rank  # noqa: E402
+from llrc_core.selectors.strs import STRSConfig, passes_needed   # noqa: E402
 
 
 def best_of(fn, repeat: int) -> float:
@@ -59,8 +58,7 @@ def main(argv=None) -> int:
         gemm = best_of(lambda: h.reshape(-1, d) @ W.T, args.repeat)
         full = best_of(lambda: next_token_nll_sum(torch.nn.functional.linear(h, W, b), ids)
                        .item(), args.repeat)
-    passes = sum(1 for t in find_targets(loaded.model) for r in STRSConfig().candidates
-                 if candidate_rank(t.m, t.n, r) < break_even(t.m, t.n))
+    passes = passes_needed(find_targets(loaded.model), STRSConfig().candidates)
     batches = -(-args.n_calib // B)
     out = {"threads": torch.get_num_threads(), "tokens_per_batch": B * T, "vocab": V,
            "hidden": d, "gemm_s": round(gemm, 4),

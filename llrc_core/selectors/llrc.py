@@ -44,9 +44,9 @@ from ..config import option
 from ..counting import break_even
 from ..models import find_blocks
 from .base import SelectionContext, land_on_budget
-from .uniform import uniform_ranks
 from .learned import (MaskTrainer, Objective, TrainConfig, achieved, check_fields,
                       register_learned, step_generator)
+from .uniform import uniform_ranks
 
 
 INITS = ("open", "uniform")

@@ -166,6 +166,13 @@ def candidate_rank(m: int, n: int, r: float) -> int:
     return max(1, math.floor(r * m * n / (m + n)))
 
 
+def passes_needed(targets, candidates) -> int:
+    """Sensitivity passes of a table: the (target, candidate) pairs below break-even (a
+    candidate at or above it is dense, scored as the model is)."""
+    return sum(1 for t in targets for r in candidates
+               if candidate_rank(t.m, t.n, r) < break_even(t.m, t.n))
+
+
 def sensitivity_table(model, factors, windows, candidates, batch_size=8, callback=None,
                       should_stop=lambda: False) -> tuple[dict, float, int]:
     """``({layer: {str(r): score}}, dense score, passes)`` using the block cache; the CPU
@@ -182,8 +189,7 @@ def _table(model, factors, windows, candidates, batch_size, callback, should_sto
     score = _score_fn(runner)
     base = score(runner.forward_from(0))
     table, passes, t0 = {}, 0, time.time()
-    total = sum(1 for t in targets for r in candidates
-                if candidate_rank(t.m, t.n, r) < break_even(t.m, t.n))
+    total = passes_needed(targets, candidates)
     for t in targets:
         row = {}
         for r in candidates:
