@@ -119,13 +119,17 @@ def cmd_compress(args) -> dict | None:
     opts = _method_options(args)
     args.decomposition = get_selector(args.method).resolve(args.decomposition)
     main = not distributed.init_from_env() or distributed.is_main()
+    if args.shard_factors and distributed.world_size() < 2:
+        raise LLRCError("--shard-factors splits the factors over processes: launch with "
+                        "torchrun --nproc_per_node N (N > 1), or drop --shard-factors")
     # Everything checkable without weights fails here, before loading (seconds, not minutes).
     early, memory = check_compress(
         args.model, args.method, args.decomposition, opts, calib=args.calib,
         n_calib=args.n_calib, seq_len=args.seq_len, out=args.out, force=args.force,
         eval_text=args.eval_text, trust_remote_code=args.trust_remote_code, device=args.device,
         dtype=args.dtype, batch_size=args.batch_size, allow_compressed=args.allow_compressed,
-        offload=args.offload, factor_dtype=args.factor_dtype, max_shard_size=args.max_shard_size)
+        offload=args.offload, factor_dtype=args.factor_dtype, max_shard_size=args.max_shard_size,
+        shard_over=distributed.world_size() if args.shard_factors else 1)
     t0 = time.time()
     loaded = _load(args, memory.placement)
     dec, windows = _decompose(args, loaded, memory.placement)
@@ -240,7 +244,7 @@ def cmd_plan_memory(args) -> dict | None:
                        args.seq_len, args.batch_size, args.gpus,
                        args.gpu_memory if args.gpus else None,   # a host plan is not checked
                        args.trust_remote_code, offload=args.offload,
-                       factor_dtype=args.factor_dtype)
+                       factor_dtype=args.factor_dtype, shard_over=args.shard_factors)
     if args.json:
         return plan.to_dict()
     print(plan.table())

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per evaluation window")
     p.add_argument("--max-eval-windows", type=int, default=EVAL_WINDOWS,
                    help="evaluation windows (the first ones of the text)")
+    p.add_argument("--shard-factors", action="store_true",
+                   help="under torchrun --nproc_per_node N: split the factors over the N "
+                   "processes (FSDP2) while masks train, instead of offloading them")
     _placement_args(p)
     _export_args(p)
 
@@ -125,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="windows per training step")
     p.add_argument("--gpus", type=int, default=1, help="GPUs (0: a CPU run)")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("--shard-factors", type=int, default=1, metavar="N",
+                   help="plan factors split over N processes while masks train (compress "
+                   "--shard-factors under torchrun --nproc_per_node N); counts one process")
     _placement_args(p)
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")

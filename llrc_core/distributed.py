@@ -16,7 +16,12 @@ Why not ``DistributedDataParallel``: DDP hooks the parameters of a module whose 
 runs; the mask logits live in a trainer and reach the frozen model through swapped layers, so
 there is no module forward to wrap, and the parameters are a few hundred thousand floats: one
 flat all-reduce per step is what DDP's bucketed reducer would do here. The frozen model is
-replicated; a model too large for one device is sharded or placed with accelerate (planner).
+replicated, except, with ``--shard-factors``, the masked layers' factors: ``shard_`` splits
+each layer's ``U`` and ``V`` over the ranks with FSDP2 (``fully_shard``), which gathers them for
+the layer's forward and backward passes. FSDP2 shards a module's parameters, and the factors
+are frozen parameters of the masked layer, so it shards exactly them (the mask logits stay
+in the trainer, replicated, reduced by ``average_grads``). A model too large for one device
+otherwise is onloaded block by block or placed with accelerate (planner).
 
 Only the main rank writes files (checkpoints, exports, logs) and emits events. Outside a
 process group every function is the identity, so single-process code pays nothing.
@@ -90,6 +95,27 @@ def average_grads(params) -> None:
     flat /= world_size()
     for g, part in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(part.view_as(g))
+
+
+_MESHES: dict = {}
+
+
+def shard_(module, device: torch.device):
+    """FSDP2's ``fully_shard`` of ``module`` over every rank: each parameter split along its
+    first dimension, this rank's chunk moved to ``device``; whole for the module's forward and
+    backward passes, then split again. Needs a process group (``init_from_env``)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    if not active():
+        raise ValueError("sharded factors need a process group: launch with torchrun "
+                         "--nproc_per_node N (N > 1), or drop --shard-factors")
+    key = (torch.device(device).type, id(dist.group.WORLD))  # one 1-D mesh per device type
+    if key not in _MESHES:                                    # and process group
+        _MESHES[key] = init_device_mesh(key[0], (world_size(),))
+    # Explicitly resharded after forward: each sharded layer is its own FSDP root, and FSDP2
+    # keeps a root's parameters whole from forward to backward unless told otherwise, which
+    # would hold every layer's whole factors at the end of the forward pass.
+    return fully_shard(module, mesh=_MESHES[key], reshard_after_forward=True)
 
 
 def mean(value: float) -> float:

@@ -18,12 +18,17 @@ move weights in for a forward and out after it, but autograd would still keep th
 copies alive until the backward; recomputing whole blocks, as activation checkpointing
 does, would run every block's forward twice.) Offloaded layers always take path (a):
 path (b) would save an ``m x n`` matrix per layer for the backward.
+
+Sharded factors (``Placement.shard_over``, under ``torchrun``) are frozen parameters instead
+of buffers, so that FSDP2 splits them over the processes (``distributed.shard_``); inside the
+forward pass they are whole, so the layer computes as it would unsharded.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from . import distributed
 from .apply import wrap_
 from .decompose import Factors
 from .models import weight_of
@@ -32,14 +37,17 @@ from .onload import onloaded
 
 class MaskedLowRank(nn.Module):
     def __init__(self, factors: Factors, bias: torch.Tensor | None, dtype=None, device=None,
-                 offloaded: bool = False):
+                 offloaded: bool = False, sharded: bool = False):
         super().__init__()
-        self.offloaded, self.dtype = offloaded, dtype
+        self.offloaded, self.sharded, self.dtype = offloaded, sharded, dtype
         # In place: the stored factors are used as they are when dtype and device match.
         f = factors if offloaded else factors.to(device, dtype)
-        self.register_buffer("U", f.U.contiguous(), persistent=False)       # (m, r)
+        for name, t in (("U", f.U), ("V", f.V)):                           # (m, r), (r, n)
+            if sharded:                                 # FSDP2 shards parameters, not buffers
+                self.register_parameter(name, nn.Parameter(t.contiguous(), requires_grad=False))
+            else:
+                self.register_buffer(name, t.contiguous(), persistent=False)
         self.register_buffer("S", f.S.to(device, dtype).contiguous(), persistent=False)  # (r,)
-        self.register_buffer("V", f.V.contiguous(), persistent=False)       # (r, n)
         self.register_buffer("bias", None if bias is None else bias.detach().to(device, dtype),
                              persistent=False)
         self.mask: torch.Tensor | None = None    # (r,) set by the trainer; None = all kept
@@ -60,6 +68,13 @@ class MaskedLowRank(nn.Module):
         return "dense" if m * r * n + tokens * m * n < tokens * r * (m + n) else "factorised"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._forward(x)
+        # FSDP2 gathers a sharded layer's factors for its backward from a hook on the output;
+        # an in-place op of the model on an output that is a view (linear's on 3-D input)
+        # would drop that hook, so a sharded layer returns its own tensor.
+        return y.clone() if self.sharded and y._is_view() else y
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.S if self.mask is None else self.S * self.mask.to(self.S.dtype)   # (r,)
         tokens = x.numel() // x.shape[-1]
         self.last_path = self.choose(tokens)
@@ -96,17 +111,22 @@ class MaskedLowRank(nn.Module):
             return nn.functional.linear(h, U, self.bias)                 # (..., m)
 
 
-def install_masked_(model: nn.Module, factors: dict[str, Factors], offloaded: bool = False
-                    ) -> dict[str, MaskedLowRank]:
+def install_masked_(model: nn.Module, factors: dict[str, Factors], offloaded: bool = False,
+                    sharded: bool = False) -> dict[str, MaskedLowRank]:
     """Swap every layer named in ``factors`` for a ``MaskedLowRank`` (``apply.restore_`` undoes
     it). Factors move to the layer's device and dtype, unless ``offloaded`` (they stay where
-    they are stored and move per forward pass)."""
+    they are stored and move per forward pass) or ``sharded`` (each process keeps its chunk on
+    the layer's device: ``distributed.shard_``)."""
     layers = {}
     for name, f in factors.items():
         old = model.get_submodule(name)
         with onloaded(old):          # sequentially onloaded: the bias and the device it runs on
             w = weight_of(old)
             bias = getattr(old, "bias", None)
-            layer = MaskedLowRank(f, bias, w.dtype, w.device, offloaded)
+            # sharded: cast where the factors wait (CPU memory); only a chunk reaches w.device
+            layer = MaskedLowRank(f, bias, w.dtype, f.U.device if sharded else w.device,
+                                  offloaded, sharded)
+            if sharded:
+                distributed.shard_(layer, w.device)
         layers[name] = wrap_(model, name, layer)
     return layers

@@ -17,6 +17,11 @@ about 1.6 x the weights for a Llama-2 block. A ``Placement`` says
 * ``offload_weights``: sequential onloading (``onload.py``): the model's blocks wait in CPU
   memory and each layer visits the device for its forward pass; the device holds the
   embeddings, the LM head and one layer's weights at a time (implies both offloads above).
+* ``shard_over``: under ``torchrun`` with N processes (one GPU each), factors are made in
+  CPU memory and, while masks train, each masked layer's ``U`` and ``V`` are split over the N
+  processes with FSDP2 (``distributed.shard_``): each GPU holds 1/N of every layer's factors
+  and gathers one layer's whole factors for its forward pass and again for its backward
+  (over NVLink, not PCIe as offloaded factors). It replaces ``offload_factors``.
 
 The planner (``planner.plan_memory``) counts each placement and picks the least offload
 that fits; ``compress`` runs with the one it picked.
@@ -31,6 +36,7 @@ from .decompose import Factors
 from .models import DTYPES
 
 OFFLOADS = ("none", "targets", "factors", "weights")   # each level includes the ones before
+SHARDABLE = OFFLOADS[:2]          # sharded factors replace offloading them (and the weights)
 
 
 @dataclass(frozen=True)
@@ -40,14 +46,20 @@ class Placement:
     offload_targets: bool = False
     park_dense: bool = False
     offload_weights: bool = False
+    shard_over: int = 1                  # processes the masked layers' factors are split over
 
     @classmethod
     def for_run(cls, model_dtype: torch.dtype, device: torch.device | str, offload: str = "none",
-                factor_dtype: str | None = None) -> "Placement":
+                factor_dtype: str | None = None, shard_over: int = 1) -> "Placement":
         """The placement of a run on ``device`` (``offload``: one of ``OFFLOADS``;
-        ``factor_dtype``: a ``models.DTYPES`` name, ``None``/``"auto"`` for the default)."""
+        ``factor_dtype``: a ``models.DTYPES`` name, ``None``/``"auto"`` for the default;
+        ``shard_over``: processes to split the factors over while masks train, 1: none)."""
         if offload not in OFFLOADS:
             raise ValueError(f"offload must be one of {OFFLOADS}, got {offload!r}")
+        if shard_over > 1 and offload not in SHARDABLE:
+            raise ValueError(f"sharded factors (--shard-factors) replace --offload {offload}: "
+                             f"use --offload {' or '.join(SHARDABLE)} with them, or drop "
+                             "--shard-factors")
         on_gpu = torch.device(device).type == "cuda"
         if factor_dtype in (None, "auto"):
             dtype = model_dtype if on_gpu else torch.float32
@@ -58,7 +70,11 @@ class Placement:
                              f"{factor_dtype!r}")
         level = OFFLOADS.index(offload)
         return cls(dtype, offload_factors=level >= 2, offload_targets=level >= 1,
-                   park_dense=on_gpu, offload_weights=level >= 3)
+                   park_dense=on_gpu, offload_weights=level >= 3, shard_over=max(shard_over, 1))
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard_over > 1
 
     @property
     def offload(self) -> str:
@@ -66,9 +82,10 @@ class Placement:
             else "targets" if self.offload_targets else "none"
 
     def store(self, f: Factors, device: torch.device) -> Factors:
-        """``f`` as the run keeps it: ``U`` and ``V`` in ``factor_dtype`` on ``device`` (pinned
-        CPU memory when offloaded), the spectrum ``S`` in float32 (selectors rank by it)."""
-        where = torch.device("cpu") if self.offload_factors else device
+        """``f`` as the run keeps it: ``U`` and ``V`` in ``factor_dtype`` on ``device`` (CPU
+        memory when offloaded, pinned, or sharded), the spectrum ``S`` in float32 (selectors
+        rank by it)."""
+        where = torch.device("cpu") if self.offload_factors or self.sharded else device
         U, V = f.U.to(where, self.factor_dtype), f.V.to(where, self.factor_dtype)
         if self.offload_factors and torch.cuda.is_available():
             U, V = U.pin_memory(), V.pin_memory()
@@ -81,4 +98,5 @@ class Placement:
 
     def to_dict(self) -> dict:
         return {"factor_dtype": str(self.factor_dtype).removeprefix("torch."),
-                "offload": self.offload, "park_dense": self.park_dense}
+                "offload": self.offload, "park_dense": self.park_dense,
+                "shard_factors_over": self.shard_over}

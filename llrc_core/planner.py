@@ -53,7 +53,7 @@ import torch
 
 from . import spread
 from .models import DTYPES, count_params, find_blocks, find_targets, skeleton, source_dtype
-from .placement import OFFLOADS, Placement
+from .placement import OFFLOADS, SHARDABLE, Placement
 from .shards import DEFAULT_MAX_SHARD, write_buffer_bytes
 
 GIB = 2 ** 30
@@ -122,10 +122,16 @@ class MemoryPlan:
                     + " (a plan: compress runs on one GPU so far)")
             lines.append(f"placement: factors stored in "
                          f"{str(pl.factor_dtype).removeprefix('torch.')}, offload {pl.offload}"
+                         + (f", split over {pl.shard_over} processes (FSDP2) while masks train"
+                            if pl.sharded else "")
                          + (", dense blocks in CPU memory, onloaded one layer at a time"
                             if pl.offload_weights and self.gpus else
                             ", dense originals parked in CPU memory while masks train"
                             if pl.park_dense else ""))
+            if pl.sharded:
+                lines.append(f"each of the {pl.shard_over} processes needs the GPU and CPU "
+                             "memory above (CPU memory: each holds every factor until masks "
+                             "train)")
         if self.facts.get("mapped_host_bytes"):
             lines.append(f"of the CPU memory, {self.facts['mapped_host_bytes'] / GIB:.1f} GiB "
                          "are the blocks memory-mapped from the checkpoint (safetensors, in "
@@ -139,14 +145,17 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
                 batch_size: int = 4, gpus: int = 1, gpu_memory: float | None = 80.0,
                 trust_remote_code: bool = False, meta=None, offload: str = "auto",
                 factor_dtype: str | None = None, train_seq_len: int | None = None,
-                max_shard_size: int | str = DEFAULT_MAX_SHARD) -> MemoryPlan:
+                max_shard_size: int | str = DEFAULT_MAX_SHARD, shard_over: int = 1
+                ) -> MemoryPlan:
     """Count the memory of compressing ``model`` (a folder or Hub id; only its config is
     read) with ``method`` at these settings. ``meta``: an already built model (meta-device,
     or loaded: only its shapes, parameter count and config are used). ``offload``: one of
     ``placement.OFFLOADS``, or ``auto``: the first of them that fits (``facts["placement"]``
     says which). ``train_seq_len``: tokens of each window a learned method trains on per
     step (``None``: the method's default; 0: the whole window). ``max_shard_size``: the
-    export's shards (``shards.py``), written one at a time from CPU memory."""
+    export's shards (``shards.py``), written one at a time from CPU memory. ``shard_over``:
+    the torchrun processes (one GPU each) the factors are split over while masks train
+    (``compress --shard-factors``; 1: none); each process is counted."""
     from .selectors import get_selector
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -154,6 +163,9 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
         raise ValueError("gpus must be >= 0 and n_calib, seq_len, batch_size >= 1")
     if offload != "auto" and offload not in OFFLOADS:
         raise ValueError(f"offload must be 'auto' or one of {OFFLOADS}, got {offload!r}")
+    if shard_over > 1 and gpus > 1:
+        raise ValueError("sharded factors run one GPU per process: plan --gpus 1 (or 0) with "
+                         "--shard-factors N for torchrun --nproc_per_node N")
     spec = get_selector(method)
     meta = meta if meta is not None else skeleton(model, trust_remote_code)
     if train_seq_len is None:
@@ -170,8 +182,9 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
     f["stored_itemsize"] = stored.itemsize if f["weights_mapped"] else DTYPES[dtype].itemsize
     device = "cuda" if gpus else "cpu"
     plan = None
-    for level in (OFFLOADS if offload == "auto" else (offload,)):
-        placement = Placement.for_run(DTYPES[dtype], device, level, factor_dtype)
+    auto = SHARDABLE if shard_over > 1 else OFFLOADS
+    for level in (auto if offload == "auto" else (offload,)):
+        placement = Placement.for_run(DTYPES[dtype], device, level, factor_dtype, shard_over)
         if gpus > 1 and not placement.offload_weights:       # blocks across GPUs
             phases, host, facts = spread.phases(counts, placement, spec.trains, meta, gpus,
                                                 gpu_memory or float("inf"))
@@ -269,8 +282,9 @@ def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
     fb = placement.factor_dtype.itemsize
     weights, spectrum = f["weights_bytes"], f["spectrum_numbers"]
     stored = placement.stored_bytes(f["factor_numbers"], spectrum)
-    on_dev = 0 if placement.offload_factors else stored
-    on_host = stored if placement.offload_factors else 0
+    in_host = placement.offload_factors or placement.sharded     # made into CPU memory
+    on_dev = 0 if in_host else stored
+    on_host = stored if in_host else 0
     phases = {"load": weights,
               "statistics": weights + f["hidden_states_block_bytes"] + f["stats_block_bytes"],
               # the last block: its statistics, hidden states and one layer's work, all factors
@@ -282,6 +296,9 @@ def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
     if trains:
         if placement.offload_factors:       # one block's factors fetched at a time (a bound)
             copies = b * c["block_factors"]
+        elif placement.sharded:   # this process's chunk of every layer, in the model dtype,
+            copies = (-(-b * f["factor_numbers"] // placement.shard_over)   # and one layer
+                      + b * max(n for _, n in c["layers"]))                # whole at a time
         elif fb != b:                       # masked layers copy the factors to the model dtype
             copies = b * f["factor_numbers"]
         else:
@@ -361,7 +378,8 @@ def refusal(plan: MemoryPlan) -> str:
         offload = "" if plan.placement is None or plan.placement.offload_weights else \
             "--offload weights, "
         fix = f"{offload}a GPU with more memory, a smaller --batch-size or --n-calib/--seq-len, " \
-              "or a non-learned method"
+              "factors sharded over more processes (torchrun --nproc_per_node N ... " \
+              "--shard-factors), or a non-learned method"
     else:
         where, cap = "of memory", f"this machine's {plan.gpu_memory:.1f} GiB"
         fix = "a machine with more memory or a GPU, a smaller --batch-size or " \
@@ -382,7 +400,8 @@ def device_memory_gib(device: str | None) -> tuple[int, float]:
 def check_fits(model: str, method: str, decomposition: str, *, dtype: str, n_calib: int,
                seq_len: int, batch_size: int, device: str | None, meta, offload: str = "auto",
                factor_dtype: str | None = None, train_seq_len: int | None = None,
-               max_shard_size: int | str = DEFAULT_MAX_SHARD) -> MemoryPlan:
+               max_shard_size: int | str = DEFAULT_MAX_SHARD, shard_over: int = 1
+               ) -> MemoryPlan:
     """The plan of this run on the memory it will have (its ``placement`` is the one the run
     uses); ``LLRCError`` when it cannot fit."""
     from .errors import LLRCError
@@ -390,7 +409,7 @@ def check_fits(model: str, method: str, decomposition: str, *, dtype: str, n_cal
     plan = plan_memory(model, dtype, method, decomposition, n_calib, seq_len, batch_size,
                        gpus=gpus, gpu_memory=gib, meta=meta, offload=offload,
                        factor_dtype=factor_dtype, train_seq_len=train_seq_len,
-                       max_shard_size=max_shard_size)
+                       max_shard_size=max_shard_size, shard_over=shard_over)
     if not plan.fits:
         raise LLRCError(refusal(plan))
     return plan

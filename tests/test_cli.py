@@ -181,7 +181,7 @@ def test_compress_end_to_end_on_the_demo_model(tmp_path, shared_data, capsys):
     assert report["seconds"] > 0
     # the placement the memory planner chose, as the run used it (CPU: factors in float32)
     assert report["placement"] == {"factor_dtype": "float32", "offload": "none",
-                                   "park_dense": False}
+                                   "park_dense": False, "shard_factors_over": 1}
     assert json.loads(proc.stdout)["out"] == str(out)
     # One evaluation contract: compress and eval default to the same windows, and say which.
     assert (report["eval_seq_len"], report["eval_windows"], report["eval_tokens"]) == \

@@ -19,30 +19,65 @@ OPTIONS = dict(ratio=0.8, selection="any-k", objective="lm", steps=6, batch_size
                hold_steps=2, seed=3)
 
 
-def _plan(checkpoint: str | None = None) -> dict:
+def _plan(checkpoint: str | None = None, shard_over: int = 1, seen: dict | None = None
+          ) -> dict:
+    """The demo model's plan; ``shard_over`` > 1: factors sharded over that many processes,
+    and ``seen`` gets, at the first step, each masked layer's local rows of U and V."""
     from llrc_core.models import load_model
     from llrc_core.pipeline import calibrate, decompose_model, select_plan
+    from llrc_core.placement import Placement
     torch.manual_seed(0)
     loaded = load_model(DEMO, "cpu")
     windows = calibrate(loaded, WIKI_TEST, 8, 32, seed=0)
-    dec = decompose_model(loaded.model, "svd")
+    placement = Placement.for_run(torch.float32, "cpu", shard_over=shard_over)
+    dec = decompose_model(loaded.model, "svd", placement=placement)
+
+    def look(event: dict) -> None:
+        if seen is not None and event["type"] == "step" and event["step"] == 1:
+            for t in dec.targets:
+                layer = loaded.model.get_submodule(t.name)
+                seen[t.name] = [tuple(layer.U.to_local().shape), tuple(layer.V.to_local().shape),
+                                list(dec.factors[t.name].U.shape),
+                                list(dec.factors[t.name].V.shape)]
     plan = select_plan(loaded.model, dec, "llrc", windows, checkpoint=checkpoint,
-                       checkpoint_every=1000, **OPTIONS)
+                       checkpoint_every=1000, callback=look, **OPTIONS)
     return plan.to_dict()["layers"]
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, shard: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     assert distributed.init_from_env()
     try:
         assert distributed.world_size() == world and distributed.rank() == rank
-        layers = _plan(checkpoint=os.path.join(out, "ck.pt"))
+        seen: dict = {}
+        layers = _plan(checkpoint=None if shard else os.path.join(out, "ck.pt"),
+                       shard_over=world if shard else 1, seen=seen if shard else None)
         with open(os.path.join(out, f"plan{rank}.json"), "w") as f:
             json.dump(layers, f)
+        if shard:
+            seen["whole_after_forward"] = _whole_after_forward()
+            with open(os.path.join(out, f"shards{rank}.json"), "w") as f:
+                json.dump(seen, f)
     finally:
         dist.destroy_process_group()
+
+
+def _whole_after_forward() -> bool:
+    """Whether a sharded masked layer keeps its factors whole after a forward pass (FSDP2
+    does so for a root module unless told to reshard)."""
+    from torch.distributed.tensor import DTensor
+    from llrc_core.decompose import Factors
+    from llrc_core.masked import MaskedLowRank
+    layer = MaskedLowRank(Factors(torch.ones(6, 3), torch.ones(3), torch.ones(3, 5), 0.0),
+                          None, torch.float32, "cpu", sharded=True)
+    distributed.shard_(layer, torch.device("cpu"))
+    layer.mask = torch.ones(3, requires_grad=True)
+    y = layer(torch.ones(2, 5))
+    whole = not isinstance(layer.U, DTensor)
+    y.sum().backward()
+    return whole
 
 
 def _free_port() -> int:
@@ -75,9 +110,47 @@ def test_two_gloo_processes_give_the_one_process_plan(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_compress_writes_once_with_the_one_process_plan(tmp_path):
+def test_factors_sharded_over_two_processes_give_the_one_process_plan(tmp_path):
+    """FSDP2 (``--shard-factors``): each process holds its half of every masked layer's U and
+    V (rows split as ``torch.chunk`` splits them) while masks train, and the plan is the
+    one-process plan, unsharded."""
+    torch.set_num_threads(1)
+    one = _plan()
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), True), nprocs=2, join=True)
+    plans = [json.loads((tmp_path / f"plan{r}.json").read_text()) for r in range(2)]
+    assert plans[0] == plans[1] == json.loads(json.dumps(one))
+    shards = [json.loads((tmp_path / f"shards{r}.json").read_text()) for r in range(2)]
+    assert [s.pop("whole_after_forward") for s in shards] == [False, False]
+    assert len(shards[0]) == 36
+    for name, (u0, v0, U, V) in shards[0].items():
+        u1, v1 = shards[1][name][:2]
+        assert [u0[0], u1[0]] == [len(c) for c in torch.empty(U).chunk(2)]   # rows of U
+        assert [v0[0], v1[0]] == [len(c) for c in torch.empty(V).chunk(2)]   # rows of V
+        assert u0[1] == u1[1] == U[1] and v0[1] == v1[1] == V[1]
+
+
+def test_sharded_factors_need_a_process_group_and_replace_offloaded_ones(tmp_path, capsys):
+    from llrc_core.cli import main
+    from llrc_core.placement import Placement
+    out = tmp_path / "out"
+    assert main(["compress", "--model", str(DEMO), "--ratio", "0.8", "--calib", str(WIKI_TEST),
+                 "--out", str(out), "--shard-factors"]) == 2
+    assert "launch with torchrun --nproc_per_node N" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(ValueError, match="torchrun --nproc_per_node"):
+        distributed.shard_(torch.nn.Linear(2, 2), torch.device("cpu"))
+    with pytest.raises(ValueError, match="replace --offload factors"):
+        Placement.for_run(torch.float32, "cpu", "factors", shard_over=2)
+    p = Placement.for_run(torch.bfloat16, "cpu", "targets", shard_over=4)
+    assert p.sharded and not p.offload_factors and p.to_dict()["shard_factors_over"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", [[], ["--shard-factors"]], ids=["replicated", "sharded"])
+def test_torchrun_compress_writes_once_with_the_one_process_plan(tmp_path, shard):
     """``torchrun --nproc_per_node 2 -m llrc_core compress``: the folder rank 0 writes holds
-    the plan of a one-process run; no other rank writes anything."""
+    the plan of a one-process run; no other rank writes anything. With ``--shard-factors``
+    (FSDP2) too, and its report says so."""
     import subprocess
     import sys
     args = ["compress", "--model", str(DEMO), "--method", "llrc", "--ratio", "0.8",
@@ -91,9 +164,11 @@ def test_torchrun_compress_writes_once_with_the_one_process_plan(tmp_path):
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                           "2", "--master_port", str(_free_port()), "-m", "llrc_core", *args,
-                          "--out", str(tmp_path / "two")], capture_output=True, text=True,
-                         env=env)
+                          *shard, "--out", str(tmp_path / "two")], capture_output=True,
+                         text=True, env=env)
     assert two.returncode == 0, two.stderr[-2000:]
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["placement"]["shard_factors_over"] == (2 if shard else 1)
     assert two.stdout.count('"out"') == 1                  # one result, from rank 0
     plans = [json.loads((tmp_path / d / "rank_plan.json").read_text())["layers"]
              for d in ("one", "two")]

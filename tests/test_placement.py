@@ -30,7 +30,8 @@ def test_placement_defaults_and_refusals():
     assert (gpu.factor_dtype, gpu.offload_targets, gpu.offload_factors, gpu.park_dense) == \
         (torch.bfloat16, True, False, True)
     assert Placement.for_run(torch.float32, "cpu", "factors", "float16").to_dict() == \
-        {"factor_dtype": "float16", "offload": "factors", "park_dense": False}
+        {"factor_dtype": "float16", "offload": "factors", "park_dense": False,
+         "shard_factors_over": 1}
     with pytest.raises(ValueError, match="offload must be one of"):
         Placement.for_run(torch.float32, "cpu", "disk")
     with pytest.raises(ValueError, match="factor dtype must be 'auto' or one of"):

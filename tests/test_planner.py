@@ -48,7 +48,8 @@ def test_counts_match_the_hand_count(configs, name):
     assert (f["params"], f["targets"], f["dense_linear"], f["factor_numbers"]) == \
         (params, targets, dense, factors)
     assert f["placement"] == {"factor_dtype": "bfloat16", "offload": "none",
-                              "park_dense": True, "device": "one GPU"}
+                              "park_dense": True, "shard_factors_over": 1,
+                              "device": "one GPU"}
     assert plan.phases["load"] == 2 * params                                   # bf16 weights
     assert f["factors_stored_bytes"] == 2 * factors + 4 * spectrum
     tokens = 64 * 512
@@ -83,6 +84,29 @@ def test_counts_match_the_hand_count(configs, name):
     assert plan.phases["evaluate"] == plan.phases["export"] + logits_and_block
     assert plan.cpu_phases["evaluate"] == 2 * dense
     assert plan.peak_gpu_bytes == max(plan.phases.values())
+
+
+def test_factors_sharded_over_processes_hold_a_share_and_one_layer_whole(configs):
+    """``--shard-factors N``: factors are made into CPU memory; while masks train each
+    process's GPU holds 1/N of them (bf16) and one layer's whole factors (the largest: gate,
+    up or down of 7B, 4096 x (11008 + 4096)), in place of all of them."""
+    d, i, n, h, kv, v, params = LLAMA2["7b"]
+    path = str(configs / "7b")
+    full = planner.plan_memory(path, gpu_memory=80, offload="none")
+    four = planner.plan_memory(path, gpu_memory=80, offload="none", shard_over=4)
+    _, dense, factors, spectrum = by_hand(d, i, n, d)
+    assert four.placement.sharded and four.facts["placement"]["shard_factors_over"] == 4
+    assert four.phases["decomposition"] == full.phases["decomposition"] - 2 * factors - \
+        4 * spectrum
+    assert four.phases["selection"] == full.phases["selection"] - 2 * factors - \
+        4 * spectrum + -(-2 * factors // 4) + 2 * d * (i + d)
+    assert four.cpu_phases["selection"] == full.cpu_phases["selection"] + 2 * factors + \
+        4 * spectrum
+    assert planner.plan_memory(path, gpu_memory=80, shard_over=4).placement.offload == "none"
+    with pytest.raises(ValueError, match="one GPU per process"):
+        planner.plan_memory(path, gpus=2, shard_over=4)
+    with pytest.raises(ValueError, match="replace --offload weights"):
+        planner.plan_memory(path, offload="weights", shard_over=4)
 
 
 def test_seven_b_figures_of_the_issue(configs):
@@ -125,7 +149,7 @@ def test_auto_offload_takes_the_least_that_fits(configs):
     assert not planner.plan_memory(str(configs / "70b"), gpu_memory=80, offload="factors").fits
     cpu = planner.plan_memory(path, gpus=0, gpu_memory=None)
     assert cpu.placement.to_dict() == {"factor_dtype": "float32", "offload": "none",
-                                       "park_dense": False}
+                                       "park_dense": False, "shard_factors_over": 1}
 
 
 def test_sequential_onloading_holds_the_frame_and_one_layer(configs):

@@ -94,8 +94,9 @@ def masked_session(model: nn.Module, factors: dict, placement: Placement | None 
                    ) -> Iterator[dict[str, MaskedLowRank]]:
     """Swap the targets for ``MaskedLowRank`` layers, freeze every model parameter, switch
     dropout and the KV cache off; on exit (normal, error or stop) put everything back. With
-    a ``placement``: offloaded factors stay in CPU memory, and parked dense originals wait
-    there until the exit (``placement.py``)."""
+    a ``placement``: offloaded factors stay in CPU memory, sharded ones are split over the
+    processes, and parked dense originals wait in CPU memory until the exit
+    (``placement.py``)."""
     if originals_of(model):
         raise ValueError("the model already has swapped layers (a plan is applied); call "
                          "llrc_core.apply.restore_(model) before selecting a new plan")
@@ -109,7 +110,8 @@ def masked_session(model: nn.Module, factors: dict, placement: Placement | None 
         model.eval()                       # no dropout: the mask is the only noise
         if use_cache is not None:
             cfg.use_cache = False
-        layers = install_masked_(model, factors, bool(placement and placement.offload_factors))
+        layers = install_masked_(model, factors, bool(placement and placement.offload_factors),
+                                 bool(placement and placement.sharded))
         if placement is not None and placement.park_dense:
             park_(model, layers)                  # restore_ puts them back on their device
         yield layers
