@@ -119,6 +119,9 @@ def cmd_compress(args) -> dict | None:
     opts = _method_options(args)
     args.decomposition = get_selector(args.method).resolve(args.decomposition)
     main = not distributed.init_from_env() or distributed.is_main()
+    if args.shard_factors and not get_selector(args.method).trains:
+        raise LLRCError(f"--shard-factors splits the factors that masks train on; {args.method} "
+                        "trains none: use a learned method (llrc, ars, ara) or drop it")
     if args.shard_factors and distributed.world_size() < 2:
         raise LLRCError("--shard-factors splits the factors over processes: launch with "
                         "torchrun --nproc_per_node N (N > 1), or drop --shard-factors")

@@ -97,6 +97,33 @@ def average_grads(params) -> None:
         g.copy_(part.view_as(g))
 
 
+def row_range(rows: int) -> slice:
+    """This rank's rows of a tensor of ``rows`` rows split as ``torch.chunk`` (and FSDP2)
+    splits dim 0: ``ceil(rows / world)`` each, the last ones short or empty."""
+    size = -(-rows // world_size())
+    return slice(min(rank() * size, rows), min((rank() + 1) * size, rows))
+
+
+def my_rows(t: torch.Tensor) -> torch.Tensor:
+    """A copy of this rank's rows of ``t`` (``row_range``)."""
+    return t[row_range(t.shape[0])].clone()
+
+
+def all_rows(piece: torch.Tensor, rows: int) -> torch.Tensor:
+    """The whole tensor of ``rows`` rows from every rank's ``my_rows`` piece (collective:
+    every rank calls it, in the same order), on the piece's device. Pieces are padded to one
+    size because all-gather takes equal sizes."""
+    if not active():
+        return piece
+    size = -(-rows // world_size())
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"     # NCCL gathers CUDA tensors
+    padded = piece.new_zeros((size, *piece.shape[1:]), device=device)
+    padded[:piece.shape[0]] = piece
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)[:rows].to(piece.device)
+
+
 _MESHES: dict = {}
 
 

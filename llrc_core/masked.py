@@ -115,15 +115,16 @@ def install_masked_(model: nn.Module, factors: dict[str, Factors], offloaded: bo
                     sharded: bool = False) -> dict[str, MaskedLowRank]:
     """Swap every layer named in ``factors`` for a ``MaskedLowRank`` (``apply.restore_`` undoes
     it). Factors move to the layer's device and dtype, unless ``offloaded`` (they stay where
-    they are stored and move per forward pass) or ``sharded`` (each process keeps its chunk on
-    the layer's device: ``distributed.shard_``)."""
+    they are stored and move per forward pass) or ``sharded`` (``placement.ShardedFactors``:
+    each process keeps its rows on the layer's device, ``distributed.shard_``)."""
     layers = {}
     for name, f in factors.items():
         old = model.get_submodule(name)
         with onloaded(old):          # sequentially onloaded: the bias and the device it runs on
             w = weight_of(old)
             bias = getattr(old, "bias", None)
-            # sharded: cast where the factors wait (CPU memory); only a chunk reaches w.device
+            if sharded:   # whole-size in CPU memory, this process's rows filled: FSDP2 keeps
+                f = f.padded()      # exactly those rows, moved to w.device
             layer = MaskedLowRank(f, bias, w.dtype, f.U.device if sharded else w.device,
                                   offloaded, sharded)
             if sharded:

@@ -15,7 +15,7 @@ from .calibration import CalibConfig, load_calibration
 from .decompose import DECOMPOSITIONS, Factors, decompose
 from .models import LoadedModel, Target, count_params, find_targets, weight_of
 from .onload import onloaded
-from .placement import Placement
+from .placement import Placement, WholeOnRead
 from .plan import RankPlan
 from .selectors import SelectionContext, get_selector
 from .stats import collect_stats
@@ -165,5 +165,8 @@ def spectra_rows(dec: Decomposed) -> list[dict]:
 
 def compress_(model, dec: Decomposed, plan: RankPlan, release: bool = False):
     """Apply ``plan`` with the factors of ``dec`` (in place; ``apply.restore_`` undoes it).
-    ``release``: drop each layer's factors from ``dec`` once it is applied."""
-    return apply_plan_(model, plan, dec.factors, release=release)
+    ``release``: drop each layer's factors from ``dec`` once it is applied. Sharded factors
+    are gathered one layer at a time as they are applied (every process applies alike)."""
+    sharded = dec.placement is not None and dec.placement.sharded
+    return apply_plan_(model, plan, WholeOnRead(dec.factors) if sharded else dec.factors,
+                       release=release)

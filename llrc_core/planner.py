@@ -296,9 +296,8 @@ def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
     if trains:
         if placement.offload_factors:       # one block's factors fetched at a time (a bound)
             copies = b * c["block_factors"]
-        elif placement.sharded:   # this process's chunk of every layer, in the model dtype,
-            copies = (-(-b * f["factor_numbers"] // placement.shard_over)   # and one layer
-                      + b * max(n for _, n in c["layers"]))                # whole at a time
+        elif placement.sharded:
+            copies = _shard_on_device(c, placement)
         elif fb != b:                       # masked layers copy the factors to the model dtype
             copies = b * f["factor_numbers"]
         else:
@@ -336,6 +335,14 @@ def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
     return phases, host, extra
 
 
+def _shard_on_device(c: dict, placement: Placement) -> int:
+    """Sharded factors on one process's device while masks train: its rows of every layer,
+    in the model dtype, and one layer's whole factors (gathered for a pass) at a time."""
+    b = c["b"]
+    return -(-b * c["facts"]["factor_numbers"] // placement.shard_over) + \
+        b * max(n for _, n in c["layers"])
+
+
 def _sequential_phases(c: dict, placement: Placement, trains: bool
                        ) -> tuple[dict[str, int], dict[str, int], dict]:
     """Sequential onloading (``onload.py``) on a GPU: the device holds the frame (embeddings,
@@ -357,7 +364,8 @@ def _sequential_phases(c: dict, placement: Placement, trains: bool
     host = {"load": home, "statistics": home, "decomposition": home + stored,
             "selection": home + stored}
     if trains:    # the blocks' norms (kept for the backward), one block's fetched factors
-        copies = b * (c["block_factors"] + f["spectrum_numbers"])
+        copies = b * f["spectrum_numbers"] + (_shard_on_device(c, placement) if placement.sharded
+                                              else b * c["block_factors"])
         phases["selection"] += (f["block_rest_bytes"] + copies + f["activations_bytes_estimate"]
                                 + f["mask_state_bytes"])
         host["selection"] += f["distill_targets_bytes"]

@@ -19,32 +19,34 @@ OPTIONS = dict(ratio=0.8, selection="any-k", objective="lm", steps=6, batch_size
                hold_steps=2, seed=3)
 
 
-def _plan(checkpoint: str | None = None, shard_over: int = 1, seen: dict | None = None
-          ) -> dict:
+def _plan(checkpoint: str | None = None, shard_over: int = 1, seen: dict | None = None,
+          offload: str = "none") -> dict:
     """The demo model's plan; ``shard_over`` > 1: factors sharded over that many processes,
-    and ``seen`` gets, at the first step, each masked layer's local rows of U and V."""
+    and ``seen`` gets, at the first step, each masked layer's local rows of U and V;
+    ``offload="weights"``: the blocks onloaded in turn (``onload.py``)."""
     from llrc_core.models import load_model
+    from llrc_core.onload import load_sequential
     from llrc_core.pipeline import calibrate, decompose_model, select_plan
     from llrc_core.placement import Placement
     torch.manual_seed(0)
-    loaded = load_model(DEMO, "cpu")
+    loaded = (load_sequential if offload == "weights" else load_model)(DEMO, "cpu")
     windows = calibrate(loaded, WIKI_TEST, 8, 32, seed=0)
-    placement = Placement.for_run(torch.float32, "cpu", shard_over=shard_over)
+    placement = Placement.for_run(torch.float32, "cpu", offload, shard_over=shard_over)
     dec = decompose_model(loaded.model, "svd", placement=placement)
 
     def look(event: dict) -> None:
         if seen is not None and event["type"] == "step" and event["step"] == 1:
-            for t in dec.targets:
-                layer = loaded.model.get_submodule(t.name)
-                seen[t.name] = [tuple(layer.U.to_local().shape), tuple(layer.V.to_local().shape),
-                                list(dec.factors[t.name].U.shape),
-                                list(dec.factors[t.name].V.shape)]
+            for t in dec.targets:                  # on the device, in CPU memory, whole
+                layer, f = loaded.model.get_submodule(t.name), dec.factors[t.name]
+                seen[t.name] = [list(layer.U.to_local().shape), list(layer.V.to_local().shape),
+                                list(f.U.shape), list(f.V.shape), [t.m, f.rank, t.n]]
     plan = select_plan(loaded.model, dec, "llrc", windows, checkpoint=checkpoint,
                        checkpoint_every=1000, callback=look, **OPTIONS)
     return plan.to_dict()["layers"]
 
 
-def _worker(rank: int, world: int, port: int, out: str, shard: bool = False) -> None:
+def _worker(rank: int, world: int, port: int, out: str, shard: bool = False,
+            offload: str = "none") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
@@ -53,7 +55,8 @@ def _worker(rank: int, world: int, port: int, out: str, shard: bool = False) -> 
         assert distributed.world_size() == world and distributed.rank() == rank
         seen: dict = {}
         layers = _plan(checkpoint=None if shard else os.path.join(out, "ck.pt"),
-                       shard_over=world if shard else 1, seen=seen if shard else None)
+                       shard_over=world if shard else 1, seen=seen if shard else None,
+                       offload=offload)
         with open(os.path.join(out, f"plan{rank}.json"), "w") as f:
             json.dump(layers, f)
         if shard:
@@ -110,39 +113,48 @@ def test_two_gloo_processes_give_the_one_process_plan(tmp_path):
 
 
 @pytest.mark.slow
-def test_factors_sharded_over_two_processes_give_the_one_process_plan(tmp_path):
-    """FSDP2 (``--shard-factors``): each process holds its half of every masked layer's U and
-    V (rows split as ``torch.chunk`` splits them) while masks train, and the plan is the
-    one-process plan, unsharded."""
+@pytest.mark.parametrize("offload", ["none", "weights"])
+def test_factors_sharded_over_two_processes_give_the_one_process_plan(tmp_path, offload):
+    """FSDP2 (``--shard-factors``): each process keeps its half of every layer's U and V rows
+    (split as ``torch.chunk`` splits them), in CPU memory after decomposing and on the
+    device while masks train, and the plan is the one-process plan, unsharded. Also with the
+    dense blocks onloaded in turn (``--offload weights``: the 70B case)."""
     torch.set_num_threads(1)
     one = _plan()
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), True), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), True, offload), nprocs=2,
+             join=True)
     plans = [json.loads((tmp_path / f"plan{r}.json").read_text()) for r in range(2)]
     assert plans[0] == plans[1] == json.loads(json.dumps(one))
     shards = [json.loads((tmp_path / f"shards{r}.json").read_text()) for r in range(2)]
     assert [s.pop("whole_after_forward") for s in shards] == [False, False]
     assert len(shards[0]) == 36
-    for name, (u0, v0, U, V) in shards[0].items():
-        u1, v1 = shards[1][name][:2]
-        assert [u0[0], u1[0]] == [len(c) for c in torch.empty(U).chunk(2)]   # rows of U
-        assert [v0[0], v1[0]] == [len(c) for c in torch.empty(V).chunk(2)]   # rows of V
-        assert u0[1] == u1[1] == U[1] and v0[1] == v1[1] == V[1]
+    for name, (*_, (m, r, n)) in shards[0].items():
+        rows_u, rows_v = [len(c) for c in torch.empty(m).chunk(2)], \
+            [len(c) for c in torch.empty(r).chunk(2)]
+        for k in range(2):
+            u, v, u_host, v_host, _ = shards[k][name]
+            assert u == u_host == [rows_u[k], r] and v == v_host == [rows_v[k], n]
 
 
 def test_sharded_factors_need_a_process_group_and_replace_offloaded_ones(tmp_path, capsys):
     from llrc_core.cli import main
     from llrc_core.placement import Placement
     out = tmp_path / "out"
-    assert main(["compress", "--model", str(DEMO), "--ratio", "0.8", "--calib", str(WIKI_TEST),
-                 "--out", str(out), "--shard-factors"]) == 2
+    assert main(["compress", "--model", str(DEMO), "--method", "llrc", "--ratio", "0.8",
+                 "--calib", str(WIKI_TEST), "--out", str(out), "--shard-factors"]) == 2
     assert "launch with torchrun --nproc_per_node N" in capsys.readouterr().err
     assert not out.exists()
+    assert main(["compress", "--model", str(DEMO), "--method", "strs", "--ratio", "0.8",
+                 "--calib", str(WIKI_TEST), "--out", str(out), "--shard-factors"]) == 2
+    assert "strs trains none" in capsys.readouterr().err and not out.exists()
     with pytest.raises(ValueError, match="torchrun --nproc_per_node"):
         distributed.shard_(torch.nn.Linear(2, 2), torch.device("cpu"))
     with pytest.raises(ValueError, match="replace --offload factors"):
         Placement.for_run(torch.float32, "cpu", "factors", shard_over=2)
     p = Placement.for_run(torch.bfloat16, "cpu", "targets", shard_over=4)
     assert p.sharded and not p.offload_factors and p.to_dict()["shard_factors_over"] == 4
+    p = Placement.for_run(torch.bfloat16, "cuda", "weights", shard_over=4)
+    assert (p.offload, p.offload_factors, p.offload_targets) == ("weights", False, True)
 
 
 @pytest.mark.slow
@@ -173,4 +185,8 @@ def test_torchrun_compress_writes_once_with_the_one_process_plan(tmp_path, shard
     plans = [json.loads((tmp_path / d / "rank_plan.json").read_text())["layers"]
              for d in ("one", "two")]
     assert plans[0] == plans[1]
+    from safetensors.torch import load_file      # sharded: each layer gathered whole to apply
+    one_w, two_w = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    assert one_w.keys() == two_w.keys()
+    assert all(torch.equal(one_w[k], two_w[k]) for k in one_w)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]

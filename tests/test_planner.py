@@ -87,9 +87,9 @@ def test_counts_match_the_hand_count(configs, name):
 
 
 def test_factors_sharded_over_processes_hold_a_share_and_one_layer_whole(configs):
-    """``--shard-factors N``: factors are made into CPU memory; while masks train each
-    process's GPU holds 1/N of them (bf16) and one layer's whole factors (the largest: gate,
-    up or down of 7B, 4096 x (11008 + 4096)), in place of all of them."""
+    """``--shard-factors N``: each process keeps its 1/N of the factors in CPU memory; while
+    masks train its GPU holds that share (bf16) and one layer's whole factors (the largest:
+    gate, up or down of 7B, 4096 x (11008 + 4096)), in place of all of them."""
     d, i, n, h, kv, v, params = LLAMA2["7b"]
     path = str(configs / "7b")
     full = planner.plan_memory(path, gpu_memory=80, offload="none")
@@ -100,13 +100,25 @@ def test_factors_sharded_over_processes_hold_a_share_and_one_layer_whole(configs
         4 * spectrum
     assert four.phases["selection"] == full.phases["selection"] - 2 * factors - \
         4 * spectrum + -(-2 * factors // 4) + 2 * d * (i + d)
-    assert four.cpu_phases["selection"] == full.cpu_phases["selection"] + 2 * factors + \
-        4 * spectrum
+    assert four.cpu_phases["selection"] == full.cpu_phases["selection"] + \
+        -(-2 * factors // 4) + 4 * spectrum           # this process's rows, the whole spectra
     assert planner.plan_memory(path, gpu_memory=80, shard_over=4).placement.offload == "none"
     with pytest.raises(ValueError, match="one GPU per process"):
         planner.plan_memory(path, gpus=2, shard_over=4)
-    with pytest.raises(ValueError, match="replace --offload weights"):
-        planner.plan_memory(path, offload="weights", shard_over=4)
+    with pytest.raises(ValueError, match="replace --offload factors"):
+        planner.plan_memory(path, offload="factors", shard_over=4)
+    # 70B with its blocks onloaded in turn and the factors sharded: on 4 x 80 GB each GPU
+    # holds the frame, its quarter of the factors and one layer whole, besides the step
+    d, i, n, h, kv, v, params = LLAMA2["70b"]
+    seventy = str(configs / "70b")
+    one = planner.plan_memory(seventy, gpu_memory=80, offload="weights")
+    four = planner.plan_memory(seventy, gpu_memory=80, offload="weights", shard_over=4)
+    _, _, factors, _ = by_hand(d, i, n, kv * d // h)
+    block = sum(min(m, k) * (m + k) for m, k in
+                [(d, d), (kv * d // h, d), (kv * d // h, d), (d, d), (i, d), (i, d), (d, i)])
+    assert four.phases["selection"] == one.phases["selection"] - 2 * block + \
+        -(-2 * factors // 4) + 2 * d * (i + d)
+    assert four.fits and four.peak_phase == "selection" and four.peak_bytes < 0.95 * 80 * 2 ** 30
 
 
 def test_seven_b_figures_of_the_issue(configs):
