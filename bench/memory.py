@@ -15,6 +15,8 @@ runs in its own process.
         --seq-len 512                                        # the issue's 7B-shaped check
     python bench/memory.py --preset llama2-70b-8blocks --device cuda --dtype bfloat16 \\
         --offload weights                  # sequential onloading: 70B-shaped blocks in turn
+    python bench/memory.py --preset llama-medium --shard 2
+                     # factors sharded over 2 torchrun processes (gloo): each one measured
 """
 from __future__ import annotations
 
@@ -105,19 +107,21 @@ class Peaks:
 def worker(a) -> dict:
     import torch
     import transformers
+    from llrc_core import distributed
     from llrc_core.export import export_model
     from llrc_core.pipeline import compress_, decompose_model, select_plan
     from llrc_core.planner import device_memory_gib, plan_memory
     dtype, cuda = getattr(torch, a.dtype), a.device == "cuda"
+    distributed.init_from_env()                 # --shard N: one of N torchrun processes
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(**PRESETS[a.preset])
-    folder = Path(tempfile.mkdtemp())
+    folder = Path(tempfile.mkdtemp(prefix=f"rank{distributed.rank()}-"))
     cfg.save_pretrained(folder)
     gpus, gib = device_memory_gib(a.device)
     plan = plan_memory(str(folder), a.dtype, "llrc", a.decomposition, a.n_calib, a.seq_len,
                        a.batch_size, gpus=gpus, gpu_memory=gib if gpus else None,
                        offload=a.offload, factor_dtype=a.factor_dtype, train_seq_len=0,
-                       max_shard_size=a.max_shard_size)
+                       max_shard_size=a.max_shard_size, shard_over=distributed.world_size())
     placement = plan.placement
     windows = torch.randint(0, cfg.vocab_size, (a.n_calib, a.seq_len),
                             generator=torch.Generator().manual_seed(0))
@@ -152,14 +156,16 @@ def worker(a) -> dict:
         if placement.offload_weights:
             from llrc_core.onload import disable_
             disable_(model)                # as ``compress`` does: all in CPU memory
-        export_model(model, None, rank_plan, folder / "export", max_shard_size=a.max_shard_size,
-                     dtype=a.export_dtype)
+        if distributed.is_main():
+            export_model(model, None, rank_plan, folder / "export",
+                         max_shard_size=a.max_shard_size, dtype=a.export_dtype)
         peaks.enter("done")
     measured = {p: peaks.peaks.get(p, 0) - base for p in COMPARED}
     used = plan.phases if gpus else plan.cpu_phases
     planned = {p: max(used[q] for q in qs) for p, qs in COMPARED.items()}
-    return {"preset": a.preset, "device": str(torch.cuda.get_device_name(0)) if cuda else
-            "cpu", "dtype": a.dtype, "export_dtype": a.export_dtype or a.dtype,
+    return {"preset": a.preset, "rank": distributed.rank(),
+            "processes": distributed.world_size(),
+            "device": str(torch.cuda.get_device_name(0)) if cuda else "cpu", "dtype": a.dtype, "export_dtype": a.export_dtype or a.dtype,
             "max_shard_size": a.max_shard_size, "placement": placement.to_dict(),
             "decomposition": a.decomposition, "n_calib": a.n_calib, "seq_len": a.seq_len,
             "batch_size": a.batch_size, "steps": a.steps, "baseline_bytes": base,
@@ -186,6 +192,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--max-shard-size", default="5GB", help="the export's shards")
     ap.add_argument("--export-dtype", default=None, help="dtype stored (default: --dtype)")
+    ap.add_argument("--shard", type=int, default=1, metavar="N",
+                    help="factors sharded over N torchrun processes (--shard-factors)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -195,7 +203,9 @@ def main() -> None:
     cases = [(a.preset, a.dtype)] if a.preset else DEFAULT_CASES
     results = []
     for preset, dtype in cases:
-        args = [sys.executable, __file__, "--worker", "--preset", preset, "--dtype", dtype,
+        launch = [sys.executable] if a.shard == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.shard)]
+        args = [*launch, __file__, "--worker", "--preset", preset, "--dtype", dtype,
                 "--factor-dtype", a.factor_dtype, "--decomposition", a.decomposition,
                 "--device", a.device, "--offload", a.offload,
                 "--n-calib", str(a.n_calib), "--seq-len", str(a.seq_len),
@@ -206,9 +216,11 @@ def main() -> None:
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         if proc.returncode != 0:
             results.append({"preset": preset, "error": proc.stderr.strip().splitlines()[-3:]})
-        else:
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(json.dumps(results[-1]), flush=True)
+            print(json.dumps(results[-1]), flush=True)
+            continue
+        for line in proc.stdout.strip().splitlines()[-a.shard:]:    # one line per process
+            results.append(json.loads(line))
+            print(json.dumps(results[-1]), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": f"{platform.machine()}, "
                                             f"{os.cpu_count()} CPUs", "results": results},

@@ -282,7 +282,8 @@ def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
     fb = placement.factor_dtype.itemsize
     weights, spectrum = f["weights_bytes"], f["spectrum_numbers"]
     stored = placement.stored_bytes(f["factor_numbers"], spectrum)
-    in_host = placement.offload_factors or placement.sharded     # made into CPU memory
+    # made into CPU memory (on a CPU run the same memory: counted where they are used)
+    in_host = gpu and (placement.offload_factors or placement.sharded)
     on_dev = 0 if in_host else stored
     on_host = stored if in_host else 0
     phases = {"load": weights,
