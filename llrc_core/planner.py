@@ -119,7 +119,8 @@ class MemoryPlan:
             if "device_map" in self.facts:
                 lines.append("blocks per GPU (accelerate): " + ", ".join(
                     f"{g}: {n}" for g, n in self.facts["device_map"].items())
-                    + " (a plan: compress runs on one GPU so far)")
+                    + " (a plan only; several GPUs run as torchrun processes, one GPU each, "
+                    "with --shard-factors)")
             lines.append(f"placement: factors stored in "
                          f"{str(pl.factor_dtype).removeprefix('torch.')}, offload {pl.offload}"
                          + (f", split over {pl.shard_over} processes (FSDP2) while masks train"

@@ -11,8 +11,10 @@ GPU from the map accelerate returned (``per_gpu``) and a plan fits when each GPU
 budget only steers the placement, the count decides.
 
 Only the plan exists: running the placed model (accelerate's ``dispatch_model``, the masked
-layers built on their block's GPU) has not run on several GPUs yet, so ``compress`` plans and
-runs on one GPU, with sequential onloading (``onload.py``) when the model needs it.
+layers built on their block's GPU) is not built. Several GPUs of one machine run instead as
+torchrun processes, one GPU each, with the factors sharded over them (``compress
+--shard-factors``, ``distributed.shard_``) and the dense blocks onloaded when the model
+needs it (``onload.py``).
 """
 from __future__ import annotations
 
