@@ -21,7 +21,7 @@ each layer's ``U`` and ``V`` over the ranks with FSDP2 (``fully_shard``), which 
 the layer's forward and backward passes. FSDP2 shards a module's parameters, and the factors
 are frozen parameters of the masked layer, so it shards exactly them (the mask logits stay
 in the trainer, replicated, reduced by ``average_grads``). A model too large for one device
-otherwise is onloaded block by block or placed with accelerate (planner).
+otherwise has its dense blocks onloaded in turn (``onload.py``), with or without sharding.
 
 Only the main rank writes files (checkpoints, exports, logs) and emits events. Outside a
 process group every function is the identity, so single-process code pays nothing.

@@ -37,6 +37,18 @@ def mse(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (h.float() - target.float()).pow(2).mean()
 
 
+def pooled_cosine(h: torch.Tensor, target: torch.Tensor, span: int) -> torch.Tensor:
+    """``1 - cos`` between the means of each ``span`` consecutive tokens of ``h`` and of
+    ``target`` (``(B, T, d)``), averaged: the distance of sentence embeddings, as a mean-pooling
+    encoder makes them from spans of that length (a trailing part shorter than ``span`` is
+    left out, unless it is the whole window)."""
+    B, T, d = h.shape
+    k = max(T // span, 1)
+    span = T // k
+    pool = lambda x: x[:, :k * span].float().reshape(B, k, span, d).mean(2)   # (B, k, d)
+    return (1 - torch.nn.functional.cosine_similarity(pool(h), pool(target), dim=-1)).mean()
+
+
 def ppl_of(mean_nll: float) -> float:
     """Perplexity of a mean next-token NLL (``inf`` past float range)."""
     return math.exp(mean_nll) if mean_nll < 700 else float("inf")

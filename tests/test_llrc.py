@@ -200,6 +200,32 @@ def test_every_block_distillation_is_zero_unmasked_and_sees_each_block(tiny):
         LLRCConfig(distill_at="all")
 
 
+def test_pooled_distance_compares_mean_pooled_spans_by_cosine(tiny):
+    """``distill_loss="pooled[:SPAN]"``: ``1 - cos`` of the means of SPAN-token spans (the
+    sentence embeddings of a mean-pooling encoder), as worked out by hand; zero for the model
+    as it is and positive with a layer masked; blind to a per-span rescaling, which MSE sees."""
+    from llrc_core.losses import pooled_cosine
+    from llrc_core.selectors.learned import Objective, masked_session
+    t = torch.tensor([[[1.0, 0.0], [1.0, 2.0], [0.0, 1.0], [2.0, 1.0], [9.0, 9.0]]])  # T = 5
+    h = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 0.0]]])
+    # spans of 2 (the fifth token left out): means (1, 1) vs (1, 0), then (1, 1) vs (0, 1)
+    assert abs(pooled_cosine(h, t, 2).item() - (1 - 2 ** -0.5)) < 1e-6
+    whole = 1 - torch.nn.functional.cosine_similarity(h.mean(1), t.mean(1)).item()
+    assert abs(pooled_cosine(h, t, 8).item() - whole) < 1e-6     # longer than T: the window
+    assert pooled_cosine(3 * t, t, 2).item() < 1e-6
+    model, dec, windows = tiny
+    objective = Objective(model, windows, "distill", 4, layers=(2,), distance="pooled:8")
+    idx = torch.arange(8)
+    assert abs(objective(idx).item()) < 1e-6
+    with masked_session(model, dec.factors) as masked:            # every layer at rank 1
+        for layer in masked.values():
+            layer.mask = torch.zeros(layer.rank)
+            layer.mask[0] = 1
+        assert objective(idx).item() > 0.01
+    with pytest.raises(ValueError, match="distill_loss must be"):
+        LLRCConfig(distill_loss="cosine")
+
+
 def test_dense_switch_keeps_every_value_from_break_even_with_the_gradient_flowing(tiny):
     """``gates.dense_switch``: under break-even the mask is unchanged; from it the value is 1
     everywhere (the layer as stored dense) and the gradient is the mask's own. A run with the

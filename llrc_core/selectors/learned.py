@@ -167,6 +167,8 @@ class Objective:
     def _distance(self, h: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
         if self.distance == "nmse":
             return losses.nmse(h, t)
+        if self.distance.startswith("pooled"):                    # "pooled" or "pooled:SPAN"
+            return losses.pooled_cosine(h, t, int(self.distance.partition(":")[2] or 32))
         return losses.mse(h, t) / (scale if self.distance == "scaled" else 1.0)
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ gradients; ``gates.py``) and minimises
 * ``L_distill``: normalised MSE between the masked and the original model's hidden states at
   the middle block and the last layer (``distill_at="every"``: every block's output, averaged);
   targets precomputed once (``distill.py``). The paper
-  does not say MSE or normalised MSE: ``distill_loss`` picks. ``objective="lm"`` swaps in the
+  does not say MSE or normalised MSE: ``distill_loss`` picks; ``pooled`` compares what a
+  mean-pooling sentence encoder outputs (MiniLM), the cosine of span means. ``objective="lm"`` swaps in the
   next-token loss (the paper's ablation).
 * ``L_TV``: total variation along the singular index of the expected mask ``sigmoid(theta)``
   (contiguous selections). On the noisy soft samples it mostly pushed logits to extremes and
@@ -68,7 +69,9 @@ class LLRCConfig(TrainConfig):
     alpha_high: float = option(1.0, "distillation weight at the crest of the cosine cycle")
     alpha_period: int = option(50, "steps per cosine cycle of alpha(t) (0: constant alpha_high)")
     objective: str = option("distill", "distill (hidden states) or lm (next-token loss ablation)")
-    distill_loss: str = option("nmse", "nmse (normalised MSE) or mse")
+    distill_loss: str = option("nmse", "nmse (normalised MSE), mse, or pooled[:SPAN] (1 - cosine "
+                               "of the means of SPAN-token spans, default 32: the sentence "
+                               "embeddings of a mean-pooling encoder)")
     distill_at: str = option("middle-last", "hidden states distilled: middle-last (the "
                              "paper: the middle block's output and the last) or every (every "
                              "block's output: no block after the middle goes unwatched) "
@@ -95,8 +98,9 @@ class LLRCConfig(TrainConfig):
         if self.distill_at not in distill.DISTILL_AT:
             raise ValueError(f"distill_at must be one of {distill.DISTILL_AT}, got "
                              f"{self.distill_at!r}")
-        if self.distill_loss not in ("nmse", "mse"):
-            raise ValueError(f"distill_loss must be 'nmse' or 'mse', got {self.distill_loss!r}")
+        if self.distill_loss not in ("nmse", "mse") and not self.distill_loss.startswith("pooled"):
+            raise ValueError(f"distill_loss must be 'nmse', 'mse' or 'pooled[:SPAN]', got "
+                             f"{self.distill_loss!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.path not in ("auto", "dense", "factorised"):
