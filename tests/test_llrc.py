@@ -224,6 +224,18 @@ def test_pooled_distance_compares_mean_pooled_spans_by_cosine(tiny):
         assert objective(idx).item() > 0.01
     with pytest.raises(ValueError, match="distill_loss must be"):
         LLRCConfig(distill_loss="cosine")
+    # the default (auto): the paper's setting for a model with an LM head, the pooled last
+    # state for an encoder; a setting given is kept
+    import transformers
+    from llrc_core.selectors.llrc import distill_setting
+    with torch.device("meta"):
+        encoder = transformers.BertModel(transformers.BertConfig(
+            hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+            vocab_size=32))
+    cfg = LLRCConfig()
+    assert distill_setting(model, cfg.distill_at, cfg.distill_loss) == ("middle-last", "nmse")
+    assert distill_setting(encoder, cfg.distill_at, cfg.distill_loss) == ("last", "pooled")
+    assert distill_setting(encoder, "every", "mse") == ("every", "mse")
 
 
 def test_dense_switch_keeps_every_value_from_break_even_with_the_gradient_flowing(tiny):

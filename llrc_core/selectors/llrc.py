@@ -12,10 +12,11 @@ gradients; ``gates.py``) and minimises
   target (the paper uses the mean logit; the expected count is the sound choice it allows).
 * ``L_distill``: normalised MSE between the masked and the original model's hidden states at
   the middle block and the last layer (``distill_at="every"``: every block's output, averaged);
-  targets precomputed once (``distill.py``). The paper
-  does not say MSE or normalised MSE: ``distill_loss`` picks; ``pooled`` compares what a
-  mean-pooling sentence encoder outputs (MiniLM), the cosine of span means. ``objective="lm"`` swaps in the
-  next-token loss (the paper's ablation).
+  targets precomputed once (``distill.py``). The paper does not say MSE or normalised MSE:
+  ``distill_loss`` picks. ``pooled`` compares what a mean-pooling sentence encoder outputs,
+  the cosine of span means; by default (``auto``) an encoder distils its last state that way
+  (``distill_setting``). ``objective="lm"`` swaps in the next-token loss (the paper's
+  ablation).
 * ``L_TV``: total variation along the singular index of the expected mask ``sigmoid(theta)``
   (contiguous selections). On the noisy soft samples it mostly pushed logits to extremes and
   did not reduce the number of 0/1 transitions; on the expected mask it does.
@@ -69,13 +70,16 @@ class LLRCConfig(TrainConfig):
     alpha_high: float = option(1.0, "distillation weight at the crest of the cosine cycle")
     alpha_period: int = option(50, "steps per cosine cycle of alpha(t) (0: constant alpha_high)")
     objective: str = option("distill", "distill (hidden states) or lm (next-token loss ablation)")
-    distill_loss: str = option("nmse", "nmse (normalised MSE), mse, or pooled[:SPAN] (1 - cosine "
+    distill_loss: str = option("auto", "nmse (normalised MSE), mse, or pooled[:SPAN] (1 - cosine "
                                "of the means of SPAN-token spans, default 32: the sentence "
-                               "embeddings of a mean-pooling encoder)")
-    distill_at: str = option("middle-last", "hidden states distilled: middle-last (the "
+                               "embeddings of a mean-pooling encoder); auto: nmse for a model "
+                               "with an LM head, pooled for an encoder (measured best)")
+    distill_at: str = option("auto", "hidden states distilled: middle-last (the "
                              "paper: the middle block's output and the last) or every (every "
                              "block's output: no block after the middle goes unwatched) "
-                             "or last (the last alone, as ARS and ARA distil an encoder)")
+                             "or last (the last alone, as ARS and ARA distil an encoder); "
+                             "auto: middle-last for a model with an LM head, last for an "
+                             "encoder (measured best)")
     hold_steps: int = option(300, "steps (in all) at or under the target with the compression term off")
     tolerance: float = option(0.005, "allowed ratio drift above the target while holding")
     batch_size: int = option(4, "calibration windows per step")
@@ -95,16 +99,28 @@ class LLRCConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         check_fields(self, positive=("tau",))
-        if self.distill_at not in distill.DISTILL_AT:
+        if self.distill_at not in (*distill.DISTILL_AT, "auto"):
             raise ValueError(f"distill_at must be one of {distill.DISTILL_AT}, got "
                              f"{self.distill_at!r}")
-        if self.distill_loss not in ("nmse", "mse") and not self.distill_loss.startswith("pooled"):
+        if self.distill_loss not in ("auto", "nmse", "mse") and \
+                not self.distill_loss.startswith("pooled"):
             raise ValueError(f"distill_loss must be 'nmse', 'mse' or 'pooled[:SPAN]', got "
                              f"{self.distill_loss!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.path not in ("auto", "dense", "factorised"):
             raise ValueError(f"path must be auto, dense or factorised, got {self.path!r}")
+
+
+def distill_setting(model: nn.Module, at: str, loss: str) -> tuple[str, str]:
+    """``(distill_at, distill_loss)`` with ``auto`` resolved by the kind of model, each the
+    best measured (``bench/README.md``): a model with an LM head, the paper's middle and last
+    states by normalised MSE (demo model); an encoder, the last state by the cosine of its
+    mean-pooled spans, what a sentence encoder outputs (MiniLM: 0.861 +- 0.003 embedding
+    fidelity at rho 0.8 against 0.819 +- 0.019, 3 seeds)."""
+    encoder = getattr(model, "get_output_embeddings", lambda: None)() is None
+    return ((("last" if encoder else "middle-last") if at == "auto" else at),
+            (("pooled" if encoder else "nmse") if loss == "auto" else loss))
 
 
 class _Checkpointed(nn.Module):
@@ -138,13 +154,13 @@ class LLRCTrainer(MaskTrainer):
         self.break_even = {n: break_even(*ctx.shapes[n]) for n in self.names}
 
     def make_objective(self) -> Objective:
-        """Distillation at the middle block and the last layer, or every block
-        (``distill_at``), or the ``lm`` ablation; on the first ``train_seq_len`` tokens of
-        each window."""
+        """Distillation at the middle block and the last layer (an encoder: the last, pooled),
+        or as ``distill_at`` / ``distill_loss`` say, or the ``lm`` ablation; on the first
+        ``train_seq_len`` tokens of each window."""
         cfg, model = self.cfg, self.ctx.model
+        at, loss = distill_setting(model, cfg.distill_at, cfg.distill_loss)
         return Objective(model, self.ctx.windows, cfg.objective, cfg.batch_size,
-                         layers=distill.distill_layers(model, cfg.distill_at),
-                         distance=cfg.distill_loss,
+                         layers=distill.distill_layers(model, at), distance=loss,
                          seq_len=cfg.train_seq_len, bf16=cfg.bf16,
                          targets_device=self.ctx.targets_device())
 
