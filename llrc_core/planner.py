@@ -131,8 +131,7 @@ class MemoryPlan:
                             if pl.park_dense else ""))
             if pl.sharded:
                 lines.append(f"each of the {pl.shard_over} processes needs the GPU and CPU "
-                             "memory above (CPU memory: each holds every factor until masks "
-                             "train)")
+                             "memory above (CPU memory: each keeps its share of the factors)")
         if self.facts.get("mapped_host_bytes"):
             lines.append(f"of the CPU memory, {self.facts['mapped_host_bytes'] / GIB:.1f} GiB "
                          "are the blocks memory-mapped from the checkpoint (safetensors, in "
