@@ -3,7 +3,9 @@
 ``torchrun --nproc_per_node N -m llrc_core compress ...`` starts N processes; each finds the
 process group in its environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``; ``init_from_env``),
 with NCCL on GPUs and gloo on CPU. Every rank loads the model, calibrates and decomposes
-alike (same seed, same windows), then trains the masks on its share of each global batch:
+alike (same seed, same windows; with ``--shard-factors`` the layers' decompositions are
+dealt out, ``owner``, and ``broadcast`` from the rank that made each), then trains the masks
+on its share of each global batch:
 
 * ``local(idx)``: the rank's contiguous slice of the global batch ``idx`` (all ranks draw the
   same ``idx`` from the same seeded order);
@@ -97,6 +99,27 @@ def average_grads(params) -> None:
         g.copy_(part.view_as(g))
 
 
+def _comm_device() -> str:
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"      # NCCL moves CUDA tensors
+
+
+def owner(index: int) -> int:
+    """The rank that does item ``index`` of work dealt round-robin (0 outside a group)."""
+    return index % world_size()
+
+
+def broadcast(tensors: list[torch.Tensor], src: int) -> list[torch.Tensor]:
+    """``tensors`` as rank ``src`` holds them, on every rank (collective: the other ranks pass
+    tensors of the same shapes and dtypes, their contents ignored), on the communication
+    device; outside a group, ``tensors`` as they are."""
+    if not active():
+        return tensors
+    out = [t.to(_comm_device()).contiguous() for t in tensors]   # sent as laid out in memory
+    for t in out:
+        dist.broadcast(t, src)
+    return out
+
+
 def row_range(rows: int) -> slice:
     """This rank's rows of a tensor of ``rows`` rows split as ``torch.chunk`` (and FSDP2)
     splits dim 0: ``ceil(rows / world)`` each, the last ones short or empty."""
@@ -116,8 +139,7 @@ def all_rows(piece: torch.Tensor, rows: int) -> torch.Tensor:
     if not active():
         return piece
     size = -(-rows // world_size())
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"     # NCCL gathers CUDA tensors
-    padded = piece.new_zeros((size, *piece.shape[1:]), device=device)
+    padded = piece.new_zeros((size, *piece.shape[1:]), device=_comm_device())
     padded[:piece.shape[0]] = piece
     parts = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(parts, padded)
@@ -149,8 +171,7 @@ def mean(value: float) -> float:
     """The mean of a float over the ranks (for reported losses)."""
     if not active():
         return value
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"     # NCCL reduces CUDA tensors
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
     return float(t.item()) / world_size()
 

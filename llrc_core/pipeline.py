@@ -14,6 +14,7 @@ from .apply import apply_plan_
 from .calibration import CalibConfig, load_calibration
 from .decompose import DECOMPOSITIONS, Factors, decompose
 from .models import LoadedModel, Target, count_params, find_targets, weight_of
+from . import distributed, onload
 from .onload import onloaded
 from .placement import Placement, WholeOnRead
 from .plan import RankPlan
@@ -51,32 +52,50 @@ def decompose_model(model, decomposition: str = "svd", windows: torch.Tensor | N
     """Factors of every target layer. Data-aware decompositions collect statistics block by
     block and decompose each block as soon as its statistics are complete. With a
     ``placement``, each layer's factors are stored as it says as soon as they exist (dtype,
-    device), so no more than one layer's float32 factors are held at a time."""
+    device), so no more than one layer's float32 factors are held at a time. With factors
+    sharded over a process group (``Placement.sharded``) the layers are dealt out: each
+    process decomposes every N-th layer of a block, keeps those in the factor dtype until
+    the block is done, then each is broadcast from its process (``_dealt``), so N processes
+    share the decomposition's work instead of each doing all of it."""
     if decomposition not in DECOMPOSITIONS:
         raise ValueError(f"decomposition must be one of {sorted(DECOMPOSITIONS)}, "
                          f"got {decomposition!r}")
     targets = targets or find_targets(model)
+    dec_shape = {t.name: (t.m, t.n) for t in targets}
     modules = dict(model.named_modules())
     needs = DECOMPOSITIONS[decomposition].needs
     factors, kept_stats, warnings = {}, {}, []
     t0 = time.time()
+    dealt = placement is not None and placement.sharded and distributed.active()
+    order = {t.name: i for i, t in enumerate(targets)}
+    home = onload.execution_device(model)
+
+    def one(name, st) -> tuple[Factors, bool]:
+        """The layer's factors, and whether it fell back to plain SVD."""
+        with onloaded(modules[name]):                    # sequential onloading: W visits
+            W = weight_of(modules[name]).detach()
+            if st is not None and st.degenerate:         # nothing to weigh the input by
+                return decompose(W, "svd"), True
+            return decompose(W, decomposition, st, alpha=alpha), False
 
     def run(names, stats):
+        if dealt:     # this process's layers of the block first, then every one handed round
+            mine = {n: _for_dealing(*one(n, stats.get(n)), placement) for n in names
+                    if distributed.owner(order[n]) == distributed.rank()}
+            made = lambda n: _dealt(mine.pop(n, None), order[n], dec_shape[n], placement)
+        else:         # one layer's float32 factors at a time
+            made = lambda n: one(n, stats.get(n))
         for name in names:
-            st = stats.get(name)
-            with onloaded(modules[name]):                # sequential onloading: W visits
-                W = weight_of(modules[name]).detach()
-                if st is not None and st.degenerate:     # nothing to weigh the input by
-                    factors[name] = decompose(W, "svd")
-                    warnings.append({"kind": "degenerate_input", "layer": name,
-                                     "fallback": "svd", "message": f"{name}: its input was "
-                                     "zero on every calibration token, so "
-                                     f"{decomposition} has no statistics to use; it was "
-                                     "decomposed by plain SVD instead"})
-                else:
-                    factors[name] = decompose(W, decomposition, st, alpha=alpha)
+            f, fell_back = made(name)
+            if fell_back:
+                warnings.append({"kind": "degenerate_input", "layer": name,
+                                 "fallback": "svd", "message": f"{name}: its input was "
+                                 "zero on every calibration token, so "
+                                 f"{decomposition} has no statistics to use; it was "
+                                 "decomposed by plain SVD instead"})
             if placement is not None:
-                factors[name] = placement.store(factors[name], W.device)
+                f = placement.store(f, home or weight_of(modules[name]).device)
+            factors[name] = f
             if factors[name].damping > 0:
                 warnings.append({"kind": "damped_gram", "layer": name,
                                  "damping": factors[name].damping,
@@ -103,6 +122,28 @@ def decompose_model(model, decomposition: str = "svd", windows: torch.Tensor | N
             raise RuntimeError(f"no calibration statistics reached {missing[:3]}")
     return Decomposed(targets, factors, decomposition, time.time() - t0, kept_stats, warnings,
                       placement)
+
+
+def _for_dealing(f: Factors, fell_back: bool, placement: Placement) -> list[torch.Tensor]:
+    """What ``_dealt`` sends of a layer: ``U`` and ``V`` in the placement's factor dtype (as
+    it stores them: half the float32 bytes wait in bf16), ``S`` in float32, and the damping
+    and fallback."""
+    dt = placement.factor_dtype
+    return [f.U.to(dt), f.S.float(), f.V.to(dt),
+            torch.tensor([f.damping, float(fell_back)], dtype=torch.float64)]
+
+
+def _dealt(sent: list[torch.Tensor] | None, index: int, shape: tuple[int, int],
+           placement: Placement) -> tuple[Factors, bool]:
+    """Layer ``index``'s factors from the process that decomposed it (``distributed.owner``;
+    ``sent``: ``_for_dealing`` there, ``None`` elsewhere), on every process (collective)."""
+    m, n = shape
+    r, dt = min(m, n), placement.factor_dtype
+    if sent is None:
+        sent = [torch.empty(m, r, dtype=dt), torch.empty(r), torch.empty(r, n, dtype=dt),
+                torch.empty(2, dtype=torch.float64)]
+    U, S, V, meta = distributed.broadcast(sent, distributed.owner(index))
+    return Factors(U, S, V, float(meta[0])), bool(meta[1])
 
 
 def make_context(model, dec: Decomposed, windows=None, **kw) -> SelectionContext:

@@ -12,7 +12,8 @@ runs today:
 * **decomposition**: weights + the factors ``U (m x r)``, ``V (r x n)`` of every target,
   stored in the placement's factor dtype as each layer is decomposed (on the device, or in
   CPU memory when offloaded) + the float64 work of the largest single SVD and its float32
-  result.
+  result; factors sharded over N processes: each process's share in CPU memory, and the
+  ``ceil(layers / N)`` layers of a block it decomposes, held until they are handed round.
 * **selection** (learned methods): weights less the dense originals of the swapped layers
   (parked in CPU memory on a GPU) + the stored factors + the masked layers' copies in the
   compute dtype (none when the dtypes match; one block's fetched factors when offloaded) +
@@ -248,6 +249,7 @@ def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
             "layers": [(t, layer_factors[t.name]) for t in targets],
             "block_factors": max(sum(layer_factors[t.name] for t in ts)
                                  for ts in per_block.values()),
+            "block_layers": max(len(ts) for ts in per_block.values()),
             # a layer's kept-rank factors after apply: at most its dense size
             "kept_layer": {t.name: b * min(t.m * t.n, layer_factors[t.name]) for t in targets}}
 
@@ -290,7 +292,8 @@ def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
               "statistics": weights + f["hidden_states_block_bytes"] + f["stats_block_bytes"],
               # the last block: its statistics, hidden states and one layer's work, all factors
               "decomposition": weights + on_dev + f["stats_block_bytes"]
-              + f["hidden_states_block_bytes"] + f["svd_work_bytes"]}
+              + f["hidden_states_block_bytes"] + f["svd_work_bytes"]
+              + _dealt_on_device(c, placement)}
     extra = {"placement": placement.to_dict() | {"device": "one GPU" if gpu else "host"},
              "factors_stored_bytes": stored}
     host_sel = on_host
@@ -336,6 +339,16 @@ def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
     return phases, host, extra
 
 
+def _dealt_on_device(c: dict, placement: Placement) -> int:
+    """Sharded runs deal the decomposition out (``pipeline.decompose_model``): a process
+    holds the layers of a block it decomposed, in the factor dtype, until the block is
+    handed round: ``ceil(layers / N)`` of the largest (0 unsharded)."""
+    if not placement.sharded:
+        return 0
+    held = -(-c["block_layers"] // placement.shard_over)
+    return placement.factor_dtype.itemsize * held * max(n for _, n in c["layers"])
+
+
 def _shard_on_device(c: dict, placement: Placement) -> int:
     """Sharded factors on one process's device while masks train: its rows of every layer,
     in the model dtype, and one layer's whole factors (gathered for a pass) at a time."""
@@ -355,7 +368,8 @@ def _sequential_phases(c: dict, placement: Placement, trains: bool
     stored = placement.stored_bytes(f["factor_numbers"], f["spectrum_numbers"])
     work = f["hidden_states_block_bytes"] + f["stats_block_bytes"]
     phases = {"load": frame, "statistics": frame + layer + work,
-              "decomposition": frame + layer + work + f["svd_work_bytes"],
+              "decomposition": frame + layer + work + f["svd_work_bytes"]
+              + _dealt_on_device(c, placement),
               "selection": frame, "apply": frame,
               "evaluate": frame + layer + f["eval_batch_bytes"], "export": 0}
     # The blocks, in CPU memory throughout: pages of the checkpoint in its stored dtype.

@@ -54,6 +54,9 @@ def _worker(rank: int, world: int, port: int, out: str, shard: bool = False,
     try:
         assert distributed.world_size() == world and distributed.rank() == rank
         seen: dict = {}
+        from llrc_core import pipeline            # count the layers this process decomposes
+        real, made = pipeline.decompose, []
+        pipeline.decompose = lambda W, *a, **k: made.append(1) or real(W, *a, **k)
         layers = _plan(checkpoint=None if shard else os.path.join(out, "ck.pt"),
                        shard_over=world if shard else 1, seen=seen if shard else None,
                        offload=offload)
@@ -61,6 +64,7 @@ def _worker(rank: int, world: int, port: int, out: str, shard: bool = False,
             json.dump(layers, f)
         if shard:
             seen["whole_after_forward"] = _whole_after_forward()
+            seen["decomposed"] = len(made)
             with open(os.path.join(out, f"shards{rank}.json"), "w") as f:
                 json.dump(seen, f)
     finally:
@@ -115,10 +119,11 @@ def test_two_gloo_processes_give_the_one_process_plan(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("offload", ["none", "weights"])
 def test_factors_sharded_over_two_processes_give_the_one_process_plan(tmp_path, offload):
-    """FSDP2 (``--shard-factors``): each process keeps its half of every layer's U and V rows
-    (split as ``torch.chunk`` splits them), in CPU memory after decomposing and on the
-    device while masks train, and the plan is the one-process plan, unsharded. Also with the
-    dense blocks onloaded in turn (``--offload weights``: the 70B case)."""
+    """FSDP2 (``--shard-factors``): each process decomposes half the layers and receives the
+    others, keeps its half of every layer's U and V rows (split as ``torch.chunk`` splits
+    them), in CPU memory after decomposing and on the device while masks train, and the plan
+    is the one-process plan, unsharded. Also with the dense blocks onloaded in turn
+    (``--offload weights``: the 70B case)."""
     torch.set_num_threads(1)
     one = _plan()
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), True, offload), nprocs=2,
@@ -127,6 +132,7 @@ def test_factors_sharded_over_two_processes_give_the_one_process_plan(tmp_path, 
     assert plans[0] == plans[1] == json.loads(json.dumps(one))
     shards = [json.loads((tmp_path / f"shards{r}.json").read_text()) for r in range(2)]
     assert [s.pop("whole_after_forward") for s in shards] == [False, False]
+    assert [s.pop("decomposed") for s in shards] == [18, 18]   # the 36 layers dealt out
     assert len(shards[0]) == 36
     for name, (*_, (m, r, n)) in shards[0].items():
         rows_u, rows_v = [len(c) for c in torch.empty(m).chunk(2)], \
