@@ -74,6 +74,11 @@ VARIANTS.update({
                              "options": {"batch_size": 8}},
     "whiten-calib-128-every": {"decomposition": "whiten", "n_calib": 128,
                                "options": {"distill_at": "every"}},
+    # The logits term: the last state compared through the LM head by the KL of the
+    # next-token distributions (the middle state still by nmse), or that KL alone.
+    "whiten-kl": {"decomposition": "whiten", "options": {"distill_loss": "kl"}},
+    "whiten-kl-last": {"decomposition": "whiten",
+                       "options": {"distill_loss": "kl", "distill_at": "last"}},
     # Start from the uniform ranks on the budget (SVD-LLM's allocation on whitened factors):
     # training then only moves the budget between layers.
     "whiten-init-uniform": {"decomposition": "whiten", "options": {"init": "uniform"}},

@@ -38,6 +38,18 @@ def distill_layers(model: nn.Module, at: str = "middle-last") -> tuple[int, ...]
     return max(n // 2, 1), n
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The part of ``model`` that maps the last hidden state to logits (``lm_head``; BERT's
+    ``cls``, transform included), or ``None`` for a model without an LM head. It is the
+    top-level child, other than the base, that holds the output embeddings."""
+    out = getattr(model, "get_output_embeddings", lambda: None)()
+    base = base_of(model)
+    if out is None or base is model:
+        return None
+    return next((m for m in model.children()
+                 if m is not base and any(x is out for x in m.modules())), None)
+
+
 def hidden_at(model: nn.Module, ids: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
     """Hidden states ``(B, T, d)`` after the given layers (``output_hidden_states`` indices)."""
     out = base_of(model)(input_ids=ids, output_hidden_states=True, use_cache=False)

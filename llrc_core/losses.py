@@ -49,6 +49,16 @@ def pooled_cosine(h: torch.Tensor, target: torch.Tensor, span: int) -> torch.Ten
     return (1 - torch.nn.functional.cosine_similarity(pool(h), pool(target), dim=-1)).mean()
 
 
+def kl_logits(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(target || model)`` of the next-token distributions, averaged over tokens: how far
+    the masked model's predictions moved from the original's (knowledge distillation at
+    temperature 1). ``(B, T, V)`` each; computed in float32."""
+    V = logits.shape[-1]
+    return F.kl_div(F.log_softmax(logits.float().reshape(-1, V), -1),
+                    F.log_softmax(target_logits.float().reshape(-1, V), -1),
+                    reduction="batchmean", log_target=True)
+
+
 def ppl_of(mean_nll: float) -> float:
     """Perplexity of a mean next-token NLL (``inf`` past float range)."""
     return math.exp(mean_nll) if mean_nll < 700 else float("inf")

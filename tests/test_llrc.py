@@ -238,6 +238,45 @@ def test_pooled_distance_compares_mean_pooled_spans_by_cosine(tiny):
     assert distill_setting(encoder, "every", "mse") == ("every", "mse")
 
 
+def test_kl_distance_compares_next_token_distributions_through_the_head(tiny):
+    """``distill_loss="kl"``: the last state goes through the LM head and is compared by
+    ``KL(original || masked)`` of the next-token distributions (worked out by hand), earlier
+    states by nmse; zero for the model as it is, positive with a layer masked, and equal to
+    the KL of the full model's logits. An encoder (no head) is refused with the fix."""
+    from llrc_core.distill import output_head
+    from llrc_core.losses import kl_logits, nmse
+    from llrc_core.selectors.learned import Objective, masked_session
+    p, q = torch.tensor([0.5, 0.25, 0.25]), torch.tensor([0.25, 0.5, 0.25])
+    by_hand = float((p * (p / q).log()).sum())                    # 0.25 ln 2
+    assert abs(kl_logits(q.log()[None, None], p.log()[None, None]).item() - by_hand) < 1e-6
+    model, dec, windows = tiny
+    assert output_head(model) is model.lm_head
+    ids = windows[:8]
+    with torch.no_grad():
+        dense_logits = model(input_ids=ids).logits
+    objective = Objective(model, windows, "distill", 4, layers=(1, 2), distance="kl")
+    idx = torch.arange(8)
+    assert abs(objective(idx).item()) < 1e-6
+    with masked_session(model, dec.factors) as masked:            # every layer at rank 1
+        for layer in masked.values():
+            layer.mask = torch.zeros(layer.rank)
+            layer.mask[0] = 1
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True)
+            middle = nmse(out.hidden_states[1], objective.targets[0][idx])
+            kl = kl_logits(out.logits, dense_logits)
+        assert kl.item() > 1e-4               # random weights: near-uniform predictions
+        assert abs(objective(idx).item() - (middle + kl).item() / 2) < 1e-5
+    import transformers
+    encoder = transformers.BertModel(transformers.BertConfig(
+        hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=128)).eval()
+    assert output_head(encoder) is None
+    with pytest.raises(ValueError, match="needs a model with an LM head"):
+        Objective(encoder, windows, "distill", 4, distance="kl")
+    LLRCConfig(distill_loss="kl")                                  # accepted
+
+
 def test_dense_switch_keeps_every_value_from_break_even_with_the_gradient_flowing(tiny):
     """``gates.dense_switch``: under break-even the mask is unchanged; from it the value is 1
     everywhere (the layer as stored dense) and the gradient is the mask's own. A run with the

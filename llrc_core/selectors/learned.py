@@ -143,8 +143,11 @@ class Objective:
     hidden states at ``layers`` (``output_hidden_states`` indices; default: the last) and the
     original model's, averaged over the layers. The targets are computed once, here, from the
     model as it is (build the objective before installing masks). ``distance``: ``nmse``
-    (per batch), ``mse``, or ``scaled`` (MSE divided by the targets' mean square over all
-    windows: scale-free). ``seq_len`` keeps the first tokens of each window (0: all).
+    (per batch), ``mse``, ``scaled`` (MSE divided by the targets' mean square over all
+    windows: scale-free), ``pooled[:SPAN]``, or ``kl`` (the last state through the output
+    head, ``KL(original || masked)`` of the next-token distributions; any earlier state by
+    ``nmse``: the teacher's logits are made from the stored last state each step, so no
+    ``N x T x V`` array is kept). ``seq_len`` keeps the first tokens of each window (0: all).
     """
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, kind: str = "auto",
@@ -163,8 +166,16 @@ class Objective:
             with one_thread():      # a full-tensor sum splits by thread count: see __call__
                 self.scales = [t.float().pow(2).mean().clamp_min(1e-12).item()
                                for t in self.targets]
+            self.head = distill.output_head(model) if distance == "kl" else None
+            if distance == "kl" and self.head is None:
+                raise ValueError("distill_loss 'kl' compares next-token distributions and "
+                                 "needs a model with an LM head; use nmse or pooled for an "
+                                 "encoder")
 
-    def _distance(self, h: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
+    def _distance(self, h: torch.Tensor, t: torch.Tensor, scale: float,
+                  last: bool) -> torch.Tensor:
+        if self.distance == "kl":                     # the last: logits, through the head
+            return losses.kl_logits(h, t) if last else losses.nmse(h, t)
         if self.distance == "nmse":
             return losses.nmse(h, t)
         if self.distance.startswith("pooled"):                    # "pooled" or "pooled:SPAN"
@@ -182,13 +193,19 @@ class Objective:
                 loss = losses.next_token_loss(self.model(input_ids=ids).logits, ids)
             else:
                 hs = distill.hidden_at(self.model, ids, self.layers)              # (B, L, d) each
+                ts = [t[idx.to(t.device), :h.shape[1]].to(h.device)
+                      for h, t in zip(hs, self.targets)]
+                if self.head is not None:     # kl: the head's matmul on every thread
+                    with torch.no_grad():
+                        ts[-1] = self.head(ts[-1].to(hs[-1].dtype))
+                    hs[-1] = self.head(hs[-1])
                 # The distances' sums over whole tensors split by thread: on one thread a
                 # step's bits do not depend on the count (threads.py; the rest of a step's
                 # forward and backward does not, measured). They are cheap.
                 with one_thread():
-                    loss = sum(self._distance(h, t[idx.to(t.device), :h.shape[1]].to(h.device),
-                                              s)
-                               for h, t, s in zip(hs, self.targets, self.scales)) / len(hs)
+                    loss = sum(self._distance(h, t, s, i == len(hs) - 1)
+                               for i, (h, t, s) in enumerate(zip(hs, ts, self.scales))
+                               ) / len(hs)
         return loss * weight if weight != 1.0 else loss
 
 

@@ -72,7 +72,9 @@ class LLRCConfig(TrainConfig):
     objective: str = option("distill", "distill (hidden states) or lm (next-token loss ablation)")
     distill_loss: str = option("auto", "nmse (normalised MSE), mse, or pooled[:SPAN] (1 - cosine "
                                "of the means of SPAN-token spans, default 32: the sentence "
-                               "embeddings of a mean-pooling encoder); auto: nmse for a model "
+                               "embeddings of a mean-pooling encoder), or kl (the last state "
+                               "through the LM head: KL of the next-token distributions; "
+                               "earlier states by nmse); auto: nmse for a model "
                                "with an LM head, pooled for an encoder (measured best)")
     distill_at: str = option("auto", "hidden states distilled: middle-last (the "
                              "paper: the middle block's output and the last) or every (every "
@@ -102,9 +104,9 @@ class LLRCConfig(TrainConfig):
         if self.distill_at not in (*distill.DISTILL_AT, "auto"):
             raise ValueError(f"distill_at must be one of {distill.DISTILL_AT}, got "
                              f"{self.distill_at!r}")
-        if self.distill_loss not in ("auto", "nmse", "mse") and \
+        if self.distill_loss not in ("auto", "nmse", "mse", "kl") and \
                 not self.distill_loss.startswith("pooled"):
-            raise ValueError(f"distill_loss must be 'nmse', 'mse' or 'pooled[:SPAN]', got "
+            raise ValueError(f"distill_loss must be 'nmse', 'mse', 'kl' or 'pooled[:SPAN]', got "
                              f"{self.distill_loss!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
