@@ -200,6 +200,13 @@ def test_every_block_distillation_is_zero_unmasked_and_sees_each_block(tiny):
         LLRCConfig(distill_at="all")
 
 
+def _at_rank_one(masked: dict) -> None:
+    """Every masked layer keeps its first singular value alone."""
+    for layer in masked.values():
+        layer.mask = torch.zeros(layer.rank)
+        layer.mask[0] = 1
+
+
 def test_pooled_distance_compares_mean_pooled_spans_by_cosine(tiny):
     """``distill_loss="pooled[:SPAN]"``: ``1 - cos`` of the means of SPAN-token spans (the
     sentence embeddings of a mean-pooling encoder), as worked out by hand; zero for the model
@@ -217,10 +224,8 @@ def test_pooled_distance_compares_mean_pooled_spans_by_cosine(tiny):
     objective = Objective(model, windows, "distill", 4, layers=(2,), distance="pooled:8")
     idx = torch.arange(8)
     assert abs(objective(idx).item()) < 1e-6
-    with masked_session(model, dec.factors) as masked:            # every layer at rank 1
-        for layer in masked.values():
-            layer.mask = torch.zeros(layer.rank)
-            layer.mask[0] = 1
+    with masked_session(model, dec.factors) as masked:
+        _at_rank_one(masked)
         assert objective(idx).item() > 0.01
     with pytest.raises(ValueError, match="distill_loss must be"):
         LLRCConfig(distill_loss="cosine")
@@ -257,10 +262,8 @@ def test_kl_distance_compares_next_token_distributions_through_the_head(tiny):
     objective = Objective(model, windows, "distill", 4, layers=(1, 2), distance="kl")
     idx = torch.arange(8)
     assert abs(objective(idx).item()) < 1e-6
-    with masked_session(model, dec.factors) as masked:            # every layer at rank 1
-        for layer in masked.values():
-            layer.mask = torch.zeros(layer.rank)
-            layer.mask[0] = 1
+    with masked_session(model, dec.factors) as masked:
+        _at_rank_one(masked)
         with torch.no_grad():
             out = model(input_ids=ids, output_hidden_states=True)
             middle = nmse(out.hidden_states[1], objective.targets[0][idx])
