@@ -247,7 +247,8 @@ def cmd_plan_memory(args) -> dict | None:
                        args.seq_len, args.batch_size, args.gpus,
                        args.gpu_memory if args.gpus else None,   # a host plan is not checked
                        args.trust_remote_code, offload=args.offload,
-                       factor_dtype=args.factor_dtype, shard_over=args.shard_factors)
+                       factor_dtype=args.factor_dtype, shard_over=args.shard_factors,
+                       processes=args.processes)
     if args.json:
         return plan.to_dict()
     print(plan.table())

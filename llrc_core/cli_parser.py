@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-factors", type=int, default=1, metavar="N",
                    help="plan factors split over N processes while masks train (compress "
                    "--shard-factors under torchrun --nproc_per_node N); counts one process")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="torchrun processes of the run (data parallel; at least "
+                   "--shard-factors); counts one process")
     _placement_args(p)
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")

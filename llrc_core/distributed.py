@@ -2,10 +2,15 @@
 
 ``torchrun --nproc_per_node N -m llrc_core compress ...`` starts N processes; each finds the
 process group in its environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``; ``init_from_env``),
-with NCCL on GPUs and gloo on CPU. Every rank loads the model, calibrates and decomposes
-alike (same seed, same windows; with ``--shard-factors`` the layers' decompositions are
-dealt out, ``owner``, and ``broadcast`` from the rank that made each), then trains the masks
-on its share of each global batch:
+with NCCL on GPUs and gloo on CPU. Every rank loads the model and draws the same
+calibration windows (same seed), and the ranks share the work before training:
+
+* statistics: each rank forwards its share of the windows (``my_share``) and each block's
+  sums are all-reduced (``sum_``; ``stats.collect_stats``);
+* decomposition: the layers are dealt out (``owner``) and each is ``broadcast`` from the rank
+  that made it (``pipeline.decompose_model``).
+
+Then each rank trains the masks on its share of each global batch:
 
 * ``local(idx)``: the rank's contiguous slice of the global batch ``idx`` (all ranks draw the
   same ``idx`` from the same seeded order);
@@ -99,7 +104,37 @@ def average_grads(params) -> None:
         g.copy_(part.view_as(g))
 
 
-def _comm_device() -> str:
+def my_share(windows: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous share of all the calibration ``windows`` (every window outside
+    a group), for work whose sums are then all-reduced (``sum_``)."""
+    if not active():
+        return windows
+    if len(windows) < world_size():
+        raise ValueError(f"{len(windows)} calibration windows cannot be shared by "
+                         f"{world_size()} processes: raise --n-calib to at least "
+                         f"{world_size()} or launch fewer processes")
+    return windows.tensor_split(world_size())[rank()]
+
+
+def sum_(tensors: list[torch.Tensor], count: float = 0.0) -> float:
+    """Sum ``tensors`` over the ranks in place (collective: every rank passes tensors of the
+    same shapes, in the same order) and return the sum of ``count``; outside a group,
+    ``count``."""
+    if not active():
+        return count
+    for t in tensors:
+        if t.device.type == torch.device(comm_device()).type:
+            dist.all_reduce(t)
+        else:                                     # gloo reduces CPU tensors, NCCL CUDA ones
+            moved = t.to(comm_device())
+            dist.all_reduce(moved)
+            t.copy_(moved)
+    c = torch.tensor([count], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(c)
+    return float(c.item())
+
+
+def comm_device() -> str:
     return "cuda" if dist.get_backend() == "nccl" else "cpu"      # NCCL moves CUDA tensors
 
 
@@ -114,7 +149,7 @@ def broadcast(tensors: list[torch.Tensor], src: int) -> list[torch.Tensor]:
     device; outside a group, ``tensors`` as they are."""
     if not active():
         return tensors
-    out = [t.to(_comm_device()).contiguous() for t in tensors]   # sent as laid out in memory
+    out = [t.to(comm_device()).contiguous() for t in tensors]   # sent as laid out in memory
     for t in out:
         dist.broadcast(t, src)
     return out
@@ -139,7 +174,7 @@ def all_rows(piece: torch.Tensor, rows: int) -> torch.Tensor:
     if not active():
         return piece
     size = -(-rows // world_size())
-    padded = piece.new_zeros((size, *piece.shape[1:]), device=_comm_device())
+    padded = piece.new_zeros((size, *piece.shape[1:]), device=comm_device())
     padded[:piece.shape[0]] = piece
     parts = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(parts, padded)
@@ -171,7 +206,7 @@ def mean(value: float) -> float:
     """The mean of a float over the ranks (for reported losses)."""
     if not active():
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
+    t = torch.tensor([value], dtype=torch.float64, device=comm_device())
     dist.all_reduce(t)
     return float(t.item()) / world_size()
 

@@ -52,11 +52,11 @@ def decompose_model(model, decomposition: str = "svd", windows: torch.Tensor | N
     """Factors of every target layer. Data-aware decompositions collect statistics block by
     block and decompose each block as soon as its statistics are complete. With a
     ``placement``, each layer's factors are stored as it says as soon as they exist (dtype,
-    device), so no more than one layer's float32 factors are held at a time. With factors
-    sharded over a process group (``Placement.sharded``) the layers are dealt out: each
-    process decomposes every N-th layer of a block, keeps those in the factor dtype until
-    the block is done, then each is broadcast from its process (``_dealt``), so N processes
-    share the decomposition's work instead of each doing all of it."""
+    device), so no more than one layer's float32 factors are held at a time. In a process
+    group of N the work is shared: each process collects the statistics of its share of the
+    windows (summed over the group, ``stats.collect_stats``) and the layers are dealt out:
+    each process decomposes every N-th layer of a block, keeps those in the factor dtype
+    until the block is done, then each is broadcast from its process (``_dealt``)."""
     if decomposition not in DECOMPOSITIONS:
         raise ValueError(f"decomposition must be one of {sorted(DECOMPOSITIONS)}, "
                          f"got {decomposition!r}")
@@ -66,7 +66,8 @@ def decompose_model(model, decomposition: str = "svd", windows: torch.Tensor | N
     needs = DECOMPOSITIONS[decomposition].needs
     factors, kept_stats, warnings = {}, {}, []
     t0 = time.time()
-    dealt = placement is not None and placement.sharded and distributed.active()
+    dealt = distributed.active()
+    dealt_dtype = placement.factor_dtype if placement is not None else torch.float32
     order = {t.name: i for i, t in enumerate(targets)}
     home = onload.execution_device(model)
 
@@ -80,9 +81,9 @@ def decompose_model(model, decomposition: str = "svd", windows: torch.Tensor | N
 
     def run(names, stats):
         if dealt:     # this process's layers of the block first, then every one handed round
-            mine = {n: _for_dealing(*one(n, stats.get(n)), placement) for n in names
+            mine = {n: _for_dealing(*one(n, stats.get(n)), dealt_dtype) for n in names
                     if distributed.owner(order[n]) == distributed.rank()}
-            made = lambda n: _dealt(mine.pop(n, None), order[n], dec_shape[n], placement)
+            made = lambda n: _dealt(mine.pop(n, None), order[n], dec_shape[n], dealt_dtype)
         else:         # one layer's float32 factors at a time
             made = lambda n: one(n, stats.get(n))
         for name in names:
@@ -124,21 +125,20 @@ def decompose_model(model, decomposition: str = "svd", windows: torch.Tensor | N
                       placement)
 
 
-def _for_dealing(f: Factors, fell_back: bool, placement: Placement) -> list[torch.Tensor]:
-    """What ``_dealt`` sends of a layer: ``U`` and ``V`` in the placement's factor dtype (as
-    it stores them: half the float32 bytes wait in bf16), ``S`` in float32, and the damping
-    and fallback."""
-    dt = placement.factor_dtype
+def _for_dealing(f: Factors, fell_back: bool, dt: torch.dtype) -> list[torch.Tensor]:
+    """What ``_dealt`` sends of a layer: ``U`` and ``V`` in the factor dtype ``dt`` (the
+    placement's, as it stores them: half the float32 bytes wait in bf16), ``S`` in float32,
+    and the damping and fallback."""
     return [f.U.to(dt), f.S.float(), f.V.to(dt),
             torch.tensor([f.damping, float(fell_back)], dtype=torch.float64)]
 
 
 def _dealt(sent: list[torch.Tensor] | None, index: int, shape: tuple[int, int],
-           placement: Placement) -> tuple[Factors, bool]:
+           dt: torch.dtype) -> tuple[Factors, bool]:
     """Layer ``index``'s factors from the process that decomposed it (``distributed.owner``;
     ``sent``: ``_for_dealing`` there, ``None`` elsewhere), on every process (collective)."""
     m, n = shape
-    r, dt = min(m, n), placement.factor_dtype
+    r = min(m, n)
     if sent is None:
         sent = [torch.empty(m, r, dtype=dt), torch.empty(r), torch.empty(r, n, dtype=dt),
                 torch.empty(2, dtype=torch.float64)]

@@ -130,9 +130,11 @@ class MemoryPlan:
                             if pl.offload_weights and self.gpus else
                             ", dense originals parked in CPU memory while masks train"
                             if pl.park_dense else ""))
-            if pl.sharded:
-                lines.append(f"each of the {pl.shard_over} processes needs the GPU and CPU "
-                             "memory above (CPU memory: each keeps its share of the factors)")
+            if self.facts["processes"] > 1:
+                lines.append(f"each of the {self.facts['processes']} processes needs the GPU "
+                             "and CPU memory above (each collects statistics over its share "
+                             "of the windows" + ("; each keeps its share of the factors in "
+                             "CPU memory)" if pl.sharded else ")"))
         if self.facts.get("mapped_host_bytes"):
             lines.append(f"of the CPU memory, {self.facts['mapped_host_bytes'] / GIB:.1f} GiB "
                          "are the blocks memory-mapped from the checkpoint (safetensors, in "
@@ -146,8 +148,8 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
                 batch_size: int = 4, gpus: int = 1, gpu_memory: float | None = 80.0,
                 trust_remote_code: bool = False, meta=None, offload: str = "auto",
                 factor_dtype: str | None = None, train_seq_len: int | None = None,
-                max_shard_size: int | str = DEFAULT_MAX_SHARD, shard_over: int = 1
-                ) -> MemoryPlan:
+                max_shard_size: int | str = DEFAULT_MAX_SHARD, shard_over: int = 1,
+                processes: int = 1) -> MemoryPlan:
     """Count the memory of compressing ``model`` (a folder or Hub id; only its config is
     read) with ``method`` at these settings. ``meta``: an already built model (meta-device,
     or loaded: only its shapes, parameter count and config are used). ``offload``: one of
@@ -156,7 +158,9 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
     step (``None``: the method's default; 0: the whole window). ``max_shard_size``: the
     export's shards (``shards.py``), written one at a time from CPU memory. ``shard_over``:
     the torchrun processes (one GPU each) the factors are split over while masks train
-    (``compress --shard-factors``; 1: none); each process is counted."""
+    (``compress --shard-factors``; 1: none); each process is counted. ``processes``: the
+    torchrun processes of the run (at least ``shard_over``), which share the statistics pass
+    (each holds its share of the windows' hidden states) and deal the decomposition out."""
     from .selectors import get_selector
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -172,8 +176,9 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
     if train_seq_len is None:
         train_seq_len = getattr(spec.config(), "train_seq_len", 0)
     step_len = min(seq_len, train_seq_len) if train_seq_len else seq_len
+    processes = max(processes, shard_over, 1)
     counts = _counts(meta, dtype, decomposition, n_calib, seq_len, batch_size, step_len,
-                     two_targets=method == "llrc")
+                     two_targets=method == "llrc", processes=processes)
     f = counts["facts"]
     f["write_buffer_bytes"] = write_buffer_bytes(f["weights_bytes"], max_shard_size)
     # Sequential onloading loads a safetensors checkpoint in its own dtype, memory-mapped
@@ -199,10 +204,11 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
 
 
 def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
-            batch_size: int, step_len: int, two_targets: bool) -> dict:
-    """Numbers and bytes that do not depend on the placement."""
+            batch_size: int, step_len: int, two_targets: bool, processes: int = 1) -> dict:
+    """Numbers and bytes that do not depend on the placement (for one of ``processes``)."""
     from .decompose import DECOMPOSITIONS
     tokens = n_calib * seq_len
+    my_tokens = -(-n_calib // processes) * seq_len   # statistics: this process's windows
     b = DTYPES[dtype].itemsize                                             # bytes per number
     targets = find_targets(meta)
     cfg = meta.config
@@ -223,6 +229,7 @@ def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
     _, block_list = find_blocks(meta)
     in_blocks = [count_params(blk) for blk in block_list]
     facts = {"params": params, "weights_bytes": params * b, "targets": len(targets),
+             "processes": processes,
              # sequential onloading: what stays on the device, and what visits it at once
              "frame_bytes": (params - sum(in_blocks)) * b,
              "block_rest_bytes": (sum(in_blocks) - sum(t.m * t.n for t in targets)) * b,
@@ -231,7 +238,7 @@ def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
              "dense_linear": sum(t.m * t.n for t in targets),
              "factor_numbers": sum(layer_factors.values()),
              "spectrum_numbers": sum(min(t.m, t.n) for t in targets),
-             "stats_block_bytes": stats, "hidden_states_block_bytes": 2 * tokens * d * b,
+             "stats_block_bytes": stats, "hidden_states_block_bytes": 2 * my_tokens * d * b,
              "svd_work_bytes": max(decomposition_work(t.m, t.n, decomposition) for t in targets),
              "calibration_tokens": tokens,
              "distill_targets_bytes": (2 if two_targets else 1) * tokens * d * b,
@@ -340,12 +347,13 @@ def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
 
 
 def _dealt_on_device(c: dict, placement: Placement) -> int:
-    """Sharded runs deal the decomposition out (``pipeline.decompose_model``): a process
-    holds the layers of a block it decomposed, in the factor dtype, until the block is
-    handed round: ``ceil(layers / N)`` of the largest (0 unsharded)."""
-    if not placement.sharded:
+    """Runs of N > 1 processes deal the decomposition out (``pipeline.decompose_model``): a
+    process holds the layers of a block it decomposed, in the factor dtype, until the block
+    is handed round: ``ceil(layers / N)`` of the largest (0 in one process)."""
+    processes = c["facts"]["processes"]
+    if processes < 2:
         return 0
-    held = -(-c["block_layers"] // placement.shard_over)
+    held = -(-c["block_layers"] // processes)
     return placement.factor_dtype.itemsize * held * max(n for _, n in c["layers"])
 
 
@@ -425,14 +433,16 @@ def check_fits(model: str, method: str, decomposition: str, *, dtype: str, n_cal
                factor_dtype: str | None = None, train_seq_len: int | None = None,
                max_shard_size: int | str = DEFAULT_MAX_SHARD, shard_over: int = 1
                ) -> MemoryPlan:
-    """The plan of this run on the memory it will have (its ``placement`` is the one the run
-    uses); ``LLRCError`` when it cannot fit."""
+    """The plan of this run on the memory it will have, in each of its processes (its
+    ``placement`` is the one the run uses); ``LLRCError`` when it cannot fit."""
+    from . import distributed
     from .errors import LLRCError
     gpus, gib = device_memory_gib(device)
     plan = plan_memory(model, dtype, method, decomposition, n_calib, seq_len, batch_size,
                        gpus=gpus, gpu_memory=gib, meta=meta, offload=offload,
                        factor_dtype=factor_dtype, train_seq_len=train_seq_len,
-                       max_shard_size=max_shard_size, shard_over=shard_over)
+                       max_shard_size=max_shard_size, shard_over=shard_over,
+                       processes=distributed.world_size())
     if not plan.fits:
         raise LLRCError(refusal(plan))
     return plan

@@ -9,6 +9,11 @@
 Collection runs block by block (``blocks.py``), so only one block's statistics and one set of
 hidden states are alive at a time when ``on_block`` consumes them. Layers fed the same
 tensor (q, k, v) share one Gram computation.
+
+In a process group (``torchrun``) every process forwards its own contiguous share of the
+windows and each block's sums are all-reduced before ``on_block`` sees them: N processes
+share the statistics pass, and every process ends with the sums over all windows (one
+process's sums up to rounding: the batches are cut differently).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from . import distributed
 from .blocks import capture_block_inputs, inference_mode, run_block
 from .models import Target, find_blocks
 
@@ -79,6 +85,23 @@ class _Accumulator:
             h.remove()
         self._memo = {}
 
+    def summed(self, widths: dict[str, int]) -> dict[str, LayerStats]:
+        """The block's statistics summed over the processes of a group (collective), as they
+        are outside one. ``widths``: every hooked layer's input size, so that a layer no
+        token of this process reached still takes part (with zero sums)."""
+        if not distributed.active():
+            return self.stats
+        for name in sorted(widths):
+            s = self.stats.get(name)
+            if s is None:                                # summed with the others' below
+                n, dev = widths[name], distributed.comm_device()
+                s = self.stats[name] = LayerStats(
+                    torch.zeros(n, dtype=torch.float64, device=dev) if self.absmean else None,
+                    torch.zeros(n, n, dtype=torch.float64, device=dev) if self.gram else None, 0)
+            s.tokens = int(distributed.sum_([t for t in (s.abs_sum, s.gram) if t is not None],
+                                            s.tokens))
+        return self.stats
+
 
 def collect_stats(model: nn.Module, targets: list[Target], windows: torch.Tensor, *,
                   gram: bool = True, absmean: bool = True, batch_size: int = 8,
@@ -88,28 +111,31 @@ def collect_stats(model: nn.Module, targets: list[Target], windows: torch.Tensor
     """Statistics of every target's input over ``windows`` (n, L), block by block.
 
     With ``on_block`` each block's statistics are handed over as soon as they are complete
-    and not kept (bounded memory); otherwise all are returned.
+    and not kept (bounded memory); otherwise all are returned. In a process group each
+    process forwards its share of ``windows`` and the sums are over all of them (collective).
     """
     _, blocks = find_blocks(model)
     modules = dict(model.named_modules())
     by_block: dict[int, list[str]] = {}
     for t in targets:
         by_block.setdefault(t.block, []).append(t.name)
-    batches = list(windows.split(batch_size))
+    width = {t.name: t.n for t in targets}
+    batches = list(distributed.my_share(windows).split(batch_size))
     result: dict[str, LayerStats] = {}
     with inference_mode(model):
         states = capture_block_inputs(model, blocks, batches)
         for b in progress(range(len(blocks))):
             names = by_block.get(b, [])
             acc = _Accumulator({n: modules[n] for n in names}, gram, absmean)
+            widths = {n: width[n] for n in names}
             try:
                 states = [s.with_hidden(run_block(blocks[b], s)) for s in states]
             finally:
                 acc.close()
             if on_block is not None:
-                on_block(b, acc.stats)
+                on_block(b, acc.summed(widths))
             else:
-                result.update(acc.stats)
+                result.update(acc.summed(widths))
     return result
 
 

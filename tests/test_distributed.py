@@ -20,7 +20,7 @@ OPTIONS = dict(ratio=0.8, selection="any-k", objective="lm", steps=6, batch_size
 
 
 def _plan(checkpoint: str | None = None, shard_over: int = 1, seen: dict | None = None,
-          offload: str = "none") -> dict:
+          offload: str = "none", decomposition: str = "svd") -> dict:
     """The demo model's plan; ``shard_over`` > 1: factors sharded over that many processes,
     and ``seen`` gets, at the first step, each masked layer's local rows of U and V;
     ``offload="weights"``: the blocks onloaded in turn (``onload.py``)."""
@@ -32,7 +32,7 @@ def _plan(checkpoint: str | None = None, shard_over: int = 1, seen: dict | None 
     loaded = (load_sequential if offload == "weights" else load_model)(DEMO, "cpu")
     windows = calibrate(loaded, WIKI_TEST, 8, 32, seed=0)
     placement = Placement.for_run(torch.float32, "cpu", offload, shard_over=shard_over)
-    dec = decompose_model(loaded.model, "svd", placement=placement)
+    dec = decompose_model(loaded.model, decomposition, windows, placement=placement)
 
     def look(event: dict) -> None:
         if seen is not None and event["type"] == "step" and event["step"] == 1:
@@ -59,14 +59,45 @@ def _worker(rank: int, world: int, port: int, out: str, shard: bool = False,
         pipeline.decompose = lambda W, *a, **k: made.append(1) or real(W, *a, **k)
         layers = _plan(checkpoint=None if shard else os.path.join(out, "ck.pt"),
                        shard_over=world if shard else 1, seen=seen if shard else None,
-                       offload=offload)
+                       offload=offload, decomposition="svd" if shard else "asvd")
         with open(os.path.join(out, f"plan{rank}.json"), "w") as f:
             json.dump(layers, f)
+        seen["decomposed"] = len(made)
         if shard:
             seen["whole_after_forward"] = _whole_after_forward()
-            seen["decomposed"] = len(made)
-            with open(os.path.join(out, f"shards{rank}.json"), "w") as f:
-                json.dump(seen, f)
+        with open(os.path.join(out, f"{'shards' if shard else 'made'}{rank}.json"), "w") as f:
+            json.dump(seen, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _block_stats() -> tuple[dict, int]:
+    """The demo model's whitening and ASVD statistics over 8 windows (of the first layers of
+    block 0 and the last layer), and the windows this process ran through each block."""
+    from llrc_core import stats
+    from llrc_core.models import find_targets, load_model
+    from llrc_core.pipeline import calibrate
+    loaded = load_model(DEMO, "cpu")
+    windows = calibrate(loaded, WIKI_TEST, 8, 32, seed=0)
+    targets = find_targets(loaded.model)
+    real, rows = stats.run_block, []
+    stats.run_block = lambda block, inp: rows.append(inp.hidden.shape[0]) or real(block, inp)
+    try:
+        got = stats.collect_stats(loaded.model, targets, windows, batch_size=3)
+    finally:
+        stats.run_block = real
+    keep = [t.name for t in targets[:4]] + [targets[-1].name]
+    return ({n: (got[n].tokens, got[n].gram, got[n].abs_sum) for n in keep},
+            sum(rows) // (1 + targets[-1].block))
+
+
+def _stats_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    assert distributed.init_from_env()
+    try:
+        torch.save(_block_stats(), os.path.join(out, f"stats{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -106,14 +137,40 @@ def test_local_share_and_grads_are_identities_outside_a_group():
 
 @pytest.mark.slow
 def test_two_gloo_processes_give_the_one_process_plan(tmp_path):
+    """Two processes share the ASVD statistics (4 of the 8 windows each) and the
+    decomposition (18 of the 36 layers each), then split every batch: the one-process plan."""
     torch.set_num_threads(1)
-    one = _plan()
+    one = _plan(decomposition="asvd")
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     plans = [json.loads((tmp_path / f"plan{r}.json").read_text()) for r in range(2)]
     assert plans[0] == plans[1]                       # every rank ends with the same plan
     assert plans[0] == json.loads(json.dumps(one))    # ... the one-process plan
+    assert [json.loads((tmp_path / f"made{r}.json").read_text())["decomposed"]
+            for r in range(2)] == [18, 18]
     assert (tmp_path / "ck.pt").exists()              # written once, by rank 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt", "plan0.json", "plan1.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ck.pt", "made0.json", "made1.json", "plan0.json", "plan1.json"]
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_statistics_pass(tmp_path):
+    """Each of two processes runs 4 of the 8 calibration windows through every block (one
+    process: all 8), and both end with the one-process sums: the same token counts, and
+    Gram matrices and absolute sums equal up to float32 rounding (each batch's product runs
+    in float32, and the batches are cut differently), the same on both processes."""
+    torch.set_num_threads(1)
+    one, rows = _block_stats()
+    assert rows == 8
+    mp.spawn(_stats_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    two = [torch.load(tmp_path / f"stats{r}.pt", weights_only=True) for r in range(2)]
+    assert [r for _, r in two] == [4, 4]
+    for name, (tokens, gram, abs_sum) in one.items():
+        for got, _ in two:
+            t, g, a = got[name]
+            assert t == tokens == 8 * 32
+            assert ((g - gram).norm() / gram.norm()).item() < 1e-6
+            assert ((a - abs_sum).norm() / abs_sum.norm()).item() < 1e-6
+        assert torch.equal(two[0][0][name][1], two[1][0][name][1])
 
 
 @pytest.mark.slow

@@ -97,12 +97,22 @@ def test_factors_sharded_over_processes_hold_a_share_and_one_layer_whole(configs
     _, dense, factors, spectrum = by_hand(d, i, n, d)
     assert four.placement.sharded and four.facts["placement"]["shard_factors_over"] == 4
     # decomposing, it holds its 2 of each block's 7 layers (the largest: 4096 x 15104 bf16)
+    # and the hidden states of its 16 of the 64 windows (input and output of a block, bf16)
     assert four.phases["decomposition"] == full.phases["decomposition"] - 2 * factors - \
-        4 * spectrum + 2 * 2 * d * (i + d)
+        4 * spectrum + 2 * 2 * d * (i + d) - 2 * 2 * (64 - 16) * 512 * d
+    assert four.facts["hidden_states_block_bytes"] == 2 * 2 * 16 * 512 * d
     assert four.phases["selection"] == full.phases["selection"] - 2 * factors - \
         4 * spectrum + -(-2 * factors // 4) + 2 * d * (i + d)
     assert four.cpu_phases["selection"] == full.cpu_phases["selection"] + \
         -(-2 * factors // 4) + 4 * spectrum           # this process's rows, the whole spectra
+    # four replicated processes (data parallel): the same share of the statistics and of the
+    # decomposition; each holds every factor while masks train, as one process does
+    dp = planner.plan_memory(path, gpu_memory=80, offload="none", processes=4)
+    assert not dp.placement.sharded and dp.facts["processes"] == 4
+    assert dp.phases["decomposition"] == full.phases["decomposition"] + \
+        2 * 2 * d * (i + d) - 2 * 2 * (64 - 16) * 512 * d
+    assert dp.phases["selection"] == full.phases["selection"]
+    assert "each of the 4 processes" in dp.table()
     assert planner.plan_memory(path, gpu_memory=80, shard_over=4).placement.offload == "none"
     with pytest.raises(ValueError, match="one GPU per process"):
         planner.plan_memory(path, gpus=2, shard_over=4)
