@@ -79,6 +79,10 @@ VARIANTS.update({
     "whiten-kl": {"decomposition": "whiten", "options": {"distill_loss": "kl"}},
     "whiten-kl-last": {"decomposition": "whiten",
                        "options": {"distill_loss": "kl", "distill_at": "last"}},
+    # The gates' noise shrunk over the holding (to 0: the last steps train the deterministic
+    # masks the plan keeps; to 0.3), the hard gates being sampled at noise scale 1 otherwise.
+    "whiten-noise0": {"decomposition": "whiten", "options": {"noise_final": 0.0}},
+    "whiten-noise03": {"decomposition": "whiten", "options": {"noise_final": 0.3}},
     # Start from the uniform ranks on the budget (SVD-LLM's allocation on whitened factors):
     # training then only moves the budget between layers.
     "whiten-init-uniform": {"decomposition": "whiten", "options": {"init": "uniform"}},

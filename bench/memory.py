@@ -17,6 +17,8 @@ runs in its own process.
         --offload weights                  # sequential onloading: 70B-shaped blocks in turn
     python bench/memory.py --preset llama-medium --shard 2
                      # factors sharded over 2 torchrun processes (gloo): each one measured
+    python bench/memory.py --preset llama-medium --processes 2
+                     # 2 replicated torchrun processes: they share statistics and SVDs
 """
 from __future__ import annotations
 
@@ -121,7 +123,9 @@ def worker(a) -> dict:
     plan = plan_memory(str(folder), a.dtype, "llrc", a.decomposition, a.n_calib, a.seq_len,
                        a.batch_size, gpus=gpus, gpu_memory=gib if gpus else None,
                        offload=a.offload, factor_dtype=a.factor_dtype, train_seq_len=0,
-                       max_shard_size=a.max_shard_size, shard_over=distributed.world_size())
+                       max_shard_size=a.max_shard_size,
+                       shard_over=distributed.world_size() if a.shard > 1 else 1,
+                       processes=distributed.world_size())
     placement = plan.placement
     windows = torch.randint(0, cfg.vocab_size, (a.n_calib, a.seq_len),
                             generator=torch.Generator().manual_seed(0))
@@ -194,6 +198,8 @@ def main() -> None:
     ap.add_argument("--export-dtype", default=None, help="dtype stored (default: --dtype)")
     ap.add_argument("--shard", type=int, default=1, metavar="N",
                     help="factors sharded over N torchrun processes (--shard-factors)")
+    ap.add_argument("--processes", type=int, default=1, metavar="N",
+                    help="N replicated torchrun processes (data parallel, not sharded)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -203,14 +209,15 @@ def main() -> None:
     cases = [(a.preset, a.dtype)] if a.preset else DEFAULT_CASES
     results = []
     for preset, dtype in cases:
-        launch = [sys.executable] if a.shard == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.shard)]
+        nproc = max(a.shard, a.processes)
+        launch = [sys.executable] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
         args = [*launch, __file__, "--worker", "--preset", preset, "--dtype", dtype,
                 "--factor-dtype", a.factor_dtype, "--decomposition", a.decomposition,
                 "--device", a.device, "--offload", a.offload,
                 "--n-calib", str(a.n_calib), "--seq-len", str(a.seq_len),
                 "--batch-size", str(a.batch_size), "--steps", str(a.steps),
-                "--max-shard-size", a.max_shard_size,
+                "--max-shard-size", a.max_shard_size, "--shard", str(a.shard),
                 *(["--export-dtype", a.export_dtype] if a.export_dtype else [])]
         proc = subprocess.run(args, capture_output=True, text=True,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -218,7 +225,7 @@ def main() -> None:
             results.append({"preset": preset, "error": proc.stderr.strip().splitlines()[-3:]})
             print(json.dumps(results[-1]), flush=True)
             continue
-        for line in proc.stdout.strip().splitlines()[-a.shard:]:    # one line per process
+        for line in proc.stdout.strip().splitlines()[-nproc:]:      # one line per process
             results.append(json.loads(line))
             print(json.dumps(results[-1]), flush=True)
     if a.json:

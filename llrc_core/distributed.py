@@ -73,15 +73,21 @@ def init_from_env() -> bool:
     return True
 
 
-def local(idx: torch.Tensor) -> torch.Tensor:
-    """This rank's contiguous slice of the global batch ``idx`` (sizes differ by at most 1)."""
+def _my_part(t: torch.Tensor, what: str, setting: str) -> torch.Tensor:
+    """This rank's contiguous part of ``t`` along dim 0 (sizes differ by at most 1); ``what``
+    and ``setting`` name ``t`` and the option that sizes it when it is too short to split."""
     if not active():
-        return idx
-    if len(idx) < world_size():
-        raise ValueError(f"a global batch of {len(idx)} windows cannot be split over "
-                         f"{world_size()} processes: raise batch_size to at least "
-                         f"{world_size()} or launch fewer processes")
-    return idx.tensor_split(world_size())[rank()]
+        return t
+    if len(t) < world_size():
+        raise ValueError(f"{what} of {len(t)} windows cannot be split over {world_size()} "
+                         f"processes: raise {setting} to at least {world_size()} or launch "
+                         "fewer processes")
+    return t.tensor_split(world_size())[rank()]
+
+
+def local(idx: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous slice of the global batch ``idx``."""
+    return _my_part(idx, "a global batch", "batch_size")
 
 
 def share(idx: torch.Tensor) -> float:
@@ -107,13 +113,7 @@ def average_grads(params) -> None:
 def my_share(windows: torch.Tensor) -> torch.Tensor:
     """This rank's contiguous share of all the calibration ``windows`` (every window outside
     a group), for work whose sums are then all-reduced (``sum_``)."""
-    if not active():
-        return windows
-    if len(windows) < world_size():
-        raise ValueError(f"{len(windows)} calibration windows cannot be shared by "
-                         f"{world_size()} processes: raise --n-calib to at least "
-                         f"{world_size()} or launch fewer processes")
-    return windows.tensor_split(world_size())[rank()]
+    return _my_part(windows, "a calibration set", "--n-calib")
 
 
 def sum_(tensors: list[torch.Tensor], count: float = 0.0) -> float:

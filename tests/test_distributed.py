@@ -97,6 +97,9 @@ def _stats_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     assert distributed.init_from_env()
     try:
+        with pytest.raises(ValueError, match="1 windows cannot be split over 2 processes: "
+                           "raise --n-calib to at least 2"):
+            distributed.my_share(torch.zeros(1, 8))
         torch.save(_block_stats(), os.path.join(out, f"stats{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -17,7 +17,7 @@ from llrc_core.pipeline import compress_, decompose_model, select_plan
 from llrc_core.selectors.llrc import LLRCConfig
 
 STEP_FIELDS = {"type", "step", "loss", "loss_compression", "loss_distill", "loss_tv", "alpha",
-               "tau", "ratio_linear", "ratio_model", "target_ratio", "phase", "ranks", "seconds"}
+               "tau", "noise", "ratio_linear", "ratio_model", "target_ratio", "phase", "ranks", "seconds"}
 FAST = dict(steps=40, lr=0.2, batch_size=4, train_seq_len=0, hold_steps=5, mask_every=5)
 
 
@@ -317,3 +317,34 @@ def test_uniform_init_starts_at_the_uniform_ranks_and_lands_on_the_ratio(tiny):
     assert abs(plan.ratio("linear") - 0.5) <= 0.005
     with pytest.raises(ValueError, match="init must be one of"):
         LLRCConfig(init="closed")
+
+
+def test_noise_shrinks_over_the_holding_to_noise_final(tiny):
+    """``noise_final``: the gates' noise scale is 1 while compressing and falls by a cosine
+    over the holding (0.5 half-way, 0 at its end with ``noise_final=0``); at scale 0 the
+    sampled gates are the deterministic ones the plan reads off."""
+    from llrc_core import gates
+    from llrc_core.pipeline import make_context
+    from llrc_core.selectors.llrc import LLRCTrainer
+    model, dec, windows = tiny
+    cfg = LLRCConfig(ratio=0.5, noise_final=0.0, hold_steps=10, **{
+        k: v for k, v in FAST.items() if k not in ("mask_every", "hold_steps")})
+    ctx = make_context(model, dec, windows)
+    trainer = LLRCTrainer(ctx, cfg, ctx.reachable_budget(cfg))
+    assert trainer.held_cosine(1.0, 0.0) == 1.0                   # compressing
+    trainer.phase = "hold"
+    assert [round(trainer.held_cosine(1.0, 0.0), 6) for trainer.held in (0, 5, 10)] == \
+        [1.0, 0.5, 0.0]
+    theta = torch.tensor([2.0, -0.1, 0.3, -3.0])
+    noise = gates.logistic_noise(theta.shape, torch.Generator().manual_seed(0))
+    assert torch.equal(gates.gate(theta, 0.3, noise * 0.0, "any-k")[0],
+                       (theta > 0).float())
+    _, events = run(tiny, ratio=0.6, noise_final=0.0, hold_steps=10)
+    steps = [e for e in events if e["type"] == "step"]
+    held = [e["noise"] for e in steps if e["noise"] < 1.0]
+    assert all(e["noise"] == 1.0 for e in steps if e["phase"] == "compress")
+    assert len(held) >= 5 and held == sorted(held, reverse=True) and held[-1] < 0.1
+    _, events = run(tiny, ratio=0.6)
+    assert {e["noise"] for e in events if e["type"] == "step"} == {1.0}   # default: none
+    with pytest.raises(ValueError, match="noise_final must be in"):
+        LLRCConfig(noise_final=1.5)

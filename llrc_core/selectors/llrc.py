@@ -26,7 +26,9 @@ gradients; ``gates.py``) and minimises
 
 Once the deterministic ratio (gates ``theta > 0``, break-even rule applied) reaches the target,
 ``hold_steps`` more steps run with the compression term off while the ratio stays within
-``tolerance``; then the masks freeze. The final plan keeps exactly the open indices, nudged by
+``tolerance``; then the masks freeze. The hard gates sample ``theta + noise > 0`` whatever
+``tau`` is (``tau`` only shapes the straight-through gradient), so ``noise_final`` < 1
+shrinks the noise over the holding towards the deterministic gates the plan keeps. The final plan keeps exactly the open indices, nudged by
 logit order onto the parameter budget (``land_on_budget``). The loop, events and checkpoints
 are the shared ones (``learned.train_masks``); noise and batches are seeded per step, so a
 stopped run resumes to the same plan.
@@ -83,6 +85,9 @@ class LLRCConfig(TrainConfig):
                              "auto: middle-last for a model with an LM head, last for an "
                              "encoder (measured best)")
     hold_steps: int = option(300, "steps (in all) at or under the target with the compression term off")
+    noise_final: float = option(1.0, "scale of the gates' logistic noise reached, by a cosine, "
+                                "at the end of holding (1: no annealing; 0: the last steps "
+                                "train the deterministic masks the plan keeps)")
     tolerance: float = option(0.005, "allowed ratio drift above the target while holding")
     batch_size: int = option(4, "calibration windows per step")
     train_seq_len: int = option(128, "tokens of each window used per step (0: whole window)")
@@ -101,6 +106,9 @@ class LLRCConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         check_fields(self, positive=("tau",))
+        if not 0.0 <= self.noise_final <= 1.0:
+            raise ValueError(f"noise_final must be in [0, 1] (a scale of the gates' noise), got "
+                             f"{self.noise_final}")
         if self.distill_at not in (*distill.DISTILL_AT, "auto"):
             raise ValueError(f"distill_at must be one of {distill.DISTILL_AT}, got "
                              f"{self.distill_at!r}")
@@ -195,9 +203,10 @@ class LLRCTrainer(MaskTrainer):
         self.step = step
         gen = step_generator(cfg.seed, step)
         idx = torch.randint(0, self.objective.windows.shape[0], (cfg.batch_size,), generator=gen)
-        tv = 0.0
+        tv, scale = 0.0, self.held_cosine(1.0, cfg.noise_final)
         for n, t in zip(self.names, self.theta):
-            mask, _ = gates.gate(t, cfg.tau, gates.logistic_noise(t.shape, gen), cfg.selection)
+            noise = gates.logistic_noise(t.shape, gen) * scale
+            mask, _ = gates.gate(t, cfg.tau, noise, cfg.selection)
             layers[n].mask = gates.dense_switch(mask, self.break_even[n]) \
                 if cfg.dense_switch else mask
             tv = tv + gates.total_variation(torch.sigmoid(t))    # of the expected mask
@@ -208,15 +217,18 @@ class LLRCTrainer(MaskTrainer):
         on = 1.0 if self.phase == "compress" else 0.0
         loss = on * cfg.beta_c * comp + alpha * fit + cfg.beta_tv * tv
         return loss, {"loss_compression": comp.item(), "loss_distill": fit.item(),
-                      "loss_tv": float(tv.detach()), "alpha": alpha, "tau": cfg.tau}
+                      "loss_tv": float(tv.detach()), "alpha": alpha, "tau": cfg.tau, "noise": scale}
+
+    def held_cosine(self, start: float, end: float) -> float:
+        """``start`` while compressing; a cosine from ``start`` to ``end`` over the holding
+        (the learning rate's and the noise scale's schedule)."""
+        if self.phase == "compress":
+            return start
+        frac = min(self.held / max(self.cfg.hold_steps, 1), 1.0)
+        return end + (start - end) * 0.5 * (1 + math.cos(math.pi * frac))
 
     def current_lr(self) -> float:
-        """``lr`` while compressing; a cosine from ``lr`` to ``lr_final`` over the holding."""
-        if self.phase == "compress":
-            return self.cfg.lr
-        frac = min(self.held / max(self.cfg.hold_steps, 1), 1.0)
-        return self.cfg.lr_final + (self.cfg.lr - self.cfg.lr_final) * 0.5 * (
-            1 + math.cos(math.pi * frac))
+        return self.held_cosine(self.cfg.lr, self.cfg.lr_final)
 
     def optimizer_step(self) -> None:
         for group in self.optimizer.param_groups:
