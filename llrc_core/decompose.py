@@ -180,6 +180,15 @@ def _whiten_eig_entry(W, stats, eps: float = 1e-6, **_):
     return eigen_whiten(W, stats.gram, eps)
 
 
+def work(m: int, n: int, method: str) -> int:
+    """Rough floating-point work of decomposing an ``m x n`` layer, to share layers among
+    processes by (``distributed.deal``): the SVD of an ``m x n`` matrix, ``~ m n min(m, n)``;
+    whitening adds the ``n x n`` Cholesky or eigendecomposition and the product ``W L``,
+    ``~ n^3 + m n^2`` (the down layer of a Llama block then outweighs the other six)."""
+    svd_work = m * n * min(m, n)
+    return svd_work + (n ** 3 + m * n * n if "gram" in DECOMPOSITIONS[method].needs else 0)
+
+
 def decompose(W: torch.Tensor, method: str, stats=None, **options) -> Factors:
     if method not in DECOMPOSITIONS:
         raise ValueError(f"decomposition must be one of {sorted(DECOMPOSITIONS)}, got {method!r}")

@@ -7,8 +7,8 @@ calibration windows (same seed), and the ranks share the work before training:
 
 * statistics: each rank forwards its share of the windows (``my_share``) and each block's
   sums are all-reduced (``sum_``; ``stats.collect_stats``);
-* decomposition: the layers are dealt out (``owner``) and each is ``broadcast`` from the rank
-  that made it (``pipeline.decompose_model``).
+* decomposition: each block's layers are dealt out by their work (``deal``) and each is
+  ``broadcast`` from the rank that made it (``pipeline.decompose_model``).
 
 Then each rank trains the masks on its share of each global batch:
 
@@ -138,9 +138,18 @@ def comm_device() -> str:
     return "cuda" if dist.get_backend() == "nccl" else "cpu"      # NCCL moves CUDA tensors
 
 
-def owner(index: int) -> int:
-    """The rank that does item ``index`` of work dealt round-robin (0 outside a group)."""
-    return index % world_size()
+def deal(costs: list[float], ranks: int | None = None) -> list[int]:
+    """The rank that does each item of work of ``costs``, over ``ranks`` (default: this
+    group's world size; 1 outside a group): the costliest item first, each to the least
+    loaded rank so far (ties: the lower rank, then the earlier item), so that the ranks
+    finish their share together. The same on every rank (it depends on the costs alone);
+    a scheduling rule hand-written because torch.distributed has none to offer."""
+    ranks = world_size() if ranks is None else ranks
+    load, owners = [0.0] * ranks, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        owners[i] = min(range(ranks), key=load.__getitem__)
+        load[owners[i]] += costs[i]
+    return owners
 
 
 def broadcast(tensors: list[torch.Tensor], src: int) -> list[torch.Tensor]:

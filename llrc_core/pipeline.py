@@ -12,7 +12,7 @@ import torch
 from .analysis import cumulative_energy
 from .apply import apply_plan_
 from .calibration import CalibConfig, load_calibration
-from .decompose import DECOMPOSITIONS, Factors, decompose
+from .decompose import DECOMPOSITIONS, Factors, decompose, work
 from .models import LoadedModel, Target, count_params, find_targets, weight_of
 from . import distributed, onload
 from .onload import onloaded
@@ -54,21 +54,21 @@ def decompose_model(model, decomposition: str = "svd", windows: torch.Tensor | N
     ``placement``, each layer's factors are stored as it says as soon as they exist (dtype,
     device), so no more than one layer's float32 factors are held at a time. In a process
     group of N the work is shared: each process collects the statistics of its share of the
-    windows (summed over the group, ``stats.collect_stats``) and the layers are dealt out:
-    each process decomposes every N-th layer of a block, keeps those in the factor dtype
-    until the block is done, then each is broadcast from its process (``_dealt``)."""
+    windows (summed over the group, ``stats.collect_stats``) and each block's layers are
+    dealt out by their work (``distributed.deal``, ``decompose.work``): each process
+    decomposes its layers of the block, keeps them in the factor dtype until the block is
+    done, then each is broadcast from its process (``_dealt``)."""
     if decomposition not in DECOMPOSITIONS:
         raise ValueError(f"decomposition must be one of {sorted(DECOMPOSITIONS)}, "
                          f"got {decomposition!r}")
     targets = targets or find_targets(model)
-    dec_shape = {t.name: (t.m, t.n) for t in targets}
+    dec_shape = {t.name: (t.m, t.n) for t in targets}     # in the targets' order
     modules = dict(model.named_modules())
     needs = DECOMPOSITIONS[decomposition].needs
     factors, kept_stats, warnings = {}, {}, []
     t0 = time.time()
     dealt = distributed.active()
     dealt_dtype = placement.factor_dtype if placement is not None else torch.float32
-    order = {t.name: i for i, t in enumerate(targets)}
     home = onload.execution_device(model)
 
     def one(name, st) -> tuple[Factors, bool]:
@@ -81,9 +81,12 @@ def decompose_model(model, decomposition: str = "svd", windows: torch.Tensor | N
 
     def run(names, stats):
         if dealt:     # this process's layers of the block first, then every one handed round
+            names = [n for n in dec_shape if n in names]   # one order on every process
+            owner = dict(zip(names, distributed.deal(
+                [work(*dec_shape[n], decomposition) for n in names])))
             mine = {n: _for_dealing(*one(n, stats.get(n)), dealt_dtype) for n in names
-                    if distributed.owner(order[n]) == distributed.rank()}
-            made = lambda n: _dealt(mine.pop(n, None), order[n], dec_shape[n], dealt_dtype)
+                    if owner[n] == distributed.rank()}
+            made = lambda n: _dealt(mine.pop(n, None), owner[n], dec_shape[n], dealt_dtype)
         else:         # one layer's float32 factors at a time
             made = lambda n: one(n, stats.get(n))
         for name in names:
@@ -133,16 +136,16 @@ def _for_dealing(f: Factors, fell_back: bool, dt: torch.dtype) -> list[torch.Ten
             torch.tensor([f.damping, float(fell_back)], dtype=torch.float64)]
 
 
-def _dealt(sent: list[torch.Tensor] | None, index: int, shape: tuple[int, int],
+def _dealt(sent: list[torch.Tensor] | None, owner: int, shape: tuple[int, int],
            dt: torch.dtype) -> tuple[Factors, bool]:
-    """Layer ``index``'s factors from the process that decomposed it (``distributed.owner``;
-    ``sent``: ``_for_dealing`` there, ``None`` elsewhere), on every process (collective)."""
+    """A layer's factors from ``owner``, the process that decomposed it (``sent``:
+    ``_for_dealing`` there, ``None`` elsewhere), on every process (collective)."""
     m, n = shape
     r = min(m, n)
     if sent is None:
         sent = [torch.empty(m, r, dtype=dt), torch.empty(r), torch.empty(r, n, dtype=dt),
                 torch.empty(2, dtype=torch.float64)]
-    U, S, V, meta = distributed.broadcast(sent, distributed.owner(index))
+    U, S, V, meta = distributed.broadcast(sent, owner)
     return Factors(U, S, V, float(meta[0])), bool(meta[1])
 
 

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import spread
+from . import distributed, spread
 from .models import DTYPES, count_params, find_blocks, find_targets, skeleton, source_dtype
 from .placement import OFFLOADS, SHARDABLE, Placement
 from .shards import DEFAULT_MAX_SHARD, write_buffer_bytes
@@ -256,7 +256,7 @@ def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
             "layers": [(t, layer_factors[t.name]) for t in targets],
             "block_factors": max(sum(layer_factors[t.name] for t in ts)
                                  for ts in per_block.values()),
-            "block_layers": max(len(ts) for ts in per_block.values()),
+            "dealt_numbers": _dealt_numbers(per_block, layer_factors, decomposition, processes),
             # a layer's kept-rank factors after apply: at most its dense size
             "kept_layer": {t.name: b * min(t.m * t.n, layer_factors[t.name]) for t in targets}}
 
@@ -346,15 +346,27 @@ def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
     return phases, host, extra
 
 
-def _dealt_on_device(c: dict, placement: Placement) -> int:
-    """Runs of N > 1 processes deal the decomposition out (``pipeline.decompose_model``): a
-    process holds the layers of a block it decomposed, in the factor dtype, until the block
-    is handed round: ``ceil(layers / N)`` of the largest (0 in one process)."""
-    processes = c["facts"]["processes"]
+def _dealt_numbers(per_block: dict, layer_factors: dict, decomposition: str,
+                   processes: int) -> int:
+    """Factor numbers the fullest process holds of one block while the decomposition is
+    dealt out (``pipeline.decompose_model``): each block's layers shared by
+    ``distributed.deal`` as the run shares them; 0 in one process."""
+    from .decompose import DECOMPOSITIONS, work
     if processes < 2:
         return 0
-    held = -(-c["block_layers"] // processes)
-    return placement.factor_dtype.itemsize * held * max(n for _, n in c["layers"])
+    method = decomposition if decomposition in DECOMPOSITIONS else "svd"
+    held = 0
+    for ts in per_block.values():
+        owners = distributed.deal([work(t.m, t.n, method) for t in ts], processes)
+        held = max(held, *(sum(layer_factors[t.name] for t, o in zip(ts, owners) if o == p)
+                           for p in range(processes)))
+    return held
+
+
+def _dealt_on_device(c: dict, placement: Placement) -> int:
+    """A process holds the layers of a block it decomposed, in the factor dtype, until the
+    block is handed round (``_dealt_numbers``)."""
+    return placement.factor_dtype.itemsize * c["dealt_numbers"]
 
 
 def _shard_on_device(c: dict, placement: Placement) -> int:
@@ -435,7 +447,6 @@ def check_fits(model: str, method: str, decomposition: str, *, dtype: str, n_cal
                ) -> MemoryPlan:
     """The plan of this run on the memory it will have, in each of its processes (its
     ``placement`` is the one the run uses); ``LLRCError`` when it cannot fit."""
-    from . import distributed
     from .errors import LLRCError
     gpus, gib = device_memory_gib(device)
     plan = plan_memory(model, dtype, method, decomposition, n_calib, seq_len, batch_size,

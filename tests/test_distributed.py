@@ -138,6 +138,20 @@ def test_local_share_and_grads_are_identities_outside_a_group():
     assert distributed.mean(1.5) == 1.5 and not distributed.init_from_env()
 
 
+def test_work_is_dealt_costliest_first_to_the_least_loaded_rank():
+    """``deal``: the same owners on every rank from the costs alone, each rank's load as
+    even as the items allow; a Llama-7B block's whitening puts the down layer (its 11008 x
+    11008 Gram) alone on one of two processes, the other six on the other."""
+    from llrc_core.decompose import work
+    assert distributed.deal([1, 5, 2, 2], 2) == [1, 0, 1, 1]          # loads 5 and 5
+    assert distributed.deal([3, 3, 3], 3) == [0, 1, 2]
+    assert distributed.deal([4, 1, 2]) == [0, 0, 0]                    # outside a group
+    d, i = 4096, 11008
+    block = [(d, d)] * 4 + [(i, d), (i, d), (d, i)]                    # q k v o gate up down
+    assert distributed.deal([work(m, n, "whiten") for m, n in block], 2) == [1] * 6 + [0]
+    assert work(d, i, "whiten") > work(d, i, "svd") == d * i * d
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_give_the_one_process_plan(tmp_path):
     """Two processes share the ASVD statistics (4 of the 8 windows each) and the
