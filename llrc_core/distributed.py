@@ -123,11 +123,9 @@ def sum_(tensors: list[torch.Tensor], count: float = 0.0) -> float:
     if not active():
         return count
     for t in tensors:
-        if t.device.type == torch.device(comm_device()).type:
-            dist.all_reduce(t)
-        else:                                     # gloo reduces CPU tensors, NCCL CUDA ones
-            moved = t.to(comm_device())
-            dist.all_reduce(moved)
+        moved = t.to(comm_device())          # gloo reduces CPU tensors, NCCL CUDA ones
+        dist.all_reduce(moved)
+        if moved is not t:                   # ``to`` returns ``t`` itself when it is there
             t.copy_(moved)
     c = torch.tensor([count], dtype=torch.float64, device=comm_device())
     dist.all_reduce(c)

@@ -28,8 +28,9 @@ Once the deterministic ratio (gates ``theta > 0``, break-even rule applied) reac
 ``hold_steps`` more steps run with the compression term off while the ratio stays within
 ``tolerance``; then the masks freeze. The hard gates sample ``theta + noise > 0`` whatever
 ``tau`` is (``tau`` only shapes the straight-through gradient), so ``noise_final`` < 1
-shrinks the noise over the holding towards the deterministic gates the plan keeps. The final plan keeps exactly the open indices, nudged by
-logit order onto the parameter budget (``land_on_budget``). The loop, events and checkpoints
+shrinks the noise over the holding towards the deterministic gates the plan keeps. The
+final plan keeps exactly the open indices, nudged by logit order onto the parameter budget
+(``land_on_budget``). The loop, events and checkpoints
 are the shared ones (``learned.train_masks``); noise and batches are seeded per step, so a
 stopped run resumes to the same plan.
 """
@@ -217,7 +218,8 @@ class LLRCTrainer(MaskTrainer):
         on = 1.0 if self.phase == "compress" else 0.0
         loss = on * cfg.beta_c * comp + alpha * fit + cfg.beta_tv * tv
         return loss, {"loss_compression": comp.item(), "loss_distill": fit.item(),
-                      "loss_tv": float(tv.detach()), "alpha": alpha, "tau": cfg.tau, "noise": scale}
+                      "loss_tv": float(tv.detach()), "alpha": alpha, "tau": cfg.tau,
+                      "noise": scale}
 
     def held_cosine(self, start: float, end: float) -> float:
         """``start`` while compressing; a cosine from ``start`` to ``end`` over the holding
