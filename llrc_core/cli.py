@@ -27,12 +27,18 @@ def _stored_dense(args, model, plan, already=None):
     return dense
 
 
-def _load(args, placement=None):
+def _load(args, memory=None):
+    """The model as the memory plan places it: in CPU memory, onloaded one layer at a time
+    (``--offload weights``), its blocks across GPUs (``--gpus N``), or on ``--device``."""
     from .models import load_model
     from .onload import load_sequential
-    load = load_sequential if placement is not None and placement.offload_weights else load_model
-    return load(args.model, args.device, args.dtype, trust_remote_code=args.trust_remote_code,
-                allow_compressed=args.allow_compressed)
+    from .spread import placed
+    kw = dict(trust_remote_code=args.trust_remote_code, allow_compressed=args.allow_compressed)
+    if memory is not None and memory.placement.offload_weights:
+        return load_sequential(args.model, args.device, args.dtype, **kw)
+    if memory is not None and memory.gpus > 1:
+        kw["device_map"] = placed(memory.facts)
+    return load_model(args.model, args.device, args.dtype, **kw)
 
 
 def _decompose(args, loaded, placement=None):
@@ -132,9 +138,9 @@ def cmd_compress(args) -> dict | None:
         eval_text=args.eval_text, trust_remote_code=args.trust_remote_code, device=args.device,
         dtype=args.dtype, batch_size=args.batch_size, allow_compressed=args.allow_compressed,
         offload=args.offload, factor_dtype=args.factor_dtype, max_shard_size=args.max_shard_size,
-        shard_over=distributed.world_size() if args.shard_factors else 1)
+        shard_over=distributed.world_size() if args.shard_factors else 1, gpus=args.gpus)
     t0 = time.time()
-    loaded = _load(args, memory.placement)
+    loaded = _load(args, memory)
     dec, windows = _decompose(args, loaded, memory.placement)
     ev = None
     if args.eval_text and main:

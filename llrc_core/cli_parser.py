@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-factors", action="store_true",
                    help="under torchrun --nproc_per_node N: split the factors over the N "
                    "processes (FSDP2) while masks train, instead of offloading them")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs of this machine to place the "
+                   "model's blocks across (accelerate), for a model one GPU cannot hold "
+                   "without --offload weights; 1: one GPU (under torchrun: one per process)")
     _placement_args(p)
     _export_args(p)
 

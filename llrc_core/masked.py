@@ -75,7 +75,10 @@ class MaskedLowRank(nn.Module):
         return y.clone() if self.sharded and y._is_view() else y
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.S if self.mask is None else self.S * self.mask.to(self.S.dtype)   # (r,)
+        # The mask comes from the trainer's device (the first GPU when blocks are spread
+        # over several): autograd carries its gradient back across the move.
+        s = self.S if self.mask is None else \
+            self.S * self.mask.to(self.S.device, self.S.dtype)                   # (r,)
         tokens = x.numel() // x.shape[-1]
         self.last_path = self.choose(tokens)
         if self.offloaded:

@@ -204,7 +204,8 @@ def _load_export(src: str, allow_compressed: bool, dev, dt) -> LoadedModel | Non
 
 def load_model(source: str | Path, device: str | None = None, dtype=None,
                trust_remote_code: bool = False, causal: bool | None = None,
-               allow_compressed: bool = False, stored_dtype: bool = False) -> LoadedModel:
+               allow_compressed: bool = False, stored_dtype: bool = False,
+               device_map: dict | None = None) -> LoadedModel:
     """Load a model and tokenizer from a local folder or a Hub id.
 
     Causal LMs load through ``AutoModelForCausalLM``; encoders such as BERT (without
@@ -214,15 +215,21 @@ def load_model(source: str | Path, device: str | None = None, dtype=None,
     ``source_dtype`` records the dtype the source stores, so an export can keep it.
     ``stored_dtype``: load in that dtype instead of ``dtype`` (a safetensors checkpoint is
     then memory-mapped, not copied: ``onload.load_sequential`` casts layer by layer);
-    ``LoadedModel.dtype`` says which was used.
+    ``LoadedModel.dtype`` says which was used. ``device_map``: module name -> device, the
+    blocks placed across GPUs (``spread.py``), dispatched by accelerate's hooks;
+    ``LoadedModel.device`` is then the device of the first weights (the embeddings).
     """
     from transformers import AutoTokenizer
 
     src = resolve_source(source)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    exported = _load_export(src, allow_compressed, dev, dt)
+    exported = _load_export(src, allow_compressed, "cpu" if device_map else dev, dt)
     if exported is not None:
+        if device_map:
+            from accelerate import dispatch_model
+            dispatch_model(exported.model, device_map)
+            exported.device = next(exported.model.parameters()).device
         find_targets(exported.model)
         return exported
     t0 = time.time()
@@ -232,14 +239,19 @@ def load_model(source: str | Path, device: str | None = None, dtype=None,
     if stored_dtype and stored is not None and stored.is_floating_point:
         dt = stored
     try:
-        model = auto.from_pretrained(src, dtype=dt, trust_remote_code=trust_remote_code)
+        model = auto.from_pretrained(src, dtype=dt, trust_remote_code=trust_remote_code,
+                                     **({"device_map": device_map} if device_map else {}))
         tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         raise UnsupportedModelError(f"{config.model_type!r} cannot be loaded with "
                                     f"{auto.__name__}: {exc}") from exc
     except OSError as exc:
         raise ModelLoadError(f"could not load weights or tokenizer from {src!r}: {exc}") from exc
-    model.to(dev).eval()
+    if device_map:       # from_pretrained placed and dispatched it
+        dev = next(model.parameters()).device
+    else:
+        model.to(dev)
+    model.eval()
     find_targets(model)  # fail early on an architecture without target layers
     return LoadedModel(model, tokenizer, src, dev, dt, causal, time.time() - t0,
                        stored or next(model.parameters()).dtype,

@@ -94,9 +94,12 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
+        """Within the memory, less a 5 % margin; across GPUs, also every module placed on
+        one (a run does not work on modules accelerate leaves in CPU memory)."""
         if self.gpu_memory is None:
             return True
-        return self.peak_bytes <= 0.95 * self.gpu_memory * GIB
+        return self.peak_bytes <= 0.95 * self.gpu_memory * GIB and \
+            not self.facts.get("unplaced_bytes")
 
     def to_dict(self) -> dict:
         return {"model": self.model, "dtype": self.dtype, "method": self.method,
@@ -120,8 +123,7 @@ class MemoryPlan:
             if "device_map" in self.facts:
                 lines.append("blocks per GPU (accelerate): " + ", ".join(
                     f"{g}: {n}" for g, n in self.facts["device_map"].items())
-                    + " (a plan only; several GPUs run as torchrun processes, one GPU each, "
-                    "with --shard-factors)")
+                    + " (`compress --gpus N` runs this placement)")
             lines.append(f"placement: factors stored in "
                          f"{str(pl.factor_dtype).removeprefix('torch.')}, offload {pl.offload}"
                          + (f", split over {pl.shard_over} processes (FSDP2) while masks train"
@@ -417,10 +419,12 @@ def refusal(plan: MemoryPlan) -> str:
     """The message ``compress`` stops with when a plan does not fit (a GPU or the host)."""
     need = plan.peak_bytes / GIB
     if plan.gpus:
-        where, cap = "on one GPU", f"{plan.gpu_memory:g} GiB (5 % margin)"
+        where = "on one GPU" if plan.gpus == 1 else f"on the fullest of its {plan.gpus} GPUs"
+        cap = f"{plan.gpu_memory:g} GiB (5 % margin)"
         offload = "" if plan.placement is None or plan.placement.offload_weights else \
             "--offload weights, "
         fix = f"{offload}a GPU with more memory, a smaller --batch-size or --n-calib/--seq-len, " \
+              f"its blocks across more GPUs of this machine (--gpus {plan.gpus + 1} or more), " \
               "factors sharded over more processes (torchrun --nproc_per_node N ... " \
               "--shard-factors), or a non-learned method"
     else:
@@ -432,23 +436,38 @@ def refusal(plan: MemoryPlan) -> str:
             "each phase")
 
 
-def device_memory_gib(device: str | None) -> tuple[int, float]:
-    """``(gpus, GiB per device)`` the run will have: the first CUDA device's memory, or the
-    host's physical memory for a CPU run (``gpus == 0``)."""
-    if device != "cpu" and torch.cuda.is_available():
-        return 1, torch.cuda.get_device_properties(0).total_memory / GIB
+def device_memory_gib(device: str | None, gpus: int = 1) -> tuple[int, float]:
+    """``(gpus, GiB per device)`` the run will have: ``gpus`` CUDA devices and the smallest
+    one's memory, or the host's physical memory for a CPU run (``gpus == 0``);
+    ``LLRCError`` when more GPUs are asked for than this machine shows."""
+    from .errors import LLRCError
+    seen = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
+    if gpus > 1 and seen < gpus:
+        raise LLRCError(f"--gpus {gpus} places the model's blocks across {gpus} GPUs, but "
+                        f"this machine shows {seen}{' (--device cpu)' if device == 'cpu' else ''}"
+                        f": use --gpus {max(seen, 1)}, or set CUDA_VISIBLE_DEVICES to show them")
+    if seen:
+        gpus = max(gpus, 1)
+        return gpus, min(torch.cuda.get_device_properties(g).total_memory
+                         for g in range(gpus)) / GIB
     return 0, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB
 
 
 def check_fits(model: str, method: str, decomposition: str, *, dtype: str, n_calib: int,
                seq_len: int, batch_size: int, device: str | None, meta, offload: str = "auto",
                factor_dtype: str | None = None, train_seq_len: int | None = None,
-               max_shard_size: int | str = DEFAULT_MAX_SHARD, shard_over: int = 1
-               ) -> MemoryPlan:
+               max_shard_size: int | str = DEFAULT_MAX_SHARD, shard_over: int = 1,
+               gpus: int = 1) -> MemoryPlan:
     """The plan of this run on the memory it will have, in each of its processes (its
-    ``placement`` is the one the run uses); ``LLRCError`` when it cannot fit."""
+    ``placement`` is the one the run uses; across ``gpus`` > 1 GPUs, ``spread.placed`` of
+    its facts the module map); ``LLRCError`` when it cannot fit."""
     from .errors import LLRCError
-    gpus, gib = device_memory_gib(device)
+    if gpus < 1:
+        raise LLRCError(f"--gpus must be at least 1, got {gpus} (--device cpu for a CPU run)")
+    if gpus > 1 and distributed.world_size() > 1:
+        raise LLRCError(f"--gpus {gpus} places one process's blocks across GPUs; under "
+                        "torchrun each process uses one GPU: drop --gpus (or launch one process)")
+    gpus, gib = device_memory_gib(device, gpus)
     plan = plan_memory(model, dtype, method, decomposition, n_calib, seq_len, batch_size,
                        gpus=gpus, gpu_memory=gib, meta=meta, offload=offload,
                        factor_dtype=factor_dtype, train_seq_len=train_seq_len,

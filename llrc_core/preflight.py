@@ -24,7 +24,7 @@ def check_compress(model: str, method: str, decomposition: str, options: dict, *
                    dtype: str | None = None, batch_size: int = 8,
                    allow_compressed: bool = False, offload: str = "auto",
                    factor_dtype: str | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD,
-                   shard_over: int = 1) -> tuple[list[dict], MemoryPlan]:
+                   shard_over: int = 1, gpus: int = 1) -> tuple[list[dict], MemoryPlan]:
     """Raise the first problem (``ValueError``/``LLRCError``/``FileNotFoundError`` naming the
     fix); return the warnings a run should carry (e.g. overlapping calibration windows) and
     the memory plan it fits in (its ``placement`` is the one to run with)."""
@@ -53,7 +53,7 @@ def check_compress(model: str, method: str, decomposition: str, options: dict, *
                         seq_len=seq_len, batch_size=getattr(cfg, "batch_size", batch_size),
                         device=device, meta=meta, offload=offload, factor_dtype=factor_dtype,
                         train_seq_len=getattr(cfg, "train_seq_len", 0),
-                        max_shard_size=max_shard_size, shard_over=shard_over)
+                        max_shard_size=max_shard_size, shard_over=shard_over, gpus=gpus)
     warnings = []
     seq_len = min(seq_len, context_length(meta))         # as ``pipeline.calibrate`` clamps
     if text is not None:

@@ -1,4 +1,4 @@
-"""Planning a run across the GPUs of one machine: whole blocks placed by accelerate.
+"""A run across the GPUs of one machine: whole blocks placed by accelerate.
 
 accelerate's ``infer_auto_device_map`` fills the GPUs in order with whole modules (a
 transformer block is never split), sizing each by its weights. A compression run keeps more
@@ -10,11 +10,16 @@ divided by ``1 + factor bytes per weight byte``. The planner then counts every p
 GPU from the map accelerate returned (``per_gpu``) and a plan fits when each GPU does: the
 budget only steers the placement, the count decides.
 
-Only the plan exists: running the placed model (accelerate's ``dispatch_model``, the masked
-layers built on their block's GPU) is not built. Several GPUs of one machine run instead as
-torchrun processes, one GPU each, with the factors sharded over them (``compress
---shard-factors``, ``distributed.shard_``) and the dense blocks onloaded when the model
-needs it (``onload.py``).
+The run (``compress --gpus N``) loads the model with that map (``placed``: transformers'
+``from_pretrained(device_map=...)``, which dispatches it with accelerate's hooks; each block
+runs on its GPU and hands its output on). Everything else follows the weights: statistics and
+factors are made and stored on the layer's GPU (``pipeline.decompose_model``), masked layers
+are built there (``masked.install_masked_``), parked dense layers return to it. The mask
+logits stay on the first GPU with the trainer: they are a few MB (one number per singular
+value), so the compression loss and the optimiser stay on one device, and each layer moves
+its mask to its own GPU (autograd carries the gradient back). The distillation distances are
+made where their states are and summed on the first GPU. Under torchrun each process uses
+one GPU instead (``--shard-factors`` splits the factors over them).
 """
 from __future__ import annotations
 
@@ -34,17 +39,23 @@ def device_map(meta: nn.Module, gpus: int, budgets: list[int], dtype: torch.dtyp
     ``budgets[g]`` bytes of weights each (a module left over goes to ``"cpu"``)."""
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory
+    from .distill import output_head
     _, blocks = find_blocks(meta)
     memory = {g: max(int(budgets[g]), 0) for g in range(gpus)} | {"cpu": 2 ** 62}
-    keep = [type(blocks[0]).__name__]
+    # Whole blocks; the output head whole too: accelerate fails on ties inside a split head
+    # (BERT's decoder bias is tied to its parent's).
+    head = output_head(meta)
+    keep = [type(blocks[0]).__name__] + ([type(head).__name__] if head is not None else [])
+    # Every weight counted in the run's dtype: accelerate takes the smaller of ``dtype`` and
+    # the skeleton's own (the config's, often float16), which undercounts a float32 run.
+    exact = {name: dtype for name, _ in meta.named_parameters()}
+    kw = dict(dtype=dtype, no_split_module_classes=keep, special_dtypes=exact)
     log = logging.getLogger("accelerate.utils.modeling")   # "device g is not available":
     level = log.level                                         # planning needs no GPU
     log.setLevel(logging.ERROR)
     try:   # balanced: the same share of the model on every GPU, not the first ones full
-        memory = get_balanced_memory(meta, max_memory=memory, dtype=dtype,
-                                     no_split_module_classes=keep)
-        return infer_auto_device_map(meta, max_memory=memory, dtype=dtype,
-                                     no_split_module_classes=keep)
+        memory = get_balanced_memory(meta, max_memory=memory, **kw)
+        return infer_auto_device_map(meta, max_memory=memory, **kw)
     finally:
         log.setLevel(level)
 
@@ -74,7 +85,7 @@ def phases(c: dict, placement: Placement, trains: bool, meta: nn.Module, gpus: i
         g = per[where if where in per else "cpu"]          # "disk" counts as not placed
         module = meta.get_submodule(name) if name else meta
         g["weights"] += b * count_params(module)
-        g["blocks"] += id(module) in block_ids
+        g["blocks"] += sum(id(m) in block_ids for m in module.modules())   # "" holds all
         for key, (t, n) in targets.items():
             if not name or key.startswith(name + "."):
                 g["dense"] += b * t.m * t.n
@@ -114,5 +125,19 @@ def phases(c: dict, placement: Placement, trains: bool, meta: nn.Module, gpus: i
                                                             "accelerate"},
              "factors_stored_bytes": stored, "per_gpu": per_gpu,
              "device_map": {str(g): per[g]["blocks"] for g in per if per[g]["weights"]},
-             "unplaced_bytes": per["cpu"]["weights"]}
+             "placed_modules": dict(dmap), "unplaced_bytes": per["cpu"]["weights"]}
     return fullest, host, extra
+
+
+def placed(facts: dict) -> dict[str, int]:
+    """The module -> GPU map a plan across GPUs runs with (``facts["placed_modules"]``),
+    refused (``LLRCError``) when accelerate left a module off the GPUs: factors and masked
+    layers are made on their weights' GPU, which such a module has not."""
+    from .errors import LLRCError
+    dmap = facts["placed_modules"]
+    left = sorted(name for name, where in dmap.items() if not isinstance(where, int))
+    if left:
+        raise LLRCError(f"the model does not fit on the {len(facts['per_gpu'])} GPUs: "
+                        f"accelerate left {left[:3]} in CPU memory; use more GPUs (--gpus), "
+                        "or one GPU with --offload weights (its blocks onloaded in turn)")
+    return dmap

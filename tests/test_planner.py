@@ -8,8 +8,9 @@ import json
 import pytest
 import transformers
 
-from llrc_core import models, planner
+from llrc_core import models, planner, spread
 from llrc_core.cli import main
+from llrc_core.errors import LLRCError
 
 # name -> (hidden, intermediate, blocks, heads, kv heads, vocab, params as published)
 LLAMA2 = {"7b": (4096, 11008, 32, 32, 32, 32000, 6_738_415_616),
@@ -225,6 +226,13 @@ def test_seventy_b_is_planned_on_four_gpus_with_accelerate(configs):
     eight = planner.plan_memory(str(configs / "70b"), gpus=8, gpu_memory=80)
     assert eight.fits and eight.placement.offload == "none"
     assert "blocks per GPU (accelerate)" in plan.table()
+    dmap = spread.placed(plan.facts)             # the map `compress --gpus 4` loads with
+    names = [n for n, _ in models.skeleton(str(configs / "70b")).named_parameters()]
+    owners = {n: [k for k in dmap if not k or n == k or n.startswith(k + ".")] for n in names}
+    assert all(len(o) == 1 for o in owners.values())              # every weight, once
+    assert {dmap[k] for k in dmap if k.startswith("model.layers.")} == {0, 1, 2, 3}
+    with pytest.raises(LLRCError, match=r"left \['lm_head'\] in CPU memory.*--offload weights"):
+        spread.placed({**plan.facts, "placed_modules": {**dmap, "lm_head": "cpu"}})
 
 
 def test_a_non_learned_method_selects_with_the_weights_and_factors_only(configs):
@@ -260,7 +268,7 @@ def test_compress_refuses_a_plan_that_does_not_fit(configs, tmp_path, monkeypatc
     from conftest import WIKI_VALID, tiny_model, tiny_tokenizer
     tiny_model("llama").save_pretrained(tmp_path / "tiny")
     tiny_tokenizer().save_pretrained(tmp_path / "tiny")
-    monkeypatch.setattr(planner, "device_memory_gib", lambda device: (0, 1e-4))
+    monkeypatch.setattr(planner, "device_memory_gib", lambda device, gpus=1: (0, 1e-4))
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("weights were read"))
     argv = ["compress", "--model", str(tmp_path / "tiny"), "--calib", str(WIKI_VALID),
             "--n-calib", "4", "--seq-len", "16", "--ratio", "0.8", "--method", "llrc",

@@ -202,8 +202,10 @@ class Objective:
                 # The distances' sums over whole tensors split by thread: on one thread a
                 # step's bits do not depend on the count (threads.py; the rest of a step's
                 # forward and backward does not, measured). They are cheap.
+                # Each distance is made where its state is (blocks spread over GPUs) and
+                # summed on the objective's device.
                 with one_thread():
-                    loss = sum(self._distance(h, t, s, i == len(hs) - 1)
+                    loss = sum(self._distance(h, t, s, i == len(hs) - 1).to(self.device)
                                for i, (h, t, s) in enumerate(zip(hs, ts, self.scales))
                                ) / len(hs)
         return loss * weight if weight != 1.0 else loss
