@@ -41,6 +41,8 @@ PRESETS = {
                          num_attention_heads=16, num_key_value_heads=16, vocab_size=32000),
     "llama2-7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "llama2-7b-1block": dict(hidden_size=4096, num_hidden_layers=1, intermediate_size=11008,
+                             num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
 }
 # (preset, decomposition, n_calib, seq_len) run when no --preset is given.
 DEFAULT_CASES = [("demo", "whiten", 16, 256), ("demo", "asvd", 16, 256),

@@ -218,6 +218,16 @@ def mean(value: float) -> float:
     return float(t.item()) / world_size()
 
 
+def agreed(value) -> bool:
+    """Whether every rank holds an equal ``value`` (any picklable; collective), so that a
+    choice made from it is the same on every rank; True outside a group."""
+    if not active():
+        return True
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return all(v == values[0] for v in values)
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

@@ -8,7 +8,9 @@
 
 Collection runs block by block (``blocks.py``), so only one block's statistics and one set of
 hidden states are alive at a time when ``on_block`` consumes them. Layers fed the same
-tensor (q, k, v) share one Gram computation.
+tensor (q, k, v; a Llama MLP's gate and up) share one ``LayerStats``: one Gram computed,
+stored and, in a process group, summed, where one per layer held 7 Grams per Llama block
+instead of 4 (1.77 against 1.37 GB for Llama-2-7B, 9.8 against 8.2 GB for 70B).
 
 In a process group (``torchrun``) every process forwards its own contiguous share of the
 windows and each block's sums are all-reduced before ``on_block`` sees them: N processes
@@ -52,6 +54,7 @@ class _Accumulator:
     def __init__(self, modules: dict[str, nn.Module], gram: bool, absmean: bool):
         self.gram, self.absmean = gram, absmean
         self.stats: dict[str, LayerStats] = {}
+        self.owner: dict[str, str] = {}   # layer -> the layer whose statistics it shares
         self._memo: dict = {}
         self._handles = [mod.register_forward_pre_hook(self._hook(name))
                          for name, mod in modules.items()]
@@ -63,21 +66,24 @@ class _Accumulator:
             # The previous input is held, so its memory cannot be reused by another tensor:
             # equal pointer and shape means the very same activation (q, k, v).
             if prev is None or prev.data_ptr() != x.data_ptr() or prev.shape != x.shape:
+                self._memo = {"x": x, "owner": name}
                 flat = x.reshape(-1, x.shape[-1]).float()  # (T, n)
                 g = (flat.T @ flat).double() if self.gram else None
                 a = flat.abs().sum(0).double() if self.absmean else None
-                self._memo = {"x": x, "val": (g, a, flat.shape[0])}
-            g, a, t = self._memo["val"]
-            s = self.stats.get(name)
-            if s is None:
-                self.stats[name] = LayerStats(None if a is None else a.clone(),
-                                              None if g is None else g.clone(), t)
-            else:
-                if g is not None:
-                    s.gram += g
-                if a is not None:
-                    s.abs_sum += a
-                s.tokens += t
+                s = self.stats.get(name)
+                if s is None:
+                    self.stats[name] = LayerStats(a, g, flat.shape[0])
+                else:
+                    if g is not None:
+                        s.gram += g
+                    if a is not None:
+                        s.abs_sum += a
+                    s.tokens += flat.shape[0]
+            owner = self.owner.setdefault(name, self._memo["owner"])
+            if owner != self._memo["owner"]:    # the model's wiring does not change
+                raise RuntimeError(f"{name} shared its input with {owner} in one batch and "
+                                   f"not in another: its statistics cannot be shared")
+            self.stats.setdefault(name, self.stats[owner])
         return hook
 
     def close(self) -> None:
@@ -88,10 +94,21 @@ class _Accumulator:
     def summed(self, widths: dict[str, int]) -> dict[str, LayerStats]:
         """The block's statistics summed over the processes of a group (collective), as they
         are outside one. ``widths``: every hooked layer's input size, so that a layer no
-        token of this process reached still takes part (with zero sums)."""
+        token of this process reached still takes part (with zero sums). Shared statistics
+        are summed once where every process shares alike (``distributed.agreed``), else
+        each layer is given its own copy and summed alone."""
         if not distributed.active():
             return self.stats
+        owner = {n: self.owner.get(n, n) for n in sorted(widths)}
+        alike = distributed.agreed(owner)
+        if not alike:                     # each its own copy, made before any is summed
+            for name in [n for n, o in owner.items() if o != n]:
+                s = self.stats[name]
+                self.stats[name] = LayerStats(*(None if t is None else t.clone()
+                                                for t in (s.abs_sum, s.gram)), s.tokens)
         for name in sorted(widths):
+            if alike and owner[name] != name:
+                continue                                 # summed with its owner's
             s = self.stats.get(name)
             if s is None:                                # summed with the others' below
                 n, dev = widths[name], distributed.comm_device()

@@ -239,8 +239,12 @@ def test_selfgen_on_a_tiny_model():
 
 
 # ----------------------------------------------------------------------------- statistics ---
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_block_by_block_stats_equal_naive(arch):
+@pytest.mark.parametrize("arch,shared", [("llama", [("q_proj", "k_proj", "v_proj"),
+                                                     ("gate_proj", "up_proj")]),
+                                          ("gpt2", [])])
+def test_block_by_block_stats_equal_naive(arch, shared):
+    """Block by block, layers fed one tensor sharing one statistics object (Llama: q, k, v
+    and gate, up), equal to each layer's own pass over the model."""
     model = tiny_model(arch)
     targets = find_targets(model)
     windows = tiny_ids(n=6, length=16)
@@ -252,6 +256,12 @@ def test_block_by_block_stats_equal_naive(arch):
         g = slow[name].gram
         assert torch.allclose(fast[name].gram, g, rtol=1e-5, atol=1e-7 * g.abs().max().item())
         assert torch.allclose(fast[name].abs_mean, slow[name].abs_mean, rtol=1e-5)
+    for b in range(2):
+        block = [t.name for t in targets if t.block == b]
+        groups = {id(fast[m]): [n.rsplit(".", 1)[1] for n in block if fast[n] is fast[m]]
+                  for m in block}
+        assert sorted(tuple(g) for g in groups.values() if len(g) > 1) == sorted(shared)
+        assert len(groups) == len(block) - sum(len(g) - 1 for g in shared)
     # bounded-memory mode: each block handed over once, in order, nothing returned
     seen = []
     assert collect_stats(model, targets, windows,

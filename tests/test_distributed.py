@@ -86,6 +86,8 @@ def _block_stats() -> tuple[dict, int]:
         got = stats.collect_stats(loaded.model, targets, windows, batch_size=3)
     finally:
         stats.run_block = real
+    q, k, v = (got[t.name] for t in targets[:3])      # BERT's query, key, value: one input
+    assert q is k is v and got[targets[3].name] is not q
     keep = [t.name for t in targets[:4]] + [targets[-1].name]
     return ({n: (got[n].tokens, got[n].gram, got[n].abs_sum) for n in keep},
             sum(rows) // (1 + targets[-1].block))
@@ -100,9 +102,26 @@ def _stats_worker(rank: int, world: int, port: int, out: str) -> None:
         with pytest.raises(ValueError, match="1 windows cannot be split over 2 processes: "
                            "raise --n-calib to at least 2"):
             distributed.my_share(torch.zeros(1, 8))
-        torch.save(_block_stats(), os.path.join(out, f"stats{rank}.pt"))
+        made = (*_block_stats(), _unlike_sharing(rank))
+        torch.save(made, os.path.join(out, f"stats{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _unlike_sharing(rank: int) -> list[torch.Tensor]:
+    """Two layers fed one tensor on rank 0 and two on rank 1: the ranks do not share alike,
+    so each layer's statistics are summed alone (``distributed.agreed``)."""
+    from llrc_core.stats import _Accumulator
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    acc = _Accumulator({"a": a, "b": b}, gram=True, absmean=False)
+    x, y = torch.full((2, 3), 1.0 + rank), torch.full((2, 3), 10.0)
+    with torch.no_grad():
+        a(x), b(x if rank == 0 else y)
+    acc.close()
+    assert (acc.stats["a"] is acc.stats["b"]) == (rank == 0)
+    got = acc.summed({"a": 3, "b": 3})
+    assert got["a"] is not got["b"] and got["a"].tokens == got["b"].tokens == 4
+    return [got["a"].gram, got["b"].gram]
 
 
 def _whole_after_forward() -> bool:
@@ -180,9 +199,12 @@ def test_two_processes_share_the_statistics_pass(tmp_path):
     assert rows == 8
     mp.spawn(_stats_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     two = [torch.load(tmp_path / f"stats{r}.pt", weights_only=True) for r in range(2)]
-    assert [r for _, r in two] == [4, 4]
+    assert [r for _, r, _ in two] == [4, 4]
+    for _, _, (a, b) in two:           # rank 0: 2 rows of 1s (a, b); rank 1: of 2s (a), 10s (b)
+        assert torch.equal(a, torch.full((3, 3), 2.0 + 8.0, dtype=torch.float64))
+        assert torch.equal(b, torch.full((3, 3), 2.0 + 200.0, dtype=torch.float64))
     for name, (tokens, gram, abs_sum) in one.items():
-        for got, _ in two:
+        for got, _, _ in two:
             t, g, a = got[name]
             assert t == tokens == 8 * 32
             assert ((g - gram).norm() / gram.norm()).item() < 1e-6
