@@ -7,8 +7,8 @@ runs today:
 
 * **load**: the weights in the compute dtype.
 * **statistics**: weights + one block's calibration hidden states (in and out) + that block's
-  float64 statistics (a Gram ``n x n`` per target layer for whitening, a vector for ASVD: an
-  upper bound, since layers fed the same tensor share one).
+  float64 statistics (a Gram ``n x n`` for whitening, a vector for ASVD, per input: layers
+  fed one tensor, q/k/v and gate/up, share one; ``stats.shared_inputs``).
 * **decomposition**: weights + the factors ``U (m x r)``, ``V (r x n)`` of every target,
   stored in the placement's factor dtype as each layer is decomposed (on the device, or in
   CPU memory when offloaded) + the float64 work of the largest single SVD and its float32
@@ -205,6 +205,18 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
     return plan
 
 
+def _shared_inputs(meta) -> list[list[str]]:
+    """``stats.shared_inputs`` on the meta device; a loaded model (the studio passes its
+    own) is rebuilt there from its config, so that its weights never run here."""
+    from .models import auto_class
+    from .stats import shared_inputs
+    if any(p.device.type != "meta" for p in meta.parameters()):
+        auto, _ = auto_class(meta.config)
+        with torch.device("meta"):
+            meta = auto.from_config(meta.config)
+    return shared_inputs(meta)
+
+
 def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
             batch_size: int, step_len: int, two_targets: bool, processes: int = 1) -> dict:
     """Numbers and bytes that do not depend on the placement (for one of ``processes``)."""
@@ -221,13 +233,17 @@ def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
     per_block: dict[int, list] = {}
     for t in targets:
         per_block.setdefault(t.block, []).append(t)
-    # Statistics of one block, an upper bound: one float64 Gram (or vector) per target layer.
-    # Layers fed the same tensor share one at run time (``stats.py``: q/k/v and gate/up, 1.37
-    # of the 1.77 GB counted here for a Llama-2-7B block), which the meta model cannot show.
-    widest = max(per_block.values(), key=lambda ts: sum(t.n * t.n for t in ts))
+    # Statistics of one block: one float64 Gram (or vector) per group of layers fed one
+    # tensor (q/k/v, gate/up: ``stats.shared_inputs``), for the block that needs the most.
+    groups = _shared_inputs(meta)
+
+    def numbers(ts, power: int) -> int:
+        first = {next((g[0] for g in groups if t.kind in g), t.kind): t for t in ts}
+        return sum(t.n ** power for t in first.values())
+    widest = max(per_block.values(), key=lambda ts: numbers(ts, 2))
     needs = getattr(DECOMPOSITIONS.get(decomposition), "needs", ())
-    stats = (8 * sum(t.n * t.n for t in widest) if "gram" in needs      # whiten, whiten-eig
-             else 8 * sum(t.n for t in widest) if needs else 0)           # asvd; svd: none
+    stats = (8 * numbers(widest, 2) if "gram" in needs                  # whiten, whiten-eig
+             else 8 * numbers(widest, 1) if needs else 0)               # asvd; svd: none
     params = count_params(meta)
     _, block_list = find_blocks(meta)
     in_blocks = [count_params(blk) for blk in block_list]

@@ -19,6 +19,7 @@ process's sums up to rounding: the batches are cut differently).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -27,7 +28,9 @@ from torch import nn
 
 from . import distributed
 from .blocks import capture_block_inputs, inference_mode, run_block
-from .models import Target, find_blocks
+from .models import Target, find_blocks, find_targets
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -118,6 +121,45 @@ class _Accumulator:
             s.tokens = int(distributed.sum_([t for t in (s.abs_sum, s.gram) if t is not None],
                                             s.tokens))
         return self.stats
+
+
+class _FirstBlockDone(Exception):
+    pass
+
+
+def shared_inputs(meta: nn.Module) -> list[list[str]]:
+    """Kinds of target (``Target.kind``) whose statistics one block shares at run time, each
+    group in call order: found by one forward pass of ``meta``, a model on the meta device
+    (nothing is computed or held), over 8 tokens, each layer's input compared with the one
+    before it as ``_Accumulator`` does (the same tensor object: never more sharing than the
+    run finds). ``[]`` when the meta device cannot run the model: no sharing assumed."""
+    first = [t for t in find_targets(meta) if t.block == 0]
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [meta.get_submodule(t.name).register_forward_pre_hook(
+        lambda _m, args, kind=t.kind: calls.append((kind, args[0]))) for t in first]
+
+    def stop(*_):                       # the first block is all it takes
+        raise _FirstBlockDone
+    handles.append(find_blocks(meta)[1][0].register_forward_hook(stop))
+    try:
+        with torch.no_grad():
+            meta(input_ids=torch.zeros(1, 8, dtype=torch.long, device="meta"))
+    except _FirstBlockDone:
+        pass
+    except Exception as exc:            # any architecture the meta device cannot run
+        log.info("no shared statistics found on the meta device (%s): none assumed", exc)
+        return []
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    for i, (kind, x) in enumerate(calls):
+        if i and x is calls[i - 1][1]:
+            if kind not in groups[-1]:
+                groups[-1].append(kind)
+        elif not any(kind in g for g in groups):
+            groups.append([kind])
+    return [g for g in groups if len(g) > 1]
 
 
 def collect_stats(model: nn.Module, targets: list[Target], windows: torch.Tensor, *,

@@ -168,3 +168,21 @@ def test_whitening_truncation_error_is_dropped_energy(arch):
         assert abs(lhs / rhs - 1) < tol, f"{t.name}: {lhs:.6g} vs dropped {rhs:.6g}"
     if arch in ("llama", "mistral", "qwen2", "gemma"):
         assert damped == 0            # RMSNorm inputs: every Gram positive definite, no damping
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_planner_finds_the_statistics_a_run_shares(arch):
+    """``stats.shared_inputs`` on the meta device (what the planner counts) names exactly the
+    layers whose statistics a run shares (one object for layers fed one tensor)."""
+    from transformers import AutoModelForCausalLM
+    from llrc_core.stats import collect_stats, shared_inputs
+    model = tiny_model(arch)
+    targets = find_targets(model)
+    got = collect_stats(model, targets, tiny_ids(n=2, length=16), batch_size=2)
+    first = [t for t in targets if t.block == 0]
+    run = [[t.kind for t in first if got[t.name] is got[u.name]] for u in first]
+    run = sorted({tuple(sorted(g)) for g in run if len(g) > 1})
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(model.config)
+    assert sorted(tuple(sorted(g)) for g in shared_inputs(meta)) == run
+    assert (len(run), arch) != (0, "llama")            # q/k/v and gate/up on a Llama

@@ -54,7 +54,8 @@ def test_counts_match_the_hand_count(configs, name):
     assert plan.phases["load"] == 2 * params                                   # bf16 weights
     assert f["factors_stored_bytes"] == 2 * factors + 4 * spectrum
     tokens = 64 * 512
-    assert f["stats_block_bytes"] == 8 * (6 * d * d + i * i)     # a float64 Gram per layer
+    # a float64 Gram per input: q/k/v share one, gate/up one, o and down their own
+    assert f["stats_block_bytes"] == 8 * (3 * d * d + i * i)
     assert f["distill_targets_bytes"] == 2 * tokens * d * 2     # middle + last, bf16
     assert plan.phases["statistics"] == 2 * params + 2 * tokens * d * 2 + \
         f["stats_block_bytes"]
@@ -139,18 +140,21 @@ def test_seven_b_figures_of_the_issue(configs):
     """Issue 11's own count of the old data path: U and V of Llama-2-7B hold 10.2 G numbers
     (41 GB in float32) next to 13.5 GB of bf16 weights; stored once in bf16 they are 20.5 GB.
     Its goals, as planned: 7B within 40 GB on one GPU, 13B within 75 GB. Whitening (float64
-    work on the widest layer, at the end of decomposition) just misses both with everything
-    on the GPU; ASVD does not; with the ceiling given, the planner offloads the factors."""
+    work on the widest layer, at the end of decomposition) with everything on the GPU just
+    meets 7B's (39.95 GB: q/k/v and gate/up share one Gram) and misses 13B's by 0.5 %; ASVD
+    meets both; with the ceiling given, the planner offloads the factors."""
     f = planner.plan_memory(str(configs / "7b")).facts
     assert round(f["factor_numbers"] / 1e9, 1) == 10.2
     assert round(4 * f["factor_numbers"] / 1e9) == 41
     assert round(f["weights_bytes"] / 1e9, 1) == 13.5
     assert round(f["factors_stored_bytes"] / 1e9, 1) == 20.5
-    for name, goal in (("7b", 40e9), ("13b", 75e9)):
+    for name, goal, whitened in (("7b", 40e9, (0.99, 1.0)), ("13b", 75e9, (1.0, 1.01))):
         whiten = planner.plan_memory(str(configs / name), gpu_memory=80, offload="none")
         asvd = planner.plan_memory(str(configs / name), decomposition="asvd", gpu_memory=80,
                                    offload="none")
-        assert whiten.peak_phase == "decomposition" and goal < whiten.peak_bytes < 1.02 * goal
+        low, high = whitened
+        assert whiten.peak_phase == "decomposition"
+        assert low * goal < whiten.peak_bytes < high * goal
         assert asvd.peak_bytes <= goal
         capped = planner.plan_memory(str(configs / name), gpu_memory=goal / 2 ** 30)
         assert capped.fits and capped.placement.offload == "factors"
