@@ -74,6 +74,9 @@ VARIANTS.update({
                              "options": {"batch_size": 8}},
     "whiten-calib-128-every": {"decomposition": "whiten", "n_calib": 128,
                                "options": {"distill_at": "every"}},
+    # Half the total-variation weight over 128 windows (more data, less smoothing needed?).
+    "whiten-calib-128-tv025": {"decomposition": "whiten", "n_calib": 128,
+                               "options": {"beta_tv": 0.25}},
     # The logits term: the last state compared through the LM head by the KL of the
     # next-token distributions (the middle state still by nmse), or that KL alone.
     "whiten-kl": {"decomposition": "whiten", "options": {"distill_loss": "kl"}},
