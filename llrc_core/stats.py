@@ -52,12 +52,18 @@ class LayerStats:
 
 
 class _Accumulator:
-    """Owns the hooks of one block's target layers; always removed on exit."""
+    """Owns the hooks of one block's target layers; always removed on exit. ``share``: a
+    layer fed the tensor the layer before it was fed shares that layer's statistics object
+    (otherwise it gets its own copy of the same sums). ``consistent`` turns False if a
+    layer's sharing changes between batches (a model that calls a layer on varying inputs):
+    the block is then collected again without sharing (``collect_stats``)."""
 
-    def __init__(self, modules: dict[str, nn.Module], gram: bool, absmean: bool):
-        self.gram, self.absmean = gram, absmean
+    def __init__(self, modules: dict[str, nn.Module], gram: bool, absmean: bool,
+                 share: bool = True):
+        self.gram, self.absmean, self.share = gram, absmean, share
         self.stats: dict[str, LayerStats] = {}
         self.owner: dict[str, str] = {}   # layer -> the layer whose statistics it shares
+        self.consistent = True
         self._memo: dict = {}
         self._handles = [mod.register_forward_pre_hook(self._hook(name))
                          for name, mod in modules.items()]
@@ -68,25 +74,29 @@ class _Accumulator:
             prev = self._memo.get("x")
             # The previous input is held, so its memory cannot be reused by another tensor:
             # equal pointer and shape means the very same activation (q, k, v).
-            if prev is None or prev.data_ptr() != x.data_ptr() or prev.shape != x.shape:
-                self._memo = {"x": x, "owner": name}
+            fresh = prev is None or prev.data_ptr() != x.data_ptr() or prev.shape != x.shape
+            if fresh:
                 flat = x.reshape(-1, x.shape[-1]).float()  # (T, n)
-                g = (flat.T @ flat).double() if self.gram else None
-                a = flat.abs().sum(0).double() if self.absmean else None
-                s = self.stats.get(name)
-                if s is None:
-                    self.stats[name] = LayerStats(a, g, flat.shape[0])
-                else:
-                    if g is not None:
-                        s.gram += g
-                    if a is not None:
-                        s.abs_sum += a
-                    s.tokens += flat.shape[0]
-            owner = self.owner.setdefault(name, self._memo["owner"])
-            if owner != self._memo["owner"]:    # the model's wiring does not change
-                raise RuntimeError(f"{name} shared its input with {owner} in one batch and "
-                                   f"not in another: its statistics cannot be shared")
-            self.stats.setdefault(name, self.stats[owner])
+                self._memo = {"x": x, "owner": name, "val": (
+                    flat.abs().sum(0).double() if self.absmean else None,
+                    (flat.T @ flat).double() if self.gram else None, flat.shape[0])}
+            owner = self._memo["owner"] if self.share else name
+            if self.owner.setdefault(name, owner) != owner:
+                self.consistent = False
+            if owner != name:                   # its owner's sums already hold this input
+                self.stats.setdefault(name, self.stats[owner])
+                return
+            a, g, t = self._memo["val"]
+            s = self.stats.get(name)
+            if s is None:                       # a sum seen before belongs to another layer
+                copy = (lambda v: v) if fresh else (lambda v: None if v is None else v.clone())
+                self.stats[name] = LayerStats(copy(a), copy(g), t)
+                return
+            if g is not None:
+                s.gram += g
+            if a is not None:
+                s.abs_sum += a
+            s.tokens += t
         return hook
 
     def close(self) -> None:
@@ -185,12 +195,16 @@ def collect_stats(model: nn.Module, targets: list[Target], windows: torch.Tensor
         states = capture_block_inputs(model, blocks, batches)
         for b in progress(range(len(blocks))):
             names = by_block.get(b, [])
-            acc = _Accumulator({n: modules[n] for n in names}, gram, absmean)
             widths = {n: width[n] for n in names}
-            try:
-                states = [s.with_hidden(run_block(blocks[b], s)) for s in states]
-            finally:
-                acc.close()
+            for share in (True, False):        # again without sharing if it did not hold
+                acc = _Accumulator({n: modules[n] for n in names}, gram, absmean, share)
+                try:
+                    out = [s.with_hidden(run_block(blocks[b], s)) for s in states]
+                finally:
+                    acc.close()
+                if acc.consistent:
+                    break
+            states = out
             if on_block is not None:
                 on_block(b, acc.summed(widths))
             else:

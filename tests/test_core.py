@@ -239,6 +239,44 @@ def test_selfgen_on_a_tiny_model():
 
 
 # ----------------------------------------------------------------------------- statistics ---
+class _SwitchingBlock(torch.nn.Module):
+    """``b`` is fed ``a``'s input on odd calls and a tensor of its own on even ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.calls = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), 0
+
+    def forward(self, h):
+        self.calls += 1
+        return self.a(h) + self.b(h if self.calls % 2 else 2 * h)
+
+
+class _Switching(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.blocks = torch.nn.Embedding(16, 4), torch.nn.ModuleList([_SwitchingBlock()])
+
+    def forward(self, input_ids):
+        return self.blocks[0](self.emb(input_ids))
+
+
+def test_stats_of_a_layer_whose_sharing_changes_are_collected_alone():
+    """A layer fed its neighbour's input in one batch and its own in the next: the block is
+    collected again without sharing, and the sums equal each layer's own pass."""
+    torch.manual_seed(0)
+    model = _Switching()
+    targets = find_targets(model)
+    windows = tiny_ids(n=4, length=8, vocab=16)
+    fast = collect_stats(model, targets, windows, batch_size=2)          # 2 batches
+    model.blocks[0].calls = 0
+    slow = collect_stats_naive(model, targets, windows, batch_size=2)   # b: calls 3 and 4
+    assert fast["blocks.0.a"] is not fast["blocks.0.b"]
+    for name in fast:
+        assert fast[name].tokens == slow[name].tokens == 32
+        assert torch.allclose(fast[name].gram, slow[name].gram, rtol=1e-6)
+        assert torch.allclose(fast[name].abs_sum, slow[name].abs_sum, rtol=1e-6)
+
+
 @pytest.mark.parametrize("arch,shared", [("llama", [("q_proj", "k_proj", "v_proj"),
                                                      ("gate_proj", "up_proj")]),
                                           ("gpt2", [])])
