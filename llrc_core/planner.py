@@ -56,6 +56,7 @@ from . import distributed, spread
 from .models import DTYPES, count_params, find_blocks, find_targets, skeleton, source_dtype
 from .placement import OFFLOADS, SHARDABLE, Placement
 from .shards import DEFAULT_MAX_SHARD, write_buffer_bytes
+from .stats import shared_inputs
 
 GIB = 2 ** 30
 PHASES = ("load", "statistics", "decomposition", "selection", "apply", "evaluate", "export")
@@ -205,18 +206,6 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
     return plan
 
 
-def _shared_inputs(meta) -> list[list[str]]:
-    """``stats.shared_inputs`` on the meta device; a loaded model (the studio passes its
-    own) is rebuilt there from its config, so that its weights never run here."""
-    from .models import auto_class
-    from .stats import shared_inputs
-    if any(p.device.type != "meta" for p in meta.parameters()):
-        auto, _ = auto_class(meta.config)
-        with torch.device("meta"):
-            meta = auto.from_config(meta.config)
-    return shared_inputs(meta)
-
-
 def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
             batch_size: int, step_len: int, two_targets: bool, processes: int = 1) -> dict:
     """Numbers and bytes that do not depend on the placement (for one of ``processes``)."""
@@ -235,7 +224,7 @@ def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
         per_block.setdefault(t.block, []).append(t)
     # Statistics of one block: one float64 Gram (or vector) per group of layers fed one
     # tensor (q/k/v, gate/up: ``stats.shared_inputs``), for the block that needs the most.
-    groups = _shared_inputs(meta)
+    groups = shared_inputs(meta)
 
     def numbers(ts, power: int) -> int:
         first = {next((g[0] for g in groups if t.kind in g), t.kind): t for t in ts}

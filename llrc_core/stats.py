@@ -28,7 +28,7 @@ from torch import nn
 
 from . import distributed
 from .blocks import capture_block_inputs, inference_mode, run_block
-from .models import Target, find_blocks, find_targets
+from .models import Target, auto_class, find_blocks, find_targets
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +137,19 @@ class _FirstBlockDone(Exception):
     pass
 
 
-def shared_inputs(meta: nn.Module) -> list[list[str]]:
+def shared_inputs(model: nn.Module) -> list[list[str]]:
     """Kinds of target (``Target.kind``) whose statistics one block shares at run time, each
-    group in call order: found by one forward pass of ``meta``, a model on the meta device
-    (nothing is computed or held), over 8 tokens, each layer's input compared with the one
-    before it as ``_Accumulator`` does (the same tensor object: never more sharing than the
-    run finds). ``[]`` when the meta device cannot run the model: no sharing assumed."""
+    group in call order: found by one forward pass of the first block of the model on the
+    meta device (nothing is computed or held; a loaded model, as the studio passes to the
+    planner, is rebuilt there from its config, so its weights never run here) over 8 tokens,
+    each layer's input compared with the one before it as ``_Accumulator`` does (the same
+    tensor object: never more sharing than the run finds). ``[]`` when the meta device
+    cannot run the model: no sharing assumed."""
+    meta = model
+    if any(p.device.type != "meta" for p in model.parameters()):
+        auto, _ = auto_class(model.config)
+        with torch.device("meta"):
+            meta = auto.from_config(model.config)
     first = [t for t in find_targets(meta) if t.block == 0]
     calls: list[tuple[str, torch.Tensor]] = []
     handles = [meta.get_submodule(t.name).register_forward_pre_hook(
