@@ -144,7 +144,12 @@ def auto_class(config, causal: bool | None = None):
 def skeleton(source: str | Path, trust_remote_code: bool = False) -> nn.Module:
     """The model built on the meta device from its config alone: shapes and parameter counts
     of any size of model, no memory, no weights read (planning, validation)."""
-    config = read_config(resolve_source(source), trust_remote_code)
+    return skeleton_of(read_config(resolve_source(source), trust_remote_code),
+                       trust_remote_code)
+
+
+def skeleton_of(config, trust_remote_code: bool = False) -> nn.Module:
+    """``skeleton`` from a config already read (e.g. a loaded model's)."""
     auto, _ = auto_class(config)
     with torch.device("meta"):
         return auto.from_config(config, trust_remote_code=trust_remote_code)

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import distributed
 from .blocks import capture_block_inputs, inference_mode, run_block
-from .models import Target, auto_class, find_blocks, find_targets
+from .models import Target, find_blocks, find_targets, skeleton_of
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ class LayerStats:
     abs_sum: torch.Tensor | None   # (n,) float64
     gram: torch.Tensor | None      # (n, n) float64
     tokens: int
+
+    def clone(self) -> "LayerStats":
+        return LayerStats(*(None if t is None else t.clone() for t in (self.abs_sum, self.gram)),
+                          self.tokens)
 
     @property
     def abs_mean(self) -> torch.Tensor:
@@ -89,8 +93,8 @@ class _Accumulator:
             a, g, t = self._memo["val"]
             s = self.stats.get(name)
             if s is None:                       # a sum seen before belongs to another layer
-                copy = (lambda v: v) if fresh else (lambda v: None if v is None else v.clone())
-                self.stats[name] = LayerStats(copy(a), copy(g), t)
+                s = LayerStats(a, g, t)
+                self.stats[name] = s if fresh else s.clone()
                 return
             if g is not None:
                 s.gram += g
@@ -116,9 +120,7 @@ class _Accumulator:
         alike = distributed.agreed(owner)
         if not alike:                     # each its own copy, made before any is summed
             for name in [n for n, o in owner.items() if o != n]:
-                s = self.stats[name]
-                self.stats[name] = LayerStats(*(None if t is None else t.clone()
-                                                for t in (s.abs_sum, s.gram)), s.tokens)
+                self.stats[name] = self.stats[name].clone()
         for name in sorted(widths):
             if alike and owner[name] != name:
                 continue                                 # summed with its owner's
@@ -133,50 +135,39 @@ class _Accumulator:
         return self.stats
 
 
-class _FirstBlockDone(Exception):
-    pass
-
-
 def shared_inputs(model: nn.Module) -> list[list[str]]:
-    """Kinds of target (``Target.kind``) whose statistics one block shares at run time, each
-    group in call order: found by one forward pass of the first block of the model on the
-    meta device (nothing is computed or held; a loaded model, as the studio passes to the
-    planner, is rebuilt there from its config, so its weights never run here) over 8 tokens,
-    each layer's input compared with the one before it as ``_Accumulator`` does (the same
-    tensor object: never more sharing than the run finds). ``[]`` when the meta device
-    cannot run the model: no sharing assumed."""
+    """Kinds of target (``Target.kind``) whose statistics one block shares at run time: the
+    first block run on the meta device (nothing is computed or held; a loaded model, as the
+    studio passes to the planner, is rebuilt there from its config, so its weights never
+    run here) over 8 tokens, with the ``_Accumulator`` rule: a layer fed the tensor the
+    layer before it was fed (the same object: never more sharing than the run finds) shares
+    that layer's owner. ``[]`` when the meta device cannot run the model: none assumed."""
     meta = model
     if any(p.device.type != "meta" for p in model.parameters()):
-        auto, _ = auto_class(model.config)
-        with torch.device("meta"):
-            meta = auto.from_config(model.config)
+        meta = skeleton_of(model.config)
+    _, blocks = find_blocks(meta)
     first = [t for t in find_targets(meta) if t.block == 0]
     calls: list[tuple[str, torch.Tensor]] = []
     handles = [meta.get_submodule(t.name).register_forward_pre_hook(
         lambda _m, args, kind=t.kind: calls.append((kind, args[0]))) for t in first]
-
-    def stop(*_):                       # the first block is all it takes
-        raise _FirstBlockDone
-    handles.append(find_blocks(meta)[1][0].register_forward_hook(stop))
     try:
-        with torch.no_grad():
-            meta(input_ids=torch.zeros(1, 8, dtype=torch.long, device="meta"))
-    except _FirstBlockDone:
-        pass
+        with torch.no_grad():      # not ``inference_mode``: without a KV cache transformers
+            ids = torch.zeros(1, 8, dtype=torch.long, device="meta")    # reads mask values
+            run_block(blocks[0], capture_block_inputs(meta, blocks, [ids])[0])
     except Exception as exc:            # any architecture the meta device cannot run
         log.info("no shared statistics found on the meta device (%s): none assumed", exc)
         return []
     finally:
         for h in handles:
             h.remove()
-    groups: list[list[str]] = []
+    owner: dict[str, str] = {}
     for i, (kind, x) in enumerate(calls):
-        if i and x is calls[i - 1][1]:
-            if kind not in groups[-1]:
-                groups[-1].append(kind)
-        elif not any(kind in g for g in groups):
-            groups.append([kind])
-    return [g for g in groups if len(g) > 1]
+        shares = i and x is calls[i - 1][1]
+        owner.setdefault(kind, owner[calls[i - 1][0]] if shares else kind)
+    groups: dict[str, list[str]] = {}
+    for kind, first_kind in owner.items():
+        groups.setdefault(first_kind, []).append(kind)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def collect_stats(model: nn.Module, targets: list[Target], windows: torch.Tensor, *,
