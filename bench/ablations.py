@@ -77,6 +77,13 @@ VARIANTS.update({
     # Half the total-variation weight over 128 windows (more data, less smoothing needed?).
     "whiten-calib-128-tv025": {"decomposition": "whiten", "n_calib": 128,
                                "options": {"beta_tv": 0.25}},
+    # A weaker compression push over 128 windows: Adam moves every logit at about the
+    # learning rate whatever the gradient's size, so beta_c decides on how many logits the
+    # distillation gradient wins the sign while compressing (the descent is slower).
+    "whiten-calib-128-bc05": {"decomposition": "whiten", "n_calib": 128,
+                              "options": {"beta_c": 0.5, "steps": 1000}},
+    "whiten-calib-128-bc025": {"decomposition": "whiten", "n_calib": 128,
+                               "options": {"beta_c": 0.25, "steps": 1000}},
     # The logits term: the last state compared through the LM head by the KL of the
     # next-token distributions (the middle state still by nmse), or that KL alone.
     "whiten-kl": {"decomposition": "whiten", "options": {"distill_loss": "kl"}},

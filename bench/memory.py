@@ -112,7 +112,8 @@ def worker(a) -> dict:
     from llrc_core import distributed
     from llrc_core.export import export_model
     from llrc_core.pipeline import compress_, decompose_model, select_plan
-    from llrc_core.planner import device_memory_gib, plan_memory
+    from llrc_core.planner import plan_memory
+    from llrc_core.preflight import device_memory_gib
     dtype, cuda = getattr(torch, a.dtype), a.device == "cuda"
     distributed.init_from_env()                 # --shard N: one of N torchrun processes
     torch.manual_seed(0)

@@ -36,7 +36,8 @@ and keeps the first that fits; ``facts["placement"]`` says which.
 ``offload="weights"`` is sequential onloading (``onload.py``): the GPU holds the frame and
 one layer's weights at a time. With ``gpus`` > 1 (and no sequential onloading) whole blocks
 are placed across the GPUs by accelerate and every phase is counted per GPU (``spread.py``;
-planned only: ``compress`` runs on one GPU).
+``compress --gpus N`` runs that map). Whether a plan fits the machine a run will have, and
+the refusal when it does not, are ``preflight.check_fits``.
 
 ``peak_gpu_bytes`` is the largest need over the phases on the fullest GPU; ``fits`` compares
 it with ``gpu_memory`` less a 5 % margin. On a CPU-only plan (``gpus=0``) the same numbers
@@ -47,10 +48,7 @@ labelled so. ``bench/memory.py`` measures each phase's peak against these number
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-
-import torch
 
 from . import distributed, spread
 from .models import DTYPES, count_params, find_blocks, find_targets, skeleton, source_dtype
@@ -419,66 +417,3 @@ def _sequential_phases(c: dict, placement: Placement, trains: bool
     host["export"] = f["weights_bytes"] + kept + f["write_buffer_bytes"]
     extra.update(kept_bound_bytes=kept)
     return phases, host, extra
-
-
-def refusal(plan: MemoryPlan) -> str:
-    """The message ``compress`` stops with when a plan does not fit (a GPU or the host)."""
-    need = plan.peak_bytes / GIB
-    if plan.gpus:
-        where = "on one GPU" if plan.gpus == 1 else f"on the fullest of its {plan.gpus} GPUs"
-        cap = f"{plan.gpu_memory:g} GiB (5 % margin)"
-        offload = "" if plan.placement is None or plan.placement.offload_weights else \
-            "--offload weights, "
-        fix = f"{offload}a GPU with more memory, a smaller --batch-size or --n-calib/--seq-len, " \
-              f"its blocks across more GPUs of this machine (--gpus {plan.gpus + 1} or more), " \
-              "factors sharded over more processes (torchrun --nproc_per_node N ... " \
-              "--shard-factors), or a non-learned method"
-    else:
-        where, cap = "of memory", f"this machine's {plan.gpu_memory:.1f} GiB"
-        fix = "a machine with more memory or a GPU, a smaller --batch-size or " \
-              "--n-calib/--seq-len"
-    return (f"{plan.model} with {plan.method} needs {need:.1f} GiB {where} in its "
-            f"{plan.peak_phase} phase, more than {cap}: use {fix}; `llrc plan-memory` shows "
-            "each phase")
-
-
-def device_memory_gib(device: str | None, gpus: int = 1) -> tuple[int, float]:
-    """``(gpus, GiB per device)`` the run will have: ``gpus`` CUDA devices and the smallest
-    one's memory, or the host's physical memory for a CPU run (``gpus == 0``);
-    ``LLRCError`` when more GPUs are asked for than this machine shows."""
-    from .errors import LLRCError
-    seen = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
-    if gpus > 1 and seen < gpus:
-        raise LLRCError(f"--gpus {gpus} places the model's blocks across {gpus} GPUs, but "
-                        f"this machine shows {seen}{' (--device cpu)' if device == 'cpu' else ''}"
-                        f": use --gpus {max(seen, 1)}, or set CUDA_VISIBLE_DEVICES to show them")
-    if seen:
-        gpus = max(gpus, 1)
-        return gpus, min(torch.cuda.get_device_properties(g).total_memory
-                         for g in range(gpus)) / GIB
-    return 0, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB
-
-
-def check_fits(model: str, method: str, decomposition: str, *, dtype: str, n_calib: int,
-               seq_len: int, batch_size: int, device: str | None, meta, offload: str = "auto",
-               factor_dtype: str | None = None, train_seq_len: int | None = None,
-               max_shard_size: int | str = DEFAULT_MAX_SHARD, shard_over: int = 1,
-               gpus: int = 1) -> MemoryPlan:
-    """The plan of this run on the memory it will have, in each of its processes (its
-    ``placement`` is the one the run uses; across ``gpus`` > 1 GPUs, ``spread.placed`` of
-    its facts the module map); ``LLRCError`` when it cannot fit."""
-    from .errors import LLRCError
-    if gpus < 1:
-        raise LLRCError(f"--gpus must be at least 1, got {gpus} (--device cpu for a CPU run)")
-    if gpus > 1 and distributed.world_size() > 1:
-        raise LLRCError(f"--gpus {gpus} places one process's blocks across GPUs; under "
-                        "torchrun each process uses one GPU: drop --gpus (or launch one process)")
-    gpus, gib = device_memory_gib(device, gpus)
-    plan = plan_memory(model, dtype, method, decomposition, n_calib, seq_len, batch_size,
-                       gpus=gpus, gpu_memory=gib, meta=meta, offload=offload,
-                       factor_dtype=factor_dtype, train_seq_len=train_seq_len,
-                       max_shard_size=max_shard_size, shard_over=shard_over,
-                       processes=distributed.world_size())
-    if not plan.fits:
-        raise LLRCError(refusal(plan))
-    return plan

@@ -9,7 +9,7 @@ import streamlit as st
 from llrc_core import SELECTORS, analysis, get_selector
 from llrc_core.evaluate import EVAL_SEQ_LEN, EVAL_WINDOWS
 from llrc_core.pipeline import method_config
-from llrc_core.planner import check_fits
+from llrc_core.preflight import check_fits
 from llrc_core.workflow import compress
 from llrc_core import figures as charts
 from studio import common, forms, queued, runs, workspace

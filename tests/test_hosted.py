@@ -160,8 +160,8 @@ def test_a_job_whose_owner_left_stops_and_leaves_the_queue():
 
 def test_compress_page_refuses_a_run_that_would_not_fit(app, monkeypatch):
     """The memory guard: the planner's verdict on this machine, before any job starts."""
-    from llrc_core import planner
-    monkeypatch.setattr(planner, "device_memory_gib", lambda device, gpus=1: (0, 1e-4))
+    from llrc_core import preflight
+    monkeypatch.setattr(preflight, "device_memory_gib", lambda device, gpus=1: (0, 1e-4))
     app.switch_page("pages/compress.py").run()
     app.selectbox(key="compress_method").set_value("uniform").run()
     app.button(key="FormSubmitter:compress_form-Start compression").click().run()

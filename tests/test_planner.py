@@ -8,7 +8,7 @@ import json
 import pytest
 import transformers
 
-from llrc_core import models, planner, spread
+from llrc_core import models, planner, preflight, spread
 from llrc_core.cli import main
 from llrc_core.errors import LLRCError
 
@@ -272,7 +272,7 @@ def test_compress_refuses_a_plan_that_does_not_fit(configs, tmp_path, monkeypatc
     from conftest import WIKI_VALID, tiny_model, tiny_tokenizer
     tiny_model("llama").save_pretrained(tmp_path / "tiny")
     tiny_tokenizer().save_pretrained(tmp_path / "tiny")
-    monkeypatch.setattr(planner, "device_memory_gib", lambda device, gpus=1: (0, 1e-4))
+    monkeypatch.setattr(preflight, "device_memory_gib", lambda device, gpus=1: (0, 1e-4))
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("weights were read"))
     argv = ["compress", "--model", str(tmp_path / "tiny"), "--calib", str(WIKI_VALID),
             "--n-calib", "4", "--seq-len", "16", "--ratio", "0.8", "--method", "llrc",
