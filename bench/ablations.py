@@ -84,6 +84,10 @@ VARIANTS.update({
                               "options": {"beta_c": 0.5, "steps": 1000}},
     "whiten-calib-128-bc025": {"decomposition": "whiten", "n_calib": 128,
                                "options": {"beta_c": 0.25, "steps": 1000}},
+    # The last state alone by nmse over 128 windows: of the two losses, the one whose value
+    # on a plan follows its test perplexity (bench/README).
+    "whiten-calib-128-last": {"decomposition": "whiten", "n_calib": 128,
+                              "options": {"distill_at": "last"}},
     # The logits term: the last state compared through the LM head by the KL of the
     # next-token distributions (the middle state still by nmse), or that KL alone.
     "whiten-kl": {"decomposition": "whiten", "options": {"distill_loss": "kl"}},
