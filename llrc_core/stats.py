@@ -162,6 +162,8 @@ def shared_inputs(model: nn.Module) -> list[list[str]]:
             h.remove()
     owner: dict[str, str] = {}
     for i, (kind, x) in enumerate(calls):
+        # The same object, where ``_Accumulator`` compares data pointers: every meta tensor's
+        # is 0, so that test would call any two inputs of one shape the same.
         shares = i and x is calls[i - 1][1]
         owner.setdefault(kind, owner[calls[i - 1][0]] if shares else kind)
     groups: dict[str, list[str]] = {}
