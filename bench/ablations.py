@@ -118,7 +118,7 @@ def variant_config(name: str, args, method: str = "llrc") -> CompareConfig:
         decompositions=(v["decomposition"] if method == "llrc" else "whiten",),
         calib=_piqa_text(args.out) if v["calib"] == str(PIQA) else v["calib"],
         n_calib=v["n_calib"], seq_len=v.get("seq_len", args.seq_len), seeds=args.seeds,
-        max_eval_windows=args.eval_windows,
+        max_eval_windows=args.eval_windows, refit=args.refit,
         options={method: options} if method == "llrc" else {})
 
 
@@ -263,6 +263,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="LLRC steps (default: its own)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--refit", action="store_true", help="refit every plan's output factors "
+                    "to the compressed model's inputs (llrc_core/refit.py): on a copy of a "
+                    "finished --out, the cached plans are evaluated again, not re-selected")
     ap.add_argument("--smoke", action="store_true", help="2 variants, 1 ratio, 2 seeds, 4 steps")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--prefix-of", metavar="COMPARE_DIR", help="only: LLRC's any-k plans of "

@@ -139,6 +139,10 @@ def cmd_compress(args) -> dict | None:
         dtype=args.dtype, batch_size=args.batch_size, allow_compressed=args.allow_compressed,
         offload=args.offload, factor_dtype=args.factor_dtype, max_shard_size=args.max_shard_size,
         shard_over=distributed.world_size() if args.shard_factors else 1, gpus=args.gpus)
+    if args.refit and memory.placement.offload_weights:
+        raise LLRCError("--refit needs the weights in memory, and this run onloads them block "
+                        "by block (--offload weights): drop --refit, or run where the model "
+                        "fits (see llrc plan-memory)")
     t0 = time.time()
     loaded = _load(args, memory)
     dec, windows = _decompose(args, loaded, memory.placement)
@@ -154,6 +158,7 @@ def cmd_compress(args) -> dict | None:
         res = compress(loaded.model, dec, args.method, windows, eval_ids=ev,
                        emit=fan_out(bar, log) if main else (lambda e: None),
                        eval_batch_size=args.batch_size, release_factors=True,
+                       refit=args.refit,
                        checkpoint=args.checkpoint, **opts)
     if not main:                      # the same plan as rank 0's; rank 0 writes it
         distributed.barrier()
@@ -164,6 +169,7 @@ def cmd_compress(args) -> dict | None:
               **({"ppl_before": res.ppl_before, "ppl_after": res.ppl_after,
                   **eval_info(ev, args.eval_text)} if ev is not None else {}),
               "stopped": res.stopped, "select_seconds": res.select_seconds,
+              **{k: v for k, v in res.report.items() if k.startswith("refit")},
               "seconds": time.time() - t0, "placement": memory.placement.to_dict(),
               "warnings": [*early, *res.warnings]}
     disable_(loaded.model)                      # sequentially onloaded: all in CPU memory
@@ -275,7 +281,7 @@ def cmd_compare(args) -> dict:
         eval_seq_len=args.eval_seq_len, max_eval_windows=args.max_eval_windows,
         tasks=args.tasks or (), task_limit=args.limit, options=options,
         allow_compressed=args.allow_compressed, seeds=args.seeds,
-        batch_size=args.batch_size, device=args.device)
+        batch_size=args.batch_size, device=args.device, refit=args.refit)
     bar, cell = tqdm(desc="compare", unit="cell", leave=False), [""]
 
     def progress(e: dict) -> None:   # cells done, the running cell and its training step

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"any-k only for {', '.join(any_k_methods())}")
     p.add_argument("--opt", action="append", metavar="KEY=VALUE",
                    help="method hyperparameter, repeatable (e.g. --opt steps=300)")
+    p.add_argument("--refit", action="store_true", help="refit each low-rank layer's output "
+                   "factor to the compressed model's own inputs on the calibration windows "
+                   "(closed form; same ranks and size)")
     p.add_argument("--log", help="JSONL file receiving every event of the run (any method)")
     p.add_argument("--checkpoint", help="learned methods: state file, written every 50 steps "
                    "and at the end; a run with the same options resumes from it")
@@ -162,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="docs per task")
     p.add_argument("--opt", action="append", metavar="[METHOD.]KEY=VALUE",
                    help="method hyperparameter, repeatable (e.g. --opt strs.candidates=[0.4,0.8])")
+    p.add_argument("--refit", action="store_true", help="refit the output factors of every "
+                   "plan to the compressed model's inputs before evaluating it")
     p.add_argument("--seeds", default=",".join(map(str, d.seeds)),
                    help="comma list: each method that trains runs once per seed; summary.csv "
                         "gives mean and sd per cell")

@@ -71,6 +71,9 @@ class CompareConfig(ConfigMixin):
                           "sd in summary.csv); methods that do not train run once")
     allow_compressed: bool = option(False, "an LLRC export as the model: loaded dense (A B "
                                     "multiplied back) and compressed again")
+    refit: bool = option(False, "refit each plan's output factors to the compressed model's "
+                         "inputs before evaluating it (refit.py): a new evaluation of the "
+                         "stored plans, not a new selection")
 
     def __post_init__(self):
         for name in ("methods", "ratios", "selections", "decompositions", "tasks", "seeds"):
@@ -147,13 +150,15 @@ def cell_id(cell: dict) -> str:
 
 
 EVAL_FIELDS = ("eval_text", "eval_seq_len", "max_eval_windows", "fidelity_lines", "tasks",
-               "task_limit")
+               "task_limit", "refit")
 
 
 def _fingerprint(cfg: CompareConfig, method: str, skip: tuple = ()) -> str:
+    # ``refit`` only when on: the cells of a grid cached before it existed stay valid.
     common = {k: v for k, v in cfg.to_dict().items()
               if k not in ("methods", "ratios", "selections", "decompositions", "options",
-                           "device", "batch_size", "allow_compressed", "seeds") + skip}
+                           "device", "batch_size", "allow_compressed", "seeds") + skip
+              and not (k == "refit" and not v)}
     return _hash({"common": common, "options": method_options(method, cfg)
                    if method != "dense" else {}})
 
@@ -255,13 +260,14 @@ def run_cell(s: Session, cell: dict, emit: Callable[[dict], None] | None = None,
         res = compress(s.loaded.model, dec, cell["method"], s.windows, evaluate=s.evaluate,
                        before=False, plan=RankPlan.from_dict(reuse["plan"]) if reuse else None,
                        partial=False, emit=emit or (lambda e: None), should_stop=should_stop,
-                       cache_dir=str(Path(s.out) / "cache"), **opts)
+                       cache_dir=str(Path(s.out) / "cache"), refit=cfg.refit, **opts)
     finally:
         restore_(s.loaded.model)
     plan, ev = res.plan, res.after
     seconds = reuse["seconds"] if reuse else res.select_seconds
     return {**cell, "scope": cfg.scope, "achieved_ratio_linear": plan.ratio("linear"),
             "achieved_ratio_model": plan.ratio("model"), **ev, "seconds": seconds,
+            **{k: v for k, v in res.report.items() if k.startswith("refit")},
             "decompose_seconds": dec.seconds, "dense_layers": plan.summary()["dense_layers"],
             "ranks": plan.ranks(), "shapes": {n: [lp.m, lp.n] for n, lp in plan.layers.items()},
             "plan": plan.to_dict()}

@@ -148,6 +148,18 @@ def eigen_whiten(W: torch.Tensor, gram: torch.Tensor, eps: float = 1e-6) -> Fact
     return Factors(U.float(), S.float(), V.float(), eps if singular else 0.0)
 
 
+def refit_output(W: torch.Tensor, B: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor,
+                 eps: float = 1e-6) -> torch.Tensor:
+    """The output factor ``A (m x k)`` minimising ``||W X - A B X'||_F`` for fixed ``B (k x n)``:
+    ``A = W C B^T (B G B^T)^-1`` with ``C = X X'^T`` and ``G = X' X'^T`` (both n x n, summed over
+    the tokens; ``refit.py``). ``B G B^T`` is solved by a damped Cholesky factor, so a Gram of
+    fewer tokens than inputs cannot fail. Float64 throughout."""
+    W, B = W.double().to(gram.device), B.double().to(gram.device)
+    L, _ = cholesky_damped(B @ gram.double() @ B.T, eps)         # (k, k)
+    rhs = W @ cross.double() @ B.T                               # (m, k)
+    return torch.cholesky_solve(rhs.T, L).T                      # rhs (B G B^T)^-1
+
+
 DECOMPOSITIONS: dict[str, Callable] = {}
 
 

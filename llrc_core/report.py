@@ -11,8 +11,8 @@ from .files import atomic_json, atomic_write
 
 COLUMNS = ["method", "decomposition", "selection", "scope", "target_ratio", "seed",
            "achieved_ratio_linear", "achieved_ratio_model", "ppl", "fidelity", "seconds",
-           "decompose_seconds", "eval_seconds", "dense_layers", "ranks", "error",
-           "eval_seq_len", "eval_windows"]
+           "decompose_seconds", "eval_seconds", "refit", "refit_seconds", "dense_layers",
+           "ranks", "error", "eval_seq_len", "eval_windows"]
 
 
 def tidy(rows: list[dict]):

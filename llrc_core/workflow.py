@@ -24,6 +24,7 @@ from .errors import Stopped
 from .evaluate import eval_info, perplexity
 from .pipeline import Decomposed, compress_, decompose_model, select_plan
 from .plan import RankPlan
+from .refit import refit_
 from .selectors import get_selector
 
 Emit = Callable[[dict], None]
@@ -64,7 +65,7 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
              evaluate: Callable[[torch.nn.Module], dict] | None = None, before: bool = True,
              plan: RankPlan | None = None, copy: bool = False, partial: bool = True,
              emit: Emit = lambda e: None, should_stop: Callable[[], bool] = lambda: False,
-             eval_batch_size: int = 8, release_factors: bool = False,
+             eval_batch_size: int = 8, release_factors: bool = False, refit: bool = False,
              **options) -> CompressionResult:
     """Select a plan with ``method`` (or take ``plan``), apply it and evaluate.
 
@@ -74,7 +75,9 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
     ``select_plan``'s plumbing (``cache_dir``, ``checkpoint``, ...). A stopped
     selection raises ``Stopped`` unless ``partial`` (keep a stopped learned plan).
     ``release_factors``: each layer's full-rank factors leave ``dec`` once it is applied (a
-    one-shot run: they are not needed again, and the memory planner counts on it)."""
+    one-shot run: they are not needed again, and the memory planner counts on it).
+    ``refit``: once applied, each low-rank layer's output factor is refitted to the inputs the
+    compressed model feeds it, on ``windows`` (``refit.py``)."""
     t0 = time.time()
     if copy:
         emit({"type": "phase", "phase": "copy"})
@@ -101,6 +104,14 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
             emit({"type": "done", "step": 0, "plan": plan.to_dict(), "stopped": stopped})
     emit({"type": "phase", "phase": "apply"})
     compress_(model, dec, plan, release=release_factors)
+    refit_seconds = None
+    if refit:
+        if windows is None:
+            raise ValueError("refit needs the calibration windows: pass --calib")
+        emit({"type": "phase", "phase": "refit"})
+        t1 = time.time()
+        refit_(model, windows, eval_batch_size)
+        refit_seconds = time.time() - t1
     metrics_after = {}
     if evaluate is not None:
         emit({"type": "phase", "phase": "ppl_after"})
@@ -112,6 +123,7 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
               **{k: v for k, v in plan.summary().items() if k != "ranks"},
               **_suffixed(metrics_before, metrics_after),
               "stopped": stopped, "select_seconds": select_seconds,
+              "refit": refit, **({"refit_seconds": refit_seconds} if refit else {}),
               **(eval_info(eval_ids) if eval_ids is not None else {}),
               "seconds": time.time() - t0, "warnings": warnings}
     emit({"type": "phase", "phase": "finished"})

@@ -183,6 +183,11 @@ with common.error_box():
         options, plumbing = forms.selector_options(spec, prefix=f"cfg_{method}")
         n_eval = st.number_input(f"Perplexity windows (WikiText-2 test, {EVAL_SEQ_LEN} tokens "
                                  "each; 0 skips)", 0, 256, EVAL_WINDOWS, key="n_eval")
+        if st.checkbox("Refit the output factors to the compressed model's inputs",
+                       key="compress_refit", help="after selection, each low-rank layer's "
+                       "output factor is solved again in closed form on the calibration "
+                       "windows (same ranks and size; measured gains in bench/README.md)"):
+            plumbing["refit"] = True
         start = st.form_submit_button("Start compression", type="primary", disabled=busy)
 
     if start:

@@ -112,6 +112,9 @@ BAD_INPUT = [
     ("missing-eval-text", lambda d, o, c, e, t: _compress(d, t / "out", c, "--ratio", "0.8",
                                                           "--eval-text", str(t / "no.txt")),
      "--eval-text not found"),
+    ("refit-onloaded", lambda d, o, c, e, t: _compress(d, t / "out", c, "--ratio", "0.8",
+                                                       "--refit", "--offload", "weights"),
+     r"--refit needs the weights in memory.*drop --refit"),
 ]
 
 

@@ -115,6 +115,17 @@ def test_demo_grid_resumes_and_writes_tidy_results(tmp_path, monkeypatch):
     assert one["seconds"].tolist() == again["seconds"].tolist()
     assert all(a != b for a, b in zip(one["ppl"], again["ppl"]))   # a different window count
 
+    # Refitting the output factors is a new evaluation of the stored plans too.
+    fit = run_compare(CompareConfig.from_dict({**cfg.to_dict(), "methods": ["uniform", "svdllm"],
+                                               "max_eval_windows": 1, "refit": True}),
+                      tmp_path, log=lambda _: None)
+    low = fit["method"] != "dense"
+    assert fit["error"].isna().all() and fit[low]["refit"].tolist() == [True] * 4
+    assert (fit[low]["refit_seconds"] > 0).all()
+    assert fit["seconds"].tolist() == one["seconds"].tolist()
+    assert fit["ppl"][~low].tolist() == one["ppl"][~low].tolist()       # dense: unchanged
+    assert all(a != b for a, b in zip(fit["ppl"][low], one["ppl"][low]))
+
 
 def test_grid_events_stop_and_resume(tmp_path, monkeypatch):
     """The app's use: a session made on demand, progress events, a stop inside a cell (not
