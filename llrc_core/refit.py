@@ -18,6 +18,14 @@ v) together, so each is refitted on the inputs of its already-refitted predecess
 pass stops as soon as the layers it is for have their inputs. Under ``torchrun`` each process
 forwards its share of the windows and the two Gram sums are all-reduced, so every process
 refits alike.
+
+Memory above the applied model: the dense and the compressed hidden states of every
+calibration window at one block (twice what the statistics pass holds), the block's dense
+originals back on its device, one batch's inputs and two float64 ``n x n`` sums. The memory
+planner does not count this pass yet; for Llama-2-7B (bf16, 64 x 512 tokens, batch 8) it is
+about 4.1 GB above the applied model (1.1 GB of hidden states, 1.9 GB of sums and 0.7 GB of
+one batch's float64 inputs for the down layer, 0.4 GB of originals): 17 GB in all, under the
+peaks the planner gives 7B on one 80 GB or 24 GB GPU (37.2 and 19.5 GB, bench/README.md).
 """
 from __future__ import annotations
 
@@ -38,7 +46,8 @@ class _Enough(Exception):
     """Raised by a hook once the layers a pass is for have their inputs."""
 
 
-def _low_rank_of(model: nn.Module, prefix: str, b: int, block: nn.Module) -> list[str]:
+def _low_rank_of(prefix: str, b: int, block: nn.Module) -> list[str]:
+    """Full names of the block's ``LowRankLinear`` layers."""
     return [f"{prefix}.{b}.{n}" for n, m in block.named_modules() if isinstance(m, LowRankLinear)]
 
 
@@ -120,7 +129,7 @@ def refit_(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, eps: fl
         compressed = capture_block_inputs(model, blocks, batches)
         dense = list(compressed)                       # the same embeddings enter block 0
         for b in progress(range(len(blocks))):
-            block, names = blocks[b], _low_rank_of(model, prefix, b, blocks[b])
+            block, names = blocks[b], _low_rank_of(prefix, b, blocks[b])
             for stage in (_stages(model, block, compressed[0], names) if names else []):
                 n0 = stage[0]
                 cross = gram = None

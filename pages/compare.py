@@ -26,7 +26,8 @@ def label(row: dict) -> str:
     return f"{row['method']} {row['selection']}" if row["method"] in ANY_K else row["method"]
 
 
-def make_config(methods, ratios, both, scope, decomp, steps, seeds, n_eval, tasks, limit):
+def make_config(methods, ratios, both, scope, decomp, steps, seeds, n_eval, tasks, limit,
+                refit=False):
     """The ``CompareConfig`` of this session's model and calibration."""
     loaded, calib, windows = common.current(), st.session_state["calib"], common.windows()
     return compare.CompareConfig(
@@ -36,7 +37,7 @@ def make_config(methods, ratios, both, scope, decomp, steps, seeds, n_eval, task
         n_calib=int(windows.shape[0]), seq_len=int(windows.shape[1]),
         eval_text=str(common.WIKI_TEST), eval_seq_len=EVAL_SEQ_LEN, max_eval_windows=int(n_eval),
         tasks=tuple(tasks), task_limit=int(limit) if tasks else None,
-        options={"*": {"steps": int(steps)}}, seeds=tuple(range(int(seeds))))
+        options={"*": {"steps": int(steps)}}, seeds=tuple(range(int(seeds))), refit=refit)
 
 
 def start_grid(cfg: compare.CompareConfig):
@@ -94,13 +95,17 @@ with common.error_box():
                                key="cmp_tasks")
         limit = c3.number_input("Questions per task", 1, 10000, 50, key="cmp_limit",
                                 help="the first N questions of each task (quick runs)")
+        refit = c3.checkbox("Refit output factors", key="cmp_refit",
+                            help="each plan's output factors solved again on the compressed "
+                                 "model's inputs before it is evaluated (a grid already run "
+                                 "is evaluated again, not selected again)")
         run = st.form_submit_button("Run comparison", type="primary", disabled=busy)
 
     if run:
         if not methods or not ratios:
             raise ValueError("pick at least one method and one ratio")
         start_grid(make_config(methods, ratios, both, scope, decomp, steps, seeds, n_eval,
-                               tasks, limit))
+                               tasks, limit, refit))
 
 
 def grid_panel():

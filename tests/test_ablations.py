@@ -50,7 +50,7 @@ def test_a_variant_may_set_its_own_window_length_and_gets_its_own_reference():
     """``seq_len`` in a variant overrides ``--seq-len`` for LLRC and for the SVD-LLM reference
     row of its calibration; a variant without it follows the flag."""
     args = ablations.argparse.Namespace(ratios=(0.6,), seeds=(0,), steps=None, seq_len=128,
-                                        eval_windows=16, out="unused")
+                                        eval_windows=16, out="unused", refit=False)
     assert ablations.variant_config("whiten-seq256", args).seq_len == 256
     assert ablations.variant_config("whiten-seq256", args, "svdllm").seq_len == 256
     assert ablations.variant_config("whiten-calib-64-seq256", args).n_calib == 64
@@ -58,3 +58,7 @@ def test_a_variant_may_set_its_own_window_length_and_gets_its_own_reference():
     assert ablations._calibration("whiten-seq256") != ablations._calibration("whiten")
     assert ablations.variant_config("whiten-calib-128-bs8", args).options == {
         "llrc": {"batch_size": 8}}
+    assert not ablations.variant_config("whiten", args).refit
+    args.refit = True                                 # --refit: every row refits, the reference too
+    assert ablations.variant_config("whiten", args).refit
+    assert ablations.variant_config("whiten", args, "svdllm").refit

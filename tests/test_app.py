@@ -325,6 +325,14 @@ def test_compare_page_grid_cache_and_accuracy(at):
     again = at.dataframe[0].value.set_index(["method", "target_ratio"])
     for _, r in table.iterrows():
         assert again.loc[(r["method"], r["target_ratio"]), "seconds"] == r["seconds"]
+    # Refit: every stored plan is evaluated again, refitted; none is selected again.
+    at.checkbox(key="cmp_refit").check()
+    at.button(key="FormSubmitter:compare_form-Run comparison").click().run()
+    job = wait_job(at, "compare_job")
+    assert job.status == "done", job.error
+    cells = [e for e in job.events_since(0, "cell") if e["row"]["method"] != "dense"]
+    assert len(cells) == 6 and not any(e["cached"] or e["reselected"] for e in cells)
+    assert all(e["row"]["refit"] and e["row"]["refit_seconds"] > 0 for e in cells)
 
 
 def test_finished_compress_job_reaches_export_without_the_compress_page():
