@@ -10,7 +10,8 @@ the dense layer's output is a least-squares solution (``decompose.refit_output``
 Fine-tuning-free and closed form, the same step sequential pruning and quantisation take
 (SparseGPT and GPTQ feed each layer the already-compressed model's inputs); the rank, the
 kept indices and the parameter count do not change. Only ``A`` moves: refitting ``B`` as well
-(the best rank-k map from ``X'``) overfitted the calibration set here (bench/README.md).
+(the best rank-k map from ``X'``, a new basis, so an any-k choice is lost) overfitted 16
+calibration windows on the demo model, though it did better with 128 (bench/README.md).
 
 Block by block (``blocks.py``): the dense and the compressed hidden states enter each block;
 its low-rank layers are taken in the order the block calls them, those fed one tensor (q, k,
