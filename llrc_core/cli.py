@@ -169,7 +169,7 @@ def cmd_compress(args) -> dict | None:
               **({"ppl_before": res.ppl_before, "ppl_after": res.ppl_after,
                   **eval_info(ev, args.eval_text)} if ev is not None else {}),
               "stopped": res.stopped, "select_seconds": res.select_seconds,
-              **{k: v for k, v in res.report.items() if k.startswith("refit")},
+              **res.refit,
               "seconds": time.time() - t0, "placement": memory.placement.to_dict(),
               "warnings": [*early, *res.warnings]}
     disable_(loaded.model)                      # sequentially onloaded: all in CPU memory

@@ -267,7 +267,7 @@ def run_cell(s: Session, cell: dict, emit: Callable[[dict], None] | None = None,
     seconds = reuse["seconds"] if reuse else res.select_seconds
     return {**cell, "scope": cfg.scope, "achieved_ratio_linear": plan.ratio("linear"),
             "achieved_ratio_model": plan.ratio("model"), **ev, "seconds": seconds,
-            **{k: v for k, v in res.report.items() if k.startswith("refit")},
+            **res.refit,
             "decompose_seconds": dec.seconds, "dense_layers": plan.summary()["dense_layers"],
             "ranks": plan.ranks(), "shapes": {n: [lp.m, lp.n] for n, lp in plan.layers.items()},
             "plan": plan.to_dict()}

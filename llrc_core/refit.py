@@ -41,6 +41,7 @@ from .apply import LowRankLinear, originals_of, swap_module_
 from .blocks import BlockInput, capture_block_inputs, inference_mode, run_block
 from .decompose import refit_output
 from .models import find_blocks, weight_of
+from .stats import fed_alike
 
 
 class _Enough(Exception):
@@ -104,15 +105,7 @@ def _stages(model: nn.Module, block: nn.Module, state: BlockInput, names: list[s
     finally:
         for h in handles:
             h.remove()
-    stages: list[list[str]] = []
-    for i, (n, x) in enumerate(calls):
-        if any(n in s for s in stages):
-            continue
-        if i and x is calls[i - 1][1]:
-            stages[-1].append(n)
-        else:
-            stages.append([n])
-    return stages
+    return fed_alike(calls)
 
 
 def refit_(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, eps: float = 1e-6,

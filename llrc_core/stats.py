@@ -160,16 +160,23 @@ def shared_inputs(model: nn.Module) -> list[list[str]]:
     finally:
         for h in handles:
             h.remove()
+    return [g for g in fed_alike(calls) if len(g) > 1]
+
+
+def fed_alike(calls: list[tuple[str, torch.Tensor]]) -> list[list[str]]:
+    """The names of ``calls`` (name, input), in call order, grouped by the tensor they are fed:
+    a call fed the very object the call before it was fed joins that call's group; a name
+    called again keeps its first group. The same object, where ``_Accumulator`` compares data
+    pointers: every meta tensor's is 0, so that test would call any two inputs of one shape
+    the same (``shared_inputs`` runs on the meta device; ``refit`` orders its passes by it)."""
     owner: dict[str, str] = {}
-    for i, (kind, x) in enumerate(calls):
-        # The same object, where ``_Accumulator`` compares data pointers: every meta tensor's
-        # is 0, so that test would call any two inputs of one shape the same.
-        shares = i and x is calls[i - 1][1]
-        owner.setdefault(kind, owner[calls[i - 1][0]] if shares else kind)
     groups: dict[str, list[str]] = {}
-    for kind, first_kind in owner.items():
-        groups.setdefault(first_kind, []).append(kind)
-    return [g for g in groups.values() if len(g) > 1]
+    for i, (name, x) in enumerate(calls):
+        if name in owner:
+            continue
+        owner[name] = owner[calls[i - 1][0]] if i and x is calls[i - 1][1] else name
+        groups.setdefault(owner[name], []).append(name)
+    return list(groups.values())
 
 
 def collect_stats(model: nn.Module, targets: list[Target], windows: torch.Tensor, *,

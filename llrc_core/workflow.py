@@ -53,6 +53,11 @@ class CompressionResult:
     def ppl_after(self) -> float | None:
         return self.after.get("ppl")
 
+    @property
+    def refit(self) -> dict:
+        """``{"refit": bool}`` and, when it ran, ``refit_seconds``: for the callers' reports."""
+        return {k: v for k, v in self.report.items() if k.startswith("refit")}
+
 
 def decompose_copy(base_model, decomposition: str, windows=None, **kw) -> Decomposed:
     """Decompose the targets of ``base_model`` without touching it: data-aware methods hook a

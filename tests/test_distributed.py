@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -45,13 +46,23 @@ def _plan(checkpoint: str | None = None, shard_over: int = 1, seen: dict | None 
     return plan.to_dict()["layers"]
 
 
-def _worker(rank: int, world: int, port: int, out: str, shard: bool = False,
-            offload: str = "none") -> None:
+@contextmanager
+def process_group(rank: int, world: int, port: int):
+    """This spawned process as ``rank`` of a gloo group of ``world`` on ``port``, one thread,
+    the group destroyed on the way out (every multi-process test's worker runs inside)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     assert distributed.init_from_env()
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, world: int, port: int, out: str, shard: bool = False,
+            offload: str = "none") -> None:
+    with process_group(rank, world, port):
         assert distributed.world_size() == world and distributed.rank() == rank
         seen: dict = {}
         from llrc_core import pipeline            # count the layers this process decomposes
@@ -67,8 +78,6 @@ def _worker(rank: int, world: int, port: int, out: str, shard: bool = False,
             seen["whole_after_forward"] = _whole_after_forward()
         with open(os.path.join(out, f"{'shards' if shard else 'made'}{rank}.json"), "w") as f:
             json.dump(seen, f)
-    finally:
-        dist.destroy_process_group()
 
 
 def _block_stats() -> tuple[dict, int]:
@@ -94,18 +103,12 @@ def _block_stats() -> tuple[dict, int]:
 
 
 def _stats_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    assert distributed.init_from_env()
-    try:
+    with process_group(rank, world, port):
         with pytest.raises(ValueError, match="1 windows cannot be split over 2 processes: "
                            "raise --n-calib to at least 2"):
             distributed.my_share(torch.zeros(1, 8))
         made = (*_block_stats(), _unlike_sharing(rank))
         torch.save(made, os.path.join(out, f"stats{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _unlike_sharing(rank: int) -> list[torch.Tensor]:

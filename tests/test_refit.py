@@ -9,17 +9,15 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import DEMO, WIKI_TEST, WIKI_VALID, tiny_ids, tiny_model
-from llrc_core import distributed
 from llrc_core.apply import LowRankLinear, restore_
 from llrc_core.decompose import refit_output
 from llrc_core.models import count_params
 from llrc_core.pipeline import compress_, decompose_model, select_plan
 from llrc_core.refit import refit_
-from test_distributed import _free_port
+from test_distributed import _free_port, process_group
 
 
 def test_refit_output_is_the_least_squares_solution():
@@ -87,14 +85,8 @@ def _refitted(windows: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    assert distributed.init_from_env()
-    try:
+    with process_group(rank, world, port):
         torch.save(_refitted(tiny_ids(8, 16)), os.path.join(out, f"refit{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_processes_refit_as_one(tmp_path):
