@@ -4,7 +4,8 @@ A Llama-shaped model with random weights is built from a config in its dtype, th
 compression runs as ``llrc compress`` runs it: statistics and decomposition (block by block,
 factors stored as the placement says), LLRC mask training for a few steps (whole windows, so
 that the planner's activation estimate is for the same tokens), apply (factors released
-layer by layer), one evaluation batch, the export (``--max-shard-size``: one shard at a
+layer by layer), with ``--refit`` the refit pass (``--batch-size`` windows a batch), one
+evaluation batch, the export (``--max-shard-size``: one shard at a
 time; ``--export-dtype``: cast as written, as a source stored in another dtype is). A sampling thread reads the process's resident
 memory every 10 ms; each phase's peak, less the memory before the model was built, is
 compared with ``llrc plan-memory``'s host bytes for the same settings (``gpus=0``). Each case
@@ -54,8 +55,8 @@ PRESETS = {
 }
 DEFAULT_CASES = [("llama-small", "float32"), ("llama-medium", "float32")]
 COMPARED = {"load": ("load",), "decomposition": ("statistics", "decomposition"),
-            "selection": ("selection",), "apply": ("apply",), "evaluate": ("evaluate",),
-            "export": ("export",)}
+            "selection": ("selection",), "apply": ("apply",), "refit": ("refit",),
+            "evaluate": ("evaluate",), "export": ("export",)}
 
 
 def rss_bytes() -> int:
@@ -126,7 +127,8 @@ def worker(a) -> dict:
                        offload=a.offload, factor_dtype=a.factor_dtype, train_seq_len=0,
                        max_shard_size=a.max_shard_size,
                        shard_over=distributed.world_size() if a.shard > 1 else 1,
-                       processes=distributed.world_size())
+                       processes=distributed.world_size(),
+                       refit_batch_size=a.batch_size if a.refit else None)
     placement = plan.placement
     windows = torch.randint(0, cfg.vocab_size, (a.n_calib, a.seq_len),
                             generator=torch.Generator().manual_seed(0))
@@ -154,6 +156,10 @@ def worker(a) -> dict:
         select_s = time.perf_counter() - t
         peaks.enter("apply")
         compress_(model, dec, rank_plan, release=True)
+        if a.refit:
+            from llrc_core.refit import refit_
+            peaks.enter("refit")
+            refit_(model, windows, a.batch_size)
         peaks.enter("evaluate")
         with torch.no_grad():
             model(windows[:a.batch_size])
@@ -165,9 +171,10 @@ def worker(a) -> dict:
             export_model(model, None, rank_plan, folder / "export",
                          max_shard_size=a.max_shard_size, dtype=a.export_dtype)
         peaks.enter("done")
-    measured = {p: peaks.peaks.get(p, 0) - base for p in COMPARED}
+    compared = {p: qs for p, qs in COMPARED.items() if p != "refit" or a.refit}
+    measured = {p: peaks.peaks.get(p, 0) - base for p in compared}
     used = plan.phases if gpus else plan.cpu_phases
-    planned = {p: max(used[q] for q in qs) for p, qs in COMPARED.items()}
+    planned = {p: max(used[q] for q in qs) for p, qs in compared.items()}
     return {"preset": a.preset, "rank": distributed.rank(),
             "processes": distributed.world_size(),
             "device": str(torch.cuda.get_device_name(0)) if cuda else "cpu", "dtype": a.dtype, "export_dtype": a.export_dtype or a.dtype,
@@ -180,7 +187,7 @@ def worker(a) -> dict:
             "phases": {p: {"measured_gib": measured[p] / 2 ** 30,
                            "planned_gib": planned[p] / 2 ** 30,
                            "measured_over_planned": measured[p] / planned[p]}
-                       for p in COMPARED}}
+                       for p in compared}}
 
 
 def main() -> None:
@@ -201,6 +208,7 @@ def main() -> None:
                     help="factors sharded over N torchrun processes (--shard-factors)")
     ap.add_argument("--processes", type=int, default=1, metavar="N",
                     help="N replicated torchrun processes (data parallel, not sharded)")
+    ap.add_argument("--refit", action="store_true", help="refit after apply (compress --refit)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -219,6 +227,7 @@ def main() -> None:
                 "--n-calib", str(a.n_calib), "--seq-len", str(a.seq_len),
                 "--batch-size", str(a.batch_size), "--steps", str(a.steps),
                 "--max-shard-size", a.max_shard_size, "--shard", str(a.shard),
+                *(["--refit"] if a.refit else []),
                 *(["--export-dtype", a.export_dtype] if a.export_dtype else [])]
         proc = subprocess.run(args, capture_output=True, text=True,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})

@@ -138,11 +138,8 @@ def cmd_compress(args) -> dict | None:
         eval_text=args.eval_text, trust_remote_code=args.trust_remote_code, device=args.device,
         dtype=args.dtype, batch_size=args.batch_size, allow_compressed=args.allow_compressed,
         offload=args.offload, factor_dtype=args.factor_dtype, max_shard_size=args.max_shard_size,
-        shard_over=distributed.world_size() if args.shard_factors else 1, gpus=args.gpus)
-    if args.refit and memory.placement.offload_weights:
-        raise LLRCError("--refit needs the weights in memory, and this run onloads them block "
-                        "by block (--offload weights): drop --refit, or run where the model "
-                        "fits (see llrc plan-memory)")
+        shard_over=distributed.world_size() if args.shard_factors else 1, gpus=args.gpus,
+        refit=args.refit)
     t0 = time.time()
     loaded = _load(args, memory)
     dec, windows = _decompose(args, loaded, memory.placement)
@@ -260,7 +257,8 @@ def cmd_plan_memory(args) -> dict | None:
                        args.gpu_memory if args.gpus else None,   # a host plan is not checked
                        args.trust_remote_code, offload=args.offload,
                        factor_dtype=args.factor_dtype, shard_over=args.shard_factors,
-                       processes=args.processes)
+                       processes=args.processes,
+                       refit_batch_size=args.batch_size if args.refit else None)
     if args.json:
         return plan.to_dict()
     print(plan.table())

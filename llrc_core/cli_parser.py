@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=1, metavar="N",
                    help="torchrun processes of the run (data parallel; at least "
                    "--shard-factors); counts one process")
+    p.add_argument("--refit", action="store_true", help="count compress --refit's pass too "
+                   "(--batch-size windows a batch); it rules out --offload weights")
     _placement_args(p)
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")

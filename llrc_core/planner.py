@@ -28,6 +28,11 @@ runs today:
   batch's logits; export + at most one shard of tensors made as they are written (cast to the
   stored dtype or multiplied back; ``shards.py``, 5 GB by default): an upper bound, none are
   made when the model is exported factorised in its own dtype.
+* **refit** (``compress --refit``, counted when ``refit_batch_size`` is given): the applied
+  model + ``footprint.refit_bytes`` (the dense and the compressed hidden states of every
+  window at one block, two float64 ``n x n`` sums, one batch's inputs, one layer's solve)
+  + on a GPU one block's dense originals, fetched back for the dense pass. It needs the
+  weights in memory, so no sequential onloading.
 
 ``offload="auto"`` counts the placements of ``placement.OFFLOADS`` in order (all on the
 device, then distillation targets in CPU memory, then factors too, then the dense blocks)
@@ -50,14 +55,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import distributed, spread
+from . import footprint, spread
 from .models import DTYPES, count_params, find_blocks, find_targets, skeleton, source_dtype
 from .placement import OFFLOADS, SHARDABLE, Placement
 from .shards import DEFAULT_MAX_SHARD, write_buffer_bytes
 from .stats import shared_inputs
 
 GIB = 2 ** 30
-PHASES = ("load", "statistics", "decomposition", "selection", "apply", "evaluate", "export")
+PHASES = ("load", "statistics", "decomposition", "selection", "apply", "refit", "evaluate",
+          "export")
 
 
 @dataclass
@@ -111,7 +117,7 @@ class MemoryPlan:
         where = f"per GPU ({self.gpus})" if self.gpus else "host"
         lines = [f"{'phase':<14}{where + ' GiB':>16}{'CPU GiB':>10}"]
         lines += [f"{p:<14}{self.phases[p] / GIB:>16.2f}{self.cpu_phases[p] / GIB:>10.2f}"
-                  for p in PHASES]
+                  for p in PHASES if p in self.phases]
         verdict = "fits" if self.fits else "does NOT fit"
         cap = "unchecked" if self.gpu_memory is None else \
             f"{self.gpu_memory:g} GiB {'per GPU' if self.gpus else 'of host memory'}, 5 % margin"
@@ -150,7 +156,7 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
                 trust_remote_code: bool = False, meta=None, offload: str = "auto",
                 factor_dtype: str | None = None, train_seq_len: int | None = None,
                 max_shard_size: int | str = DEFAULT_MAX_SHARD, shard_over: int = 1,
-                processes: int = 1) -> MemoryPlan:
+                processes: int = 1, refit_batch_size: int | None = None) -> MemoryPlan:
     """Count the memory of compressing ``model`` (a folder or Hub id; only its config is
     read) with ``method`` at these settings. ``meta``: an already built model (meta-device,
     or loaded: only its shapes, parameter count and config are used). ``offload``: one of
@@ -161,7 +167,9 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
     the torchrun processes (one GPU each) the factors are split over while masks train
     (``compress --shard-factors``; 1: none); each process is counted. ``processes``: the
     torchrun processes of the run (at least ``shard_over``), which share the statistics pass
-    (each holds its share of the windows' hidden states) and deal the decomposition out."""
+    (each holds its share of the windows' hidden states) and deal the decomposition out.
+    ``refit_batch_size``: count the refit pass with that many windows a batch (``None``: no
+    refit); it rules out sequential onloading."""
     from .selectors import get_selector
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -169,6 +177,10 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
         raise ValueError("gpus must be >= 0 and n_calib, seq_len, batch_size >= 1")
     if offload != "auto" and offload not in OFFLOADS:
         raise ValueError(f"offload must be 'auto' or one of {OFFLOADS}, got {offload!r}")
+    if refit_batch_size is not None and offload == "weights":
+        raise ValueError("--refit needs the weights in memory, and --offload weights onloads "
+                         "them block by block: drop --refit, or run where the model fits "
+                         "(see llrc plan-memory)")
     if shard_over > 1 and gpus > 1:
         raise ValueError("sharded factors run one GPU per process: plan --gpus 1 (or 0) with "
                          "--shard-factors N for torchrun --nproc_per_node N")
@@ -181,6 +193,7 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
     counts = _counts(meta, dtype, decomposition, n_calib, seq_len, batch_size, step_len,
                      two_targets=method == "llrc", processes=processes)
     f = counts["facts"]
+    f["refit_bytes"] = footprint.refit_bytes(counts, refit_batch_size or batch_size, seq_len)
     f["write_buffer_bytes"] = write_buffer_bytes(f["weights_bytes"], max_shard_size)
     # Sequential onloading loads a safetensors checkpoint in its own dtype, memory-mapped
     # (onload.load_sequential), and casts each layer as it is onloaded.
@@ -189,7 +202,8 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
     f["stored_itemsize"] = stored.itemsize if f["weights_mapped"] else DTYPES[dtype].itemsize
     device = "cuda" if gpus else "cpu"
     plan = None
-    auto = SHARDABLE if shard_over > 1 else OFFLOADS
+    auto = [o for o in (SHARDABLE if shard_over > 1 else OFFLOADS)
+            if not (refit_batch_size is not None and o == "weights")]
     for level in (auto if offload == "auto" else (offload,)):
         placement = Placement.for_run(DTYPES[dtype], device, level, factor_dtype, shard_over)
         if gpus > 1 and not placement.offload_weights:       # blocks across GPUs
@@ -197,6 +211,9 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
                                                 gpu_memory or float("inf"))
         else:
             phases, host, facts = _phases(counts, placement, spec.trains, bool(gpus))
+        if refit_batch_size is None:
+            phases.pop("refit", None)
+            host.pop("refit", None)
         plan = MemoryPlan(str(model), dtype, method, gpus, gpu_memory, phases, host,
                           {**counts["facts"], **facts}, placement)
         if plan.fits or not gpus:          # on a CPU every placement is the same memory
@@ -245,7 +262,8 @@ def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
              "factor_numbers": sum(layer_factors.values()),
              "spectrum_numbers": sum(min(t.m, t.n) for t in targets),
              "stats_block_bytes": stats, "hidden_states_block_bytes": 2 * my_tokens * d * b,
-             "svd_work_bytes": max(decomposition_work(t.m, t.n, decomposition) for t in targets),
+             "svd_work_bytes": max(footprint.decomposition_work(t.m, t.n, decomposition)
+                                   for t in targets),
              "calibration_tokens": tokens,
              "distill_targets_bytes": (2 if two_targets else 1) * tokens * d * b,
              "mask_state_bytes": 3 * 4 * sum(min(t.m, t.n) for t in targets)}  # theta, Adam m, v
@@ -260,32 +278,13 @@ def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
     facts["eval_batch_bytes"] = batch_size * seq_len * (4 * vocab + b * (4 * d + 3 * inter))
     return {"b": b, "dtype": DTYPES[dtype], "facts": facts,
             "layers": [(t, layer_factors[t.name]) for t in targets],
+            "block_dense": b * max(sum(t.m * t.n for t in ts) for ts in per_block.values()),
             "block_factors": max(sum(layer_factors[t.name] for t in ts)
                                  for ts in per_block.values()),
-            "dealt_numbers": _dealt_numbers(per_block, layer_factors, decomposition, processes),
+            "dealt_numbers": footprint.dealt_numbers(per_block, layer_factors, decomposition,
+                                                     processes),
             # a layer's kept-rank factors after apply: at most its dense size
             "kept_layer": {t.name: b * min(t.m * t.n, layer_factors[t.name]) for t in targets}}
-
-
-def _released_apply(c: dict, placement: Placement) -> int:
-    """Apply releases each layer's factors as its kept-rank factors are made (``compress``):
-    at any moment a layer holds one or the other, so the sum of the larger of the two."""
-    fb = placement.factor_dtype.itemsize
-    return sum(max(fb * n, c["kept_layer"][t.name]) for t, n in c["layers"])
-
-
-def decomposition_work(m: int, n: int, decomposition: str) -> int:
-    """Bytes one ``m x n`` layer's decomposition holds at once besides its statistics, as
-    ``decompose.py`` computes it (``r = min(m, n)``): LAPACK's divide-and-conquer SVD keeps
-    a copy of its input and about ``7 r^2`` of workspace; whitening works in float64 with
-    ``L`` (or ``Q``, ``n x n``) and ``W L`` (``m x n``), and solves ``V`` from ``Vh``; the
-    float32 factors exist before they are stored."""
-    r = min(m, n)
-    out32 = 4 * r * (m + n)
-    if decomposition in ("whiten", "whiten-eig"):
-        return 8 * (n * n + 2 * m * n + m * r + 3 * r * n + 7 * r * r) + out32
-    scaled = m * n if decomposition == "asvd" else 0              # W D
-    return 4 * (m * n + scaled + m * n + m * r + r * n + 7 * r * r) + out32
 
 
 def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
@@ -306,7 +305,7 @@ def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
               # the last block: its statistics, hidden states and one layer's work, all factors
               "decomposition": weights + on_dev + f["stats_block_bytes"]
               + f["hidden_states_block_bytes"] + f["svd_work_bytes"]
-              + _dealt_on_device(c, placement)}
+              + footprint.dealt_on_device(c, placement)}
     extra = {"placement": placement.to_dict() | {"device": "one GPU" if gpu else "host"},
              "factors_stored_bytes": stored}
     host_sel = on_host
@@ -314,7 +313,7 @@ def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
         if placement.offload_factors:       # one block's factors fetched at a time (a bound)
             copies = b * c["block_factors"]
         elif placement.sharded:
-            copies = _shard_on_device(c, placement)
+            copies = footprint.shard_on_device(c, placement)
         elif fb != b:                       # masked layers copy the factors to the model dtype
             copies = b * f["factor_numbers"]
         else:
@@ -331,56 +330,26 @@ def _phases(c: dict, placement: Placement, trains: bool, gpu: bool
         phases["selection"] = weights + on_dev
     # On a GPU apply moves each layer's dense original to CPU memory once its kept-rank
     # factors exist (kept-rank <= dense): the peak is at the start, with one layer's kept-rank
-    # factors being made. On a CPU, ``_released_apply``.
+    # factors being made. On a CPU, ``footprint.released_apply``.
     kept = sum(c["kept_layer"].values())
     if gpu:
         apply = weights + on_dev + max(c["kept_layer"].values())
         resident = weights - b * f["dense_linear"] + kept
     else:
-        apply = weights + _released_apply(c, placement)
+        apply = weights + footprint.released_apply(c, placement)
         resident = weights + kept
-    phases.update(apply=apply, evaluate=resident + f["eval_batch_bytes"], export=resident)
+    phases.update(apply=apply, evaluate=resident + f["eval_batch_bytes"], export=resident,
+                  refit=resident + f["refit_bytes"] + (c["block_dense"] if gpu else 0))
     extra.update(kept_bound_bytes=kept)
     if gpu:
         host = {p: 0 for p in PHASES}
         parked_after = b * f["dense_linear"]          # the originals, after apply
         host.update(decomposition=on_host, selection=host_sel, apply=on_host + parked_after,
-                    evaluate=parked_after, export=parked_after)
+                    refit=parked_after, evaluate=parked_after, export=parked_after)
     else:
         host = dict(phases)
     host["export"] += f["write_buffer_bytes"]       # one shard written from the CPU
     return phases, host, extra
-
-
-def _dealt_numbers(per_block: dict, layer_factors: dict, decomposition: str,
-                   processes: int) -> int:
-    """Factor numbers the fullest process holds of one block while the decomposition is
-    dealt out (``pipeline.decompose_model``): each block's layers shared by
-    ``distributed.deal`` as the run shares them; 0 in one process."""
-    from .decompose import DECOMPOSITIONS, work
-    if processes < 2:
-        return 0
-    method = decomposition if decomposition in DECOMPOSITIONS else "svd"
-    held = 0
-    for ts in per_block.values():
-        owners = distributed.deal([work(t.m, t.n, method) for t in ts], processes)
-        held = max(held, *(sum(layer_factors[t.name] for t, o in zip(ts, owners) if o == p)
-                           for p in range(processes)))
-    return held
-
-
-def _dealt_on_device(c: dict, placement: Placement) -> int:
-    """A process holds the layers of a block it decomposed, in the factor dtype, until the
-    block is handed round (``_dealt_numbers``)."""
-    return placement.factor_dtype.itemsize * c["dealt_numbers"]
-
-
-def _shard_on_device(c: dict, placement: Placement) -> int:
-    """Sharded factors on one process's device while masks train: its rows of every layer,
-    in the model dtype, and one layer's whole factors (gathered for a pass) at a time."""
-    b = c["b"]
-    return -(-b * c["facts"]["factor_numbers"] // placement.shard_over) + \
-        b * max(n for _, n in c["layers"])
 
 
 def _sequential_phases(c: dict, placement: Placement, trains: bool
@@ -395,7 +364,7 @@ def _sequential_phases(c: dict, placement: Placement, trains: bool
     work = f["hidden_states_block_bytes"] + f["stats_block_bytes"]
     phases = {"load": frame, "statistics": frame + layer + work,
               "decomposition": frame + layer + work + f["svd_work_bytes"]
-              + _dealt_on_device(c, placement),
+              + footprint.dealt_on_device(c, placement),
               "selection": frame, "apply": frame,
               "evaluate": frame + layer + f["eval_batch_bytes"], "export": 0}
     # The blocks, in CPU memory throughout: pages of the checkpoint in its stored dtype.
@@ -405,14 +374,14 @@ def _sequential_phases(c: dict, placement: Placement, trains: bool
     host = {"load": home, "statistics": home, "decomposition": home + stored,
             "selection": home + stored}
     if trains:    # the blocks' norms (kept for the backward), one block's fetched factors
-        copies = b * f["spectrum_numbers"] + (_shard_on_device(c, placement) if placement.sharded
-                                              else b * c["block_factors"])
+        copies = b * f["spectrum_numbers"] + (footprint.shard_on_device(c, placement)
+                                              if placement.sharded else b * c["block_factors"])
         phases["selection"] += (f["block_rest_bytes"] + copies + f["activations_bytes_estimate"]
                                 + f["mask_state_bytes"])
         host["selection"] += f["distill_targets_bytes"]
         extra.update(factor_copies_bytes=copies, parked_dense_bytes=0)
     kept = sum(c["kept_layer"].values())
-    host["apply"] = home + _released_apply(c, placement)
+    host["apply"] = home + footprint.released_apply(c, placement)
     host["evaluate"] = home + kept
     host["export"] = f["weights_bytes"] + kept + f["write_buffer_bytes"]
     extra.update(kept_bound_bytes=kept)

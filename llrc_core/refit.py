@@ -11,7 +11,8 @@ Fine-tuning-free and closed form, the same step sequential pruning and quantisat
 (SparseGPT and GPTQ feed each layer the already-compressed model's inputs); the rank, the
 kept indices and the parameter count do not change. Only ``A`` moves: refitting ``B`` as well
 (the best rank-k map from ``X'``, a new basis, so an any-k choice is lost) overfitted 16
-calibration windows on the demo model, though it did better with 128 (bench/README.md).
+calibration windows on the demo model; with 128 it helped SVD-LLM's uniform ranks a little
+but not LLRC's learned ones, whose widest layers it overfits (bench/README.md).
 
 Block by block (``blocks.py``): the dense and the compressed hidden states enter each block;
 its low-rank layers are taken in the order the block calls them, those fed one tensor (q, k,
@@ -21,12 +22,11 @@ forwards its share of the windows and the two Gram sums are all-reduced, so ever
 refits alike.
 
 Memory above the applied model: the dense and the compressed hidden states of every
-calibration window at one block (twice what the statistics pass holds), the block's dense
+calibration window at one block (and the next block's being made), the block's dense
 originals back on its device, one batch's inputs and two float64 ``n x n`` sums. The memory
-planner does not count this pass yet; for Llama-2-7B (bf16, 64 x 512 tokens, batch 8) it is
-about 4.1 GB above the applied model (1.1 GB of hidden states, 1.9 GB of sums and 0.7 GB of
-one batch's float64 inputs for the down layer, 0.4 GB of originals): 17 GB in all, under the
-peaks the planner gives 7B on one 80 GB or 24 GB GPU (37.2 and 19.5 GB, bench/README.md).
+planner counts it as the ``refit`` phase (``footprint.refit_bytes``; ``llrc plan-memory
+--refit``, and ``compress --refit`` checks it before loading): for Llama-2-7B (bf16, 64 x 512
+tokens, 8 windows a batch) 18.3 GiB on one GPU, under the decomposition's 37.2 GiB peak.
 """
 from __future__ import annotations
 

@@ -103,7 +103,10 @@ def phases(c: dict, placement: Placement, trains: bool, meta: nn.Module, gpus: i
                "selection": p["weights"] + fac,
                "apply": p["weights"] + fac + p["layer"],
                "evaluate": p["weights"] - p["dense"] + p["kept"] + f["eval_batch_bytes"],
-               "export": p["weights"] - p["dense"] + p["kept"]}
+               "export": p["weights"] - p["dense"] + p["kept"],
+               # a block's dense originals back on its GPU for the dense pass
+               "refit": p["weights"] - p["dense"] + p["kept"] + f["refit_bytes"]
+               + (c["block_dense"] if p["blocks"] else 0)}
         if trains:
             copies = 0 if on_dev else b * c["block_factors"]
             parked = p["dense"] if placement.park_dense else 0
@@ -117,7 +120,7 @@ def phases(c: dict, placement: Placement, trains: bool, meta: nn.Module, gpus: i
     offloaded = (0 if on_dev else stored) + \
         (f["distill_targets_bytes"] if trains and placement.offload_targets else 0)
     parked = sum(per[g]["dense"] for g in range(gpus)) if placement.park_dense else 0
-    host = {ph: (parked if ph in ("selection", "apply", "evaluate", "export") else 0)
+    host = {ph: (parked if ph in ("selection", "apply", "refit", "evaluate", "export") else 0)
             + (offloaded if ph in ("decomposition", "selection", "apply") else 0)
             for ph in fullest}
     host["export"] += f["write_buffer_bytes"]            # one shard written from the CPU

@@ -29,7 +29,9 @@ def start_run(run: dict) -> None:
                n_calib=int(w.shape[0]), seq_len=int(w.shape[1]),
                batch_size=getattr(cfg, "batch_size", 8), device=loaded.device.type,
                meta=loaded.model,     # shapes and counts of the model already loaded
-               train_seq_len=getattr(cfg, "train_seq_len", 0))
+               train_seq_len=getattr(cfg, "train_seq_len", 0),
+               # a refit runs workflow.compress's 8 windows a batch
+               refit_batch_size=8 if run["plumbing"].get("refit") else None)
     eval_ids = common.eval_ids(int(run["n_eval"]), EVAL_SEQ_LEN) if run["n_eval"] else None
     plumbing, on_end = dict(run["plumbing"]), None
     if get_selector(method).trains:   # a checkpoint per exact run: a restart resumes it

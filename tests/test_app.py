@@ -23,6 +23,7 @@ import torch
 
 from conftest import DEMO, ROOT, WIKI_TEST, WIKI_VALID
 from llrc_core import analysis
+from llrc_core.errors import LLRCError
 from llrc_core.jobs import start_job
 
 sys.path.insert(0, str(ROOT))   # the app's studio/ helpers
@@ -261,6 +262,29 @@ def test_compress_page_runs_llrc_live_and_stops(at):
     ranks = figures(at)["fig_ranks"]["data"][0]
     assert len(ranks["y"]) == 36 and ranks["y"] == list(job.result.plan.ranks().values())
     assert base_checksum() == before          # the shared base model was never touched
+
+
+def test_compress_page_guards_the_refit_pass_memory(at, monkeypatch):
+    """With the refit box ticked, the memory guard counts the refit pass (8 windows a
+    batch, as the run does); a refusal is a message and no job starts."""
+    from llrc_core import preflight
+    seen = {}
+
+    def refuse(*args, **kw):
+        seen.update(kw)
+        raise LLRCError("needs 99 GiB of memory in its refit phase")
+    monkeypatch.setattr(preflight, "check_fits", refuse)
+    at.switch_page("pages/compress.py").run()
+    job = lambda: at.session_state["compress_job"] if "compress_job" in at.session_state \
+        else None                                                        # noqa: E731
+    before = job()
+    at.checkbox(key="compress_refit").check()
+    at.button(key="FormSubmitter:compress_form-Start compression").click().run()
+    assert seen["refit_batch_size"] == 8
+    assert "refit phase" in at.error[0].value and job() is before
+    at.checkbox(key="compress_refit").uncheck()
+    at.button(key="FormSubmitter:compress_form-Start compression").click().run()
+    assert seen["refit_batch_size"] is None
 
 
 def test_compare_page_grid_cache_and_accuracy(at):

@@ -1,0 +1,78 @@
+"""Bytes one piece of a compression run holds at once, from layer shapes alone: the memory
+planner's (``planner.py``) formulas for the decomposition of one layer, the layers a process
+holds while the decomposition is dealt out, sharded factors, apply and the refit pass.
+
+``c`` is the planner's counts of one model at one setting (``planner._counts``).
+"""
+from __future__ import annotations
+
+from . import distributed
+from .placement import Placement
+
+
+def decomposition_work(m: int, n: int, decomposition: str) -> int:
+    """Bytes one ``m x n`` layer's decomposition holds at once besides its statistics, as
+    ``decompose.py`` computes it (``r = min(m, n)``): LAPACK's divide-and-conquer SVD keeps
+    a copy of its input and about ``7 r^2`` of workspace; whitening works in float64 with
+    ``L`` (or ``Q``, ``n x n``) and ``W L`` (``m x n``), and solves ``V`` from ``Vh``; the
+    float32 factors exist before they are stored."""
+    r = min(m, n)
+    out32 = 4 * r * (m + n)
+    if decomposition in ("whiten", "whiten-eig"):
+        return 8 * (n * n + 2 * m * n + m * r + 3 * r * n + 7 * r * r) + out32
+    scaled = m * n if decomposition == "asvd" else 0              # W D
+    return 4 * (m * n + scaled + m * n + m * r + r * n + 7 * r * r) + out32
+
+
+def dealt_numbers(per_block: dict, layer_factors: dict, decomposition: str,
+                  processes: int) -> int:
+    """Factor numbers the fullest process holds of one block while the decomposition is
+    dealt out (``pipeline.decompose_model``): each block's layers shared by
+    ``distributed.deal`` as the run shares them; 0 in one process."""
+    from .decompose import DECOMPOSITIONS, work
+    if processes < 2:
+        return 0
+    method = decomposition if decomposition in DECOMPOSITIONS else "svd"
+    held = 0
+    for ts in per_block.values():
+        owners = distributed.deal([work(t.m, t.n, method) for t in ts], processes)
+        held = max(held, *(sum(layer_factors[t.name] for t, o in zip(ts, owners) if o == p)
+                           for p in range(processes)))
+    return held
+
+
+def dealt_on_device(c: dict, placement: Placement) -> int:
+    """A process holds the layers of a block it decomposed, in the factor dtype, until the
+    block is handed round (``dealt_numbers``)."""
+    return placement.factor_dtype.itemsize * c["dealt_numbers"]
+
+
+def shard_on_device(c: dict, placement: Placement) -> int:
+    """Sharded factors on one process's device while masks train: its rows of every layer,
+    in the model dtype, and one layer's whole factors (gathered for a pass) at a time."""
+    b = c["b"]
+    return -(-b * c["facts"]["factor_numbers"] // placement.shard_over) + \
+        b * max(n for _, n in c["layers"])
+
+
+def released_apply(c: dict, placement: Placement) -> int:
+    """Apply releases each layer's factors as its kept-rank factors are made (``compress``):
+    at any moment a layer holds one or the other, so the sum of the larger of the two."""
+    fb = placement.factor_dtype.itemsize
+    return sum(max(fb * n, c["kept_layer"][t.name]) for t, n in c["layers"])
+
+
+def refit_bytes(c: dict, batch_size: int, seq_len: int) -> int:
+    """Bytes the refit pass (``refit.py``) holds above the applied model: the dense and the
+    compressed hidden states of this process's windows at one block and the next block's
+    being made (three states), the two float64 ``n x n`` sums of the widest input, one
+    batch's inputs of it twice (as captured and in float64) with a block's intermediate
+    values, and the solve of the largest layer (``W`` in the model dtype and in float64,
+    ``W C``, ``B`` and ``B G``, the right-hand side)."""
+    f, b = c["facts"], c["b"]
+    ts = [t for t, _ in c["layers"]]
+    n = max(t.n for t in ts)
+    solve = max((8 * 2 + b) * t.m * t.n + 8 * min(t.m, t.n) * (2 * t.n + t.m) for t in ts)
+    tokens = batch_size * seq_len
+    return (3 * f["hidden_states_block_bytes"] // 2 + 2 * 8 * n * n + solve
+            + tokens * (2 * (8 + b) * n + b * (4 * f["hidden_size"] + 3 * f["intermediate_size"])))
