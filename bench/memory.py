@@ -171,9 +171,9 @@ def worker(a) -> dict:
             export_model(model, None, rank_plan, folder / "export",
                          max_shard_size=a.max_shard_size, dtype=a.export_dtype)
         peaks.enter("done")
-    compared = {p: qs for p, qs in COMPARED.items() if p != "refit" or a.refit}
-    measured = {p: peaks.peaks.get(p, 0) - base for p in compared}
     used = plan.phases if gpus else plan.cpu_phases
+    compared = {p: qs for p, qs in COMPARED.items() if all(q in used for q in qs)}  # planned
+    measured = {p: peaks.peaks.get(p, 0) - base for p in compared}
     planned = {p: max(used[q] for q in qs) for p, qs in compared.items()}
     return {"preset": a.preset, "rank": distributed.rank(),
             "processes": distributed.world_size(),

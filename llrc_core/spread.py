@@ -96,17 +96,16 @@ def phases(c: dict, placement: Placement, trains: bool, meta: nn.Module, gpus: i
     for g in range(gpus):
         p = per[g]
         fac = p["factors"] if on_dev else 0
+        resident = p["weights"] - p["dense"] + p["kept"]      # after apply: kept-rank factors
         own = {"load": p["weights"],
                "statistics": p["weights"] + f["hidden_states_block_bytes"]
                + f["stats_block_bytes"],
                "decomposition": p["weights"] + fac + work,
                "selection": p["weights"] + fac,
                "apply": p["weights"] + fac + p["layer"],
-               "evaluate": p["weights"] - p["dense"] + p["kept"] + f["eval_batch_bytes"],
-               "export": p["weights"] - p["dense"] + p["kept"],
+               "evaluate": resident + f["eval_batch_bytes"], "export": resident,
                # a block's dense originals back on its GPU for the dense pass
-               "refit": p["weights"] - p["dense"] + p["kept"] + f["refit_bytes"]
-               + (c["block_dense"] if p["blocks"] else 0)}
+               "refit": resident + f["refit_bytes"] + (c["block_dense"] if p["blocks"] else 0)}
         if trains:
             copies = 0 if on_dev else b * c["block_factors"]
             parked = p["dense"] if placement.park_dense else 0

@@ -28,6 +28,7 @@ from .refit import refit_
 from .selectors import get_selector
 
 Emit = Callable[[dict], None]
+EVAL_BATCH_SIZE = 8     # windows a batch when compress evaluates or refits
 PLUMBING = ("cache_dir", "checkpoint", "checkpoint_every", "mask_every")   # select_plan's
 
 
@@ -70,7 +71,8 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
              evaluate: Callable[[torch.nn.Module], dict] | None = None, before: bool = True,
              plan: RankPlan | None = None, copy: bool = False, partial: bool = True,
              emit: Emit = lambda e: None, should_stop: Callable[[], bool] = lambda: False,
-             eval_batch_size: int = 8, release_factors: bool = False, refit: bool = False,
+             eval_batch_size: int = EVAL_BATCH_SIZE, release_factors: bool = False,
+             refit: bool = False,
              **options) -> CompressionResult:
     """Select a plan with ``method`` (or take ``plan``), apply it and evaluate.
 

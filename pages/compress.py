@@ -10,7 +10,7 @@ from llrc_core import SELECTORS, analysis, get_selector
 from llrc_core.evaluate import EVAL_SEQ_LEN, EVAL_WINDOWS
 from llrc_core.pipeline import method_config
 from llrc_core.preflight import check_fits
-from llrc_core.workflow import compress
+from llrc_core.workflow import EVAL_BATCH_SIZE, compress
 from llrc_core import figures as charts
 from studio import common, forms, queued, runs, workspace
 
@@ -30,8 +30,7 @@ def start_run(run: dict) -> None:
                batch_size=getattr(cfg, "batch_size", 8), device=loaded.device.type,
                meta=loaded.model,     # shapes and counts of the model already loaded
                train_seq_len=getattr(cfg, "train_seq_len", 0),
-               # a refit runs workflow.compress's 8 windows a batch
-               refit_batch_size=8 if run["plumbing"].get("refit") else None)
+               refit_batch_size=EVAL_BATCH_SIZE if run["plumbing"].get("refit") else None)
     eval_ids = common.eval_ids(int(run["n_eval"]), EVAL_SEQ_LEN) if run["n_eval"] else None
     plumbing, on_end = dict(run["plumbing"]), None
     if get_selector(method).trains:   # a checkpoint per exact run: a restart resumes it
