@@ -208,7 +208,7 @@ def plan_losses(cells: list[Path]) -> list[dict]:
     from llrc_core.apply import restore_
     from llrc_core.pipeline import compress_
     from llrc_core.plan import RankPlan
-    from llrc_core.selectors.learned import Objective
+    from llrc_core.selectors.objective import Objective
     s = _session(cells[0].parent.parent)
     model, idx = s.loaded.model, torch.arange(s.windows.shape[0])
     losses = {"last_mse": Objective(model, s.windows, "distill", 8, distance="scaled"),

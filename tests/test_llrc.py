@@ -174,7 +174,8 @@ def test_every_block_distillation_is_zero_unmasked_and_sees_each_block(tiny):
     it is; masking one layer of the first block makes it positive, and every block output
     from that block on carries part of it."""
     from llrc_core.distill import distill_layers, hidden_at
-    from llrc_core.selectors.learned import Objective, masked_session
+    from llrc_core.selectors.learned import masked_session
+    from llrc_core.selectors.objective import Objective
     model, dec, windows = tiny
     layers = distill_layers(model, "every")
     assert layers == (1, 2) and distill_layers(model) == (1, 2)     # 2 blocks: the same
@@ -212,7 +213,8 @@ def test_pooled_distance_compares_mean_pooled_spans_by_cosine(tiny):
     sentence embeddings of a mean-pooling encoder), as worked out by hand; zero for the model
     as it is and positive with a layer masked; blind to a per-span rescaling, which MSE sees."""
     from llrc_core.losses import pooled_cosine
-    from llrc_core.selectors.learned import Objective, masked_session
+    from llrc_core.selectors.learned import masked_session
+    from llrc_core.selectors.objective import Objective
     t = torch.tensor([[[1.0, 0.0], [1.0, 2.0], [0.0, 1.0], [2.0, 1.0], [9.0, 9.0]]])  # T = 5
     h = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 0.0]]])
     # spans of 2 (the fifth token left out): means (1, 1) vs (1, 0), then (1, 1) vs (0, 1)
@@ -250,7 +252,8 @@ def test_kl_distance_compares_next_token_distributions_through_the_head(tiny):
     the KL of the full model's logits. An encoder (no head) is refused with the fix."""
     from llrc_core.distill import output_head
     from llrc_core.losses import kl_logits, nmse
-    from llrc_core.selectors.learned import Objective, masked_session
+    from llrc_core.selectors.learned import masked_session
+    from llrc_core.selectors.objective import Objective
     p, q = torch.tensor([0.5, 0.25, 0.25]), torch.tensor([0.25, 0.5, 0.25])
     by_hand = float((p * (p / q).log()).sum())                    # 0.25 ln 2
     assert abs(kl_logits(q.log()[None, None], p.log()[None, None]).item() - by_hand) < 1e-6

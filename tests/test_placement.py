@@ -114,7 +114,7 @@ def test_offloaded_and_in_memory_runs_give_the_same_plan(demo, monkeypatch):
 
 
 def test_distillation_targets_offloaded_to_cpu_memory():
-    from llrc_core.selectors.learned import Objective
+    from llrc_core.selectors.objective import Objective
     model = tiny_model("llama")
     ids = tiny_ids(4, 16)
     plain = Objective(model, ids, "distill", 2, layers=(1, 2))

@@ -42,8 +42,8 @@ from ..counting import break_even
 from .base import (SelectionContext, bisect_monotone, land_on_budget,
                    ranks_cost)
 from ..config import option
-from .learned import (EpochBatches, MaskTrainer, TrainConfig, check_fields, other_params,
-                      register_learned)
+from .learned import MaskTrainer, TrainConfig, check_fields, other_params, register_learned
+from .objective import EpochBatches
 
 INITS = ("two-level", "bump")
 

@@ -49,8 +49,8 @@ from ..config import option
 from ..counting import break_even
 from ..models import find_blocks
 from .base import SelectionContext, land_on_budget
-from .learned import (MaskTrainer, Objective, TrainConfig, achieved, check_fields,
-                      register_learned, step_generator)
+from .learned import MaskTrainer, TrainConfig, achieved, check_fields, register_learned
+from .objective import Objective, step_generator
 from .uniform import uniform_ranks
 
 
