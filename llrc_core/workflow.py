@@ -72,8 +72,7 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
              plan: RankPlan | None = None, copy: bool = False, partial: bool = True,
              emit: Emit = lambda e: None, should_stop: Callable[[], bool] = lambda: False,
              eval_batch_size: int = EVAL_BATCH_SIZE, release_factors: bool = False,
-             refit: bool = False,
-             **options) -> CompressionResult:
+             refit: bool = False, **options) -> CompressionResult:
     """Select a plan with ``method`` (or take ``plan``), apply it and evaluate.
 
     ``evaluate(model) -> dict`` measures a model (default with ``eval_ids`` (k, L): its

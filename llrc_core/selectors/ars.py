@@ -41,8 +41,9 @@ from .. import gates
 from .base import (SelectionContext, bisect_monotone, land_on_budget,
                    ranks_cost)
 from ..config import option
-from .learned import (MaskTrainer, TrainConfig, achieved, check_fields, one_thread,
-                      other_params, register_learned)
+from ..threads import one_thread
+from .learned import (MaskTrainer, TrainConfig, achieved, check_fields, other_params,
+                      register_learned)
 from .objective import EpochBatches
 
 

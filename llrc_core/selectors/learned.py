@@ -39,10 +39,8 @@ from ..placement import Placement
 from ..plan import RankPlan
 from ..threads import ThreadChooser, one_thread
 from .base import SelectConfig, SelectionContext
-from .objective import Objective
+from .objective import OBJECTIVES, Objective
 from .registry import register_selector
-
-OBJECTIVES = ("auto", "lm", "distill")
 
 
 def check_fields(cfg, positive: tuple[str, ...] = (), nonneg: tuple[str, ...] = ()) -> None:

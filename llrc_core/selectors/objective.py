@@ -21,6 +21,8 @@ from torch import nn
 from .. import distributed, distill, losses
 from ..threads import one_thread
 
+OBJECTIVES = ("auto", "lm", "distill")       # what resolve_objective takes
+
 
 def resolve_objective(model: nn.Module, objective: str) -> str:
     """``auto``: next-token loss when the model has an LM head, else distillation (encoders)."""
