@@ -7,6 +7,7 @@ holds while the decomposition is dealt out, sharded factors, apply and the refit
 from __future__ import annotations
 
 from . import distributed
+from .counting import break_even
 from .placement import Placement
 
 
@@ -68,11 +69,14 @@ def refit_bytes(c: dict, batch_size: int, seq_len: int) -> int:
     being made (three states), the two float64 ``n x n`` sums of the widest input, one
     batch's inputs of it twice (as captured and in float64) with a block's intermediate
     values, and the solve of the largest layer (``W`` in the model dtype and in float64,
-    ``W C``, ``B`` and ``B G``, the right-hand side)."""
+    ``W C``, ``B`` and ``B G``, the right-hand side) at the most values a low-rank layer
+    keeps: one under break-even, since a layer at or above it stays dense and is not
+    refitted."""
     f, b = c["facts"], c["b"]
     ts = [t for t, _ in c["layers"]]
     n = max(t.n for t in ts)
-    solve = max((8 * 2 + b) * t.m * t.n + 8 * min(t.m, t.n) * (2 * t.n + t.m) for t in ts)
+    solve = max((8 * 2 + b) * t.m * t.n + 8 * min(t.m, t.n, break_even(t.m, t.n) - 1)
+                * (2 * t.n + t.m) for t in ts)
     tokens = batch_size * seq_len
     return (3 * f["hidden_states_block_bytes"] // 2 + 2 * 8 * n * n + solve
             + tokens * (2 * (8 + b) * n + b * (4 * f["hidden_size"] + 3 * f["intermediate_size"])))

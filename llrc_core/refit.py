@@ -26,7 +26,7 @@ calibration window at one block (and the next block's being made), the block's d
 originals back on its device, one batch's inputs and two float64 ``n x n`` sums. The memory
 planner counts it as the ``refit`` phase (``footprint.refit_bytes``; ``llrc plan-memory
 --refit``, and ``compress --refit`` checks it before loading): for Llama-2-7B (bf16, 64 x 512
-tokens, 8 windows a batch) 18.3 GiB on one GPU, under the decomposition's 37.2 GiB peak.
+tokens, 8 windows a batch) 18.0 GiB on one GPU, under the decomposition's 37.2 GiB peak.
 """
 from __future__ import annotations
 
