@@ -118,7 +118,7 @@ def variant_config(name: str, args, method: str = "llrc") -> CompareConfig:
         decompositions=(v["decomposition"] if method == "llrc" else "whiten",),
         calib=_piqa_text(args.out) if v["calib"] == str(PIQA) else v["calib"],
         n_calib=v["n_calib"], seq_len=v.get("seq_len", args.seq_len), seeds=args.seeds,
-        max_eval_windows=args.eval_windows, refit=args.refit,
+        max_eval_windows=args.eval_windows, refit=args.refit, vote=args.vote,
         options={method: options} if method == "llrc" else {})
 
 
@@ -159,9 +159,10 @@ def run_variant(name: str, args, method: str = "llrc") -> list[dict]:
     cfg = variant_config(name, args, method)
     run_compare(cfg, out, log=lambda msg: print(f"[{name}] {msg}", file=sys.stderr))
     rows = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
-    rows = [r for r in rows if r["method"] == "dense" or (
-        r["target_ratio"] in cfg.ratios and r.get("seed", 0) in cfg.seeds)]
-    return rows
+    vote = ",".join(map(str, cfg.seeds))
+    return [r for r in rows if r["method"] == "dense" or (
+        r["target_ratio"] in cfg.ratios and (r.get("seed", 0) in cfg.seeds if "vote" not in r
+                                             else cfg.vote and r["vote"] == vote))]
 
 
 def table(results: dict[str, list[dict]], ratios) -> str:
@@ -266,6 +267,8 @@ def main(argv=None) -> int:
     ap.add_argument("--refit", action="store_true", help="refit every plan's output factors "
                     "to the compressed model's inputs (llrc_core/refit.py): on a copy of a "
                     "finished --out, the cached plans are evaluated again, not re-selected")
+    ap.add_argument("--vote", action="store_true", help="also each LLRC variant's vote of "
+                    "its seeds' plans (llrc_core/vote.py), a row of its own")
     ap.add_argument("--smoke", action="store_true", help="2 variants, 1 ratio, 2 seeds, 4 steps")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--prefix-of", metavar="COMPARE_DIR", help="only: LLRC's any-k plans of "
@@ -296,7 +299,12 @@ def main(argv=None) -> int:
         refs.setdefault(_calibration(n), n)
     results = {f"svdllm (whiten, reference{'' if n == 'base' else ', calibration of ' + n})":
                run_variant(n, args, "svdllm") for n in refs.values()}
-    results.update({n: run_variant(n, args) for n in names})
+    for n in names:
+        rows = run_variant(n, args)
+        results[n] = [r for r in rows if "vote" not in r]
+        if args.vote:
+            results[f"{n}, vote of seeds"] = [r for r in rows if r["method"] == "dense"
+                                              or "vote" in r]
     print(table(results, args.ratios))
     if args.json:
         Path(args.json).write_text(json.dumps(results, default=str))

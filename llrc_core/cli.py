@@ -128,6 +128,7 @@ def cmd_compress(args) -> dict | None:
     if args.shard_factors and not get_selector(args.method).trains:
         raise LLRCError(f"--shard-factors splits the factors that masks train on; {args.method} "
                         "trains none: use a learned method (llrc, ars, ara) or drop it")
+    vote_seeds = _vote_seeds(args)
     if args.shard_factors and distributed.world_size() < 2:
         raise LLRCError("--shard-factors splits the factors over processes: launch with "
                         "torchrun --nproc_per_node N (N > 1), or drop --shard-factors")
@@ -155,7 +156,7 @@ def cmd_compress(args) -> dict | None:
         res = compress(loaded.model, dec, args.method, windows, eval_ids=ev,
                        emit=fan_out(bar, log) if main else (lambda e: None),
                        eval_batch_size=args.batch_size, release_factors=True,
-                       refit=args.refit,
+                       refit=args.refit, vote_seeds=vote_seeds,
                        checkpoint=args.checkpoint, **opts)
     if not main:                      # the same plan as rank 0's; rank 0 writes it
         distributed.barrier()
@@ -166,7 +167,7 @@ def cmd_compress(args) -> dict | None:
               **({"ppl_before": res.ppl_before, "ppl_after": res.ppl_after,
                   **eval_info(ev, args.eval_text)} if ev is not None else {}),
               "stopped": res.stopped, "select_seconds": res.select_seconds,
-              **res.refit,
+              **res.refit, **({"vote_seeds": list(vote_seeds)} if vote_seeds else {}),
               "seconds": time.time() - t0, "placement": memory.placement.to_dict(),
               "warnings": [*early, *res.warnings]}
     disable_(loaded.model)                      # sequentially onloaded: all in CPU memory
@@ -180,6 +181,25 @@ def cmd_compress(args) -> dict | None:
     return {k: v for k, v in report.items() if k not in ("ranks", "warnings")} | {
         "out": args.out, "warnings": len(report["warnings"]),
         **stored_summary(export_info(args.out))}
+
+
+def _vote_seeds(args) -> tuple[int, ...]:
+    """``--vote-seeds`` as distinct integers (two or more, a method that trains), or ()."""
+    from .selectors import get_selector
+    if not args.vote_seeds:
+        return ()
+    try:
+        seeds = tuple(dict.fromkeys(int(s) for s in args.vote_seeds.split(",")))
+    except ValueError:
+        raise LLRCError(f"--vote-seeds takes integers, e.g. --vote-seeds 0,1,2; got "
+                        f"{args.vote_seeds!r}")
+    if len(seeds) < 2:
+        raise LLRCError("--vote-seeds needs two or more seeds (e.g. 0,1,2); for one seed use "
+                        "--opt seed=N")
+    if not get_selector(args.method).trains:
+        raise LLRCError(f"--vote-seeds votes over the plans of a method that trains (llrc, "
+                        f"ars, ara); {args.method} is deterministic: drop --vote-seeds")
+    return seeds
 
 
 def _print_warnings(warnings: list[dict]) -> None:
@@ -279,7 +299,8 @@ def cmd_compare(args) -> dict:
         eval_seq_len=args.eval_seq_len, max_eval_windows=args.max_eval_windows,
         tasks=args.tasks or (), task_limit=args.limit, options=options,
         allow_compressed=args.allow_compressed, seeds=args.seeds,
-        batch_size=args.batch_size, device=args.device, refit=args.refit)
+        batch_size=args.batch_size, device=args.device, refit=args.refit,
+        vote=args.vote)
     bar, cell = tqdm(desc="compare", unit="cell", leave=False), [""]
 
     def progress(e: dict) -> None:   # cells done, the running cell and its training step

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refit", action="store_true", help="refit each low-rank layer's output "
                    "factor to the compressed model's own inputs on the calibration windows "
                    "(closed form; same ranks and size)")
+    p.add_argument("--vote-seeds", metavar="S1,S2,...", help="learned methods: run once per "
+                   "seed and keep the vote of their plans (the values most keep, on the same "
+                   "budget; llrc_core/vote.py): N times the selection time")
     p.add_argument("--log", help="JSONL file receiving every event of the run (any method)")
     p.add_argument("--checkpoint", help="learned methods: state file, written every 50 steps "
                    "and at the end; a run with the same options resumes from it")
@@ -172,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=",".join(map(str, d.seeds)),
                    help="comma list: each method that trains runs once per seed; summary.csv "
                         "gives mean and sd per cell")
+    p.add_argument("--vote", action="store_true", help="with 2+ seeds: also evaluate the vote "
+                   "of each learned cell's seed plans (the values most keep, same budget)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--device", default=None)
     p.add_argument("--allow-compressed", action="store_true",

@@ -19,6 +19,9 @@ Axes that do not apply to a method are skipped, not faked:
 * seed: a method that trains (LLRC, ARS, ARA) runs once per seed of ``seeds`` (its ``seed``
   option: initialisation, noise, batch order), each seed its own cached cell; a method that
   does not train is deterministic and runs once. ``report.summary`` gives mean and sd.
+* vote: with ``vote`` and two or more seeds, a learned cell also gets the vote of its seeds'
+  plans (``vote.py``: the values most seeds keep, on the same budget), a cell of its own
+  evaluated after them; it selects nothing new.
 Causal LMs are scored by perplexity (and zero-shot accuracy with ``tasks``); an encoder
 (MiniLM) by embedding fidelity (``fidelity.py``) in the ``fidelity`` column.
 """
@@ -74,6 +77,8 @@ class CompareConfig(ConfigMixin):
     refit: bool = option(False, "refit each plan's output factors to the compressed model's "
                          "inputs before evaluating it (refit.py): a new evaluation of the "
                          "stored plans, not a new selection")
+    vote: bool = option(False, "also evaluate, per learned cell with 2+ seeds, the vote of its "
+                        "seeds' plans (vote.py): no new selection")
 
     def __post_init__(self):
         for name in ("methods", "ratios", "selections", "decompositions", "tasks", "seeds"):
@@ -132,10 +137,12 @@ def grid(cfg: CompareConfig) -> list[dict]:
         seeds = cfg.seeds if get_selector(m).trains else (None,)
         for dec, sel in method_axes(m, cfg):
             for r in cfg.ratios:
+                cell = {"method": m, "decomposition": dec, "selection": sel,
+                        "target_ratio": r}
                 for seed in seeds:
-                    cell = {"method": m, "decomposition": dec, "selection": sel,
-                            "target_ratio": r}
                     cells.append(cell if seed is None else {**cell, "seed": seed})
+                if cfg.vote and len(seeds) > 1 and None not in seeds:
+                    cells.append({**cell, "vote": ",".join(map(str, seeds))})
     return cells
 
 
@@ -144,7 +151,8 @@ def _hash(obj) -> str:
 
 
 def cell_id(cell: dict) -> str:
-    seed = f"__seed{cell['seed']}" if "seed" in cell else ""
+    seed = (f"__seed{cell['seed']}" if "seed" in cell else
+            f"__vote{cell['vote'].replace(',', '-')}" if "vote" in cell else "")
     return (f"{cell['method']}__{cell['decomposition']}__{cell['selection']}__"
             f"{cell['target_ratio']:g}{seed}")
 
@@ -157,7 +165,7 @@ def _fingerprint(cfg: CompareConfig, method: str, skip: tuple = ()) -> str:
     # ``refit`` only when on: the cells of a grid cached before it existed stay valid.
     common = {k: v for k, v in cfg.to_dict().items()
               if k not in ("methods", "ratios", "selections", "decompositions", "options",
-                           "device", "batch_size", "allow_compressed", "seeds") + skip
+                           "device", "batch_size", "allow_compressed", "seeds", "vote") + skip
               and not (k == "refit" and not v)}
     return _hash({"common": common, "options": method_options(method, cfg)
                    if method != "dense" else {}})
@@ -273,6 +281,24 @@ def run_cell(s: Session, cell: dict, emit: Callable[[dict], None] | None = None,
             "plan": plan.to_dict()}
 
 
+def voted(cell: dict, rows: list[dict]) -> dict:
+    """The vote of the plans of ``cell``'s seeds among ``rows``, as ``run_cell``'s ``reuse``
+    (its seconds: the seeds' selection time together). A missing or failed seed is an error."""
+    from .plan import RankPlan
+    from .vote import vote_plans
+    seeds = [int(x) for x in cell["vote"].split(",")]
+    key = {k: v for k, v in cell.items() if k != "vote"}
+    found = {r["seed"]: r for r in rows if r.get("seed") in seeds
+             and not r.get("error") and r.get("plan") and key == {k: r[k] for k in key}}
+    missing = [s for s in seeds if s not in found]
+    if missing:
+        raise ValueError(f"the vote needs every seed's plan; seed(s) {missing} failed or did "
+                         "not run: run the grid again to retry them")
+    plans = [RankPlan.from_dict(found[s]["plan"]) for s in seeds]
+    return {"plan": vote_plans(plans).to_dict(),
+            "seconds": sum(found[s]["seconds"] for s in seeds)}
+
+
 def run_cells(cfg: CompareConfig, out: str | Path, log: Callable[[str], None] = print,
               retry_errors: bool = True, *,
               make_session: Callable[[], Session] | None = None,
@@ -312,6 +338,16 @@ def run_cells(cfg: CompareConfig, out: str | Path, log: Callable[[str], None] = 
                 continue
             if row.get("select_fingerprint") == sfp and row.get("plan") and not row.get("error"):
                 reuse = row                  # same plan, new evaluation: do not select again
+        if "vote" in cell:
+            try:
+                reuse = voted(cell, rows)
+            except ValueError as exc:
+                row = {**cell, "scope": cfg.scope, "error": str(exc),
+                       "fingerprint": fp, "select_fingerprint": sfp}
+                atomic_json(path, row)
+                rows.append(row)
+                emit({"type": "cell", "row": row, "cached": False, "reselected": False})
+                continue
         if session is None:
             log(f"loading {cfg.model}")
             session = make_session() if make_session else Session(cfg, log)

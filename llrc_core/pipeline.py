@@ -177,6 +177,37 @@ def select_plan(model, dec: Decomposed, method: str, windows=None, callback=None
     return get_selector(method).select(ctx, cfg)
 
 
+def select_voted(model, dec: Decomposed, method: str, windows, seeds: tuple[int, ...],
+                 callback=None, should_stop=lambda: False, checkpoint=None,
+                 **options) -> RankPlan:
+    """``select_plan`` once per seed of ``seeds`` (the method's ``seed`` option), then the vote
+    of their plans (``vote.py``). Each seed's events carry ``seed`` and its checkpoint is its
+    own file (``CHECKPOINT.seedN``); the one ``done`` event is the vote's. A stop during a
+    seed returns that seed's partial plan (``meta["stopped"]``): a vote needs every seed."""
+    from .vote import vote_plans
+    if not get_selector(method).trains:
+        raise ValueError(f"a vote of seeds needs a method that trains (llrc, ars, ara); "
+                         f"{method} is deterministic: drop the seeds")
+    emit = callback or (lambda e: None)
+    plans = []
+    for seed in seeds:
+        def tagged(e: dict, seed=seed) -> None:
+            if e.get("type") != "done":
+                emit({**e, "seed": seed})
+        plan = select_plan(model, dec, method, windows, tagged, should_stop,
+                           checkpoint=f"{checkpoint}.seed{seed}" if checkpoint else None,
+                           **{**options, "seed": seed})
+        if plan.meta.get("stopped") or should_stop():
+            return plan
+        plans.append(plan)
+    voted = vote_plans(plans)
+    voted.meta.update(vote_seeds=list(seeds), seconds=sum(p.meta.get("seconds", 0.0)
+                                                          for p in plans))
+    emit({"type": "done", "step": max(p.meta.get("steps", 0) for p in plans),
+          "plan": voted.to_dict(), "stopped": False})
+    return voted
+
+
 def calibrate(loaded: LoadedModel, source: str, n_samples: int = 32, seq_len: int = 256,
               seed: int = 0) -> torch.Tensor:
     from .models import context_length

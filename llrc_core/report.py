@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .files import atomic_json, atomic_write
 
-COLUMNS = ["method", "decomposition", "selection", "scope", "target_ratio", "seed",
+COLUMNS = ["method", "decomposition", "selection", "scope", "target_ratio", "seed", "vote",
            "achieved_ratio_linear", "achieved_ratio_model", "ppl", "fidelity", "seconds",
            "decompose_seconds", "eval_seconds", "refit", "refit_seconds", "dense_layers",
            "ranks", "error", "eval_seq_len", "eval_windows"]
@@ -22,10 +22,11 @@ def tidy(rows: list[dict]):
     for c in COLUMNS:
         if c not in df.columns:
             df[c] = None
-    return df[COLUMNS[:9] + extra + COLUMNS[9:]]
+    return df[COLUMNS[:10] + extra + COLUMNS[10:]]
 
 
-CELL = ["method", "decomposition", "selection", "scope", "target_ratio"]   # a cell, seed aside
+# a cell, seed aside (a vote of seeds is a cell of its own)
+CELL = ["method", "decomposition", "selection", "scope", "target_ratio", "vote"]
 
 
 def summary(df):
@@ -70,9 +71,16 @@ def write_results(df, rows: list[dict], out: Path) -> None:
 
 
 def label(r) -> str:
-    """``llrc any-k (asvd)``: a cell's method, selection (when not top-k) and decomposition."""
+    """``llrc any-k (asvd)``: a cell's method, selection (when not top-k) and decomposition;
+    ``llrc any-k vote 0,1,2 (whiten)`` for the vote of those seeds' plans."""
     sel = "" if r["selection"] in ("top-k", "-") else f" {r['selection']}"
-    return f"{r['method']}{sel} ({r['decomposition']})"
+    return f"{r['method']}{sel}{vote_suffix(r)} ({r['decomposition']})"
+
+
+def vote_suffix(r) -> str:
+    """`` vote 0,1,2`` for a vote row (``compare.voted``), else empty."""
+    v = r.get("vote")
+    return f" vote {v}" if isinstance(v, str) and v else ""
 
 
 def build_figures(df, rows: list[dict]):

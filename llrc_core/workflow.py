@@ -22,7 +22,7 @@ import torch
 
 from .errors import Stopped
 from .evaluate import eval_info, perplexity
-from .pipeline import Decomposed, compress_, decompose_model, select_plan
+from .pipeline import Decomposed, compress_, decompose_model, select_plan, select_voted
 from .plan import RankPlan
 from .refit import refit_
 from .selectors import get_selector
@@ -72,7 +72,7 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
              plan: RankPlan | None = None, copy: bool = False, partial: bool = True,
              emit: Emit = lambda e: None, should_stop: Callable[[], bool] = lambda: False,
              eval_batch_size: int = EVAL_BATCH_SIZE, release_factors: bool = False,
-             refit: bool = False, **options) -> CompressionResult:
+             refit: bool = False, vote_seeds: tuple = (), **options) -> CompressionResult:
     """Select a plan with ``method`` (or take ``plan``), apply it and evaluate.
 
     ``evaluate(model) -> dict`` measures a model (default with ``eval_ids`` (k, L): its
@@ -83,7 +83,9 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
     ``release_factors``: each layer's full-rank factors leave ``dec`` once it is applied (a
     one-shot run: they are not needed again, and the memory planner counts on it).
     ``refit``: once applied, each low-rank layer's output factor is refitted to the inputs the
-    compressed model feeds it, on ``windows`` (``refit.py``)."""
+    compressed model feeds it, on ``windows`` (``refit.py``). ``vote_seeds`` (two or more): a
+    learned ``method`` runs once per seed and the vote of their plans is kept
+    (``pipeline.select_voted``)."""
     t0 = time.time()
     if copy:
         emit({"type": "phase", "phase": "copy"})
@@ -100,8 +102,12 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
     if plan is None:
         emit({"type": "phase", "phase": "select"})
         t1 = time.time()
-        plan = select_plan(model, dec, method, windows, callback=emit, should_stop=should_stop,
-                           **options)
+        if len(vote_seeds) > 1:
+            plan = select_voted(model, dec, method, windows, tuple(vote_seeds), emit,
+                                should_stop, **options)
+        else:
+            plan = select_plan(model, dec, method, windows, callback=emit,
+                               should_stop=should_stop, **options)
         select_seconds = time.time() - t1
         stopped = bool(plan.meta.get("stopped")) or should_stop()
         if stopped and not partial:
@@ -130,6 +136,7 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
               **_suffixed(metrics_before, metrics_after),
               "stopped": stopped, "select_seconds": select_seconds,
               "refit": refit, **({"refit_seconds": refit_seconds} if refit else {}),
+              **({"vote_seeds": list(vote_seeds)} if len(vote_seeds) > 1 else {}),
               **(eval_info(eval_ids) if eval_ids is not None else {}),
               "seconds": time.time() - t0, "warnings": warnings}
     emit({"type": "phase", "phase": "finished"})

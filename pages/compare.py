@@ -22,12 +22,13 @@ DECOMPS = {"per method (its paper's)": "auto", **{d: d for d in DECOMPOSITIONS}}
 ANY_K = set(any_k_methods())
 
 
-def label(row: dict) -> str:
-    return f"{row['method']} {row['selection']}" if row["method"] in ANY_K else row["method"]
+def label(row) -> str:
+    name = f"{row['method']} {row['selection']}" if row["method"] in ANY_K else row["method"]
+    return name + report.vote_suffix(row)
 
 
 def make_config(methods, ratios, both, scope, decomp, steps, seeds, n_eval, tasks, limit,
-                refit=False):
+                refit=False, vote=False):
     """The ``CompareConfig`` of this session's model and calibration."""
     loaded, calib, windows = common.current(), st.session_state["calib"], common.windows()
     return compare.CompareConfig(
@@ -37,7 +38,8 @@ def make_config(methods, ratios, both, scope, decomp, steps, seeds, n_eval, task
         n_calib=int(windows.shape[0]), seq_len=int(windows.shape[1]),
         eval_text=str(common.WIKI_TEST), eval_seq_len=EVAL_SEQ_LEN, max_eval_windows=int(n_eval),
         tasks=tuple(tasks), task_limit=int(limit) if tasks else None,
-        options={"*": {"steps": int(steps)}}, seeds=tuple(range(int(seeds))), refit=refit)
+        options={"*": {"steps": int(steps)}}, seeds=tuple(range(int(seeds))), refit=refit,
+        vote=vote)
 
 
 def start_grid(cfg: compare.CompareConfig):
@@ -89,6 +91,12 @@ with common.error_box():
         seeds = c2.number_input("Seeds (learned methods)", 1, 5, 1, key="cmp_seeds",
                                 help="each learned cell runs once per seed (0, 1, ...); charts "
                                      "and the summary show the mean and the spread")
+        vote = c2.checkbox("Vote of the seeds", key="cmp_vote",
+                           help="with 2+ seeds, each learned cell also scores the plan its "
+                                "seeds agree on: the singular values most of them keep, on the "
+                                "same budget (no new training). Measured: below its seeds' mean "
+                                "in 3 of 3 any-k triples on the demo model, by under 2 sd; "
+                                "worse for top-k on MiniLM (bench/README.md)")
         n_eval = c3.number_input(f"Perplexity windows ({EVAL_SEQ_LEN} tokens)", 1, 256,
                                  EVAL_WINDOWS, key="cmp_eval")
         tasks = c3.multiselect("Zero-shot tasks (lm-eval, local files)", list(TASKS),
@@ -105,7 +113,7 @@ with common.error_box():
         if not methods or not ratios:
             raise ValueError("pick at least one method and one ratio")
         start_grid(make_config(methods, ratios, both, scope, decomp, steps, seeds, n_eval,
-                               tasks, limit, refit))
+                               tasks, limit, refit, vote))
 
 
 def grid_panel():

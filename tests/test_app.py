@@ -282,6 +282,38 @@ def test_compare_page_grid_cache_and_accuracy(at):
     assert all(e["row"]["refit"] and e["row"]["refit_seconds"] > 0 for e in cells)
 
 
+def test_compare_page_seeds_their_spread_and_their_vote(at):
+    """Two seeds of LLRC and their vote: a row, a bar series and a line of its own; the
+    seeds' spread chart holds the two seeds only."""
+    at.switch_page("pages/compare.py").run()
+    at.multiselect(key="cmp_methods").set_value(["llrc"])
+    at.multiselect(key="cmp_ratios").set_value([0.8])
+    at.checkbox(key="cmp_both").uncheck()
+    at.checkbox(key="cmp_refit").uncheck()
+    at.number_input(key="cmp_steps").set_value(3)
+    at.number_input(key="cmp_seeds").set_value(2)
+    at.checkbox(key="cmp_vote").check()
+    at.multiselect(key="cmp_tasks").set_value([])
+    at.button(key="FormSubmitter:compare_form-Run comparison").click().run()
+    job = wait_job(at, "compare_job")
+    assert job.status == "done", job.error
+    at.run()
+    no_errors(at)
+    summary, table = at.dataframe[0].value, at.dataframe[1].value
+    assert table["method"].tolist() == ["dense", "llrc", "llrc", "llrc"]
+    assert table["seed"].tolist()[1:3] == [0, 1] and table["vote"].tolist()[3] == "0,1"
+    assert ((table["achieved_ratio_linear"][1:] - 0.8).abs() <= 0.005).all()
+    assert summary["seeds"].tolist() == [2, 1]
+    figs = figures(at)
+    assert [t["name"] for t in figs["fig_cmp_bars"]["data"]] == ["llrc any-k",
+                                                                 "llrc any-k vote 0,1"]
+    spread = figs["fig_spread_0"]["data"][0]
+    assert spread["name"] == "llrc any-k" and len(spread["x"]) == 36
+    assert "fig_spread_1" not in figs                       # one plan: no spread
+    lines = {t["name"]: t["y"] for t in figs["fig_cmp_ppl"]["data"]}
+    assert lines["llrc any-k vote 0,1"] == [pytest.approx(table["ppl"].iloc[3])]
+
+
 def test_finished_compress_job_reaches_export_without_the_compress_page():
     """A user who leaves the Compress page the moment a job ends interrupts that page's
     finalising run; the result must still be offered for export."""

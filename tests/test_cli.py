@@ -115,6 +115,15 @@ BAD_INPUT = [
     ("refit-onloaded", lambda d, o, c, e, t: _compress(d, t / "out", c, "--ratio", "0.8",
                                                        "--refit", "--offload", "weights"),
      r"--refit needs the weights in memory.*drop --refit"),
+    ("vote-one-seed", lambda d, o, c, e, t: _compress(d, t / "out", c, "--ratio", "0.8",
+                                                      "--method", "llrc", "--vote-seeds", "3"),
+     r"--vote-seeds needs two or more seeds.*--opt seed=N"),
+    ("vote-bad-seed", lambda d, o, c, e, t: _compress(d, t / "out", c, "--ratio", "0.8",
+                                                      "--method", "llrc", "--vote-seeds", "0,x"),
+     r"--vote-seeds takes integers"),
+    ("vote-deterministic", lambda d, o, c, e, t: _compress(d, t / "out", c, "--ratio", "0.8",
+                                                           "--vote-seeds", "0,1"),
+     r"uniform is deterministic: drop --vote-seeds"),
 ]
 
 

@@ -240,8 +240,45 @@ def test_seed_axis_runs_learned_cells_per_seed_and_caches_each(tmp_path, monkeyp
     assert report.beats(s, "llrc any-k (asvd)", "uniform (asvd)", 0.8) is None  # 1 seed
     assert report.beats(s, "llrc any-k (asvd)", "llrc any-k (asvd)", 0.8) is False
 
+    # ``vote``: one more cell per learned cell, the vote of its seeds' stored plans; nothing
+    # is selected again, the seeds' mean is untouched, and the vote is its own row and line
+    voting = CompareConfig.from_dict({**more.to_dict(), "vote": True})
+    assert compare.cell_id(grid(voting)[3]) == "llrc__asvd__any-k__0.8__vote0-1-2"
+    df = run_compare(voting, tmp_path, log=lambda _: None)
+    assert calls == [1, 2]
+    v = df[df["vote"].notna()].iloc[0]
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert v["seconds"] == pytest.approx(learned["seconds"].sum())
+    assert abs(v["achieved_ratio_linear"] - 0.8) < 0.005
+    from llrc_core.plan import RankPlan
+    from llrc_core.vote import vote_plans
+    cells = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "cells").glob("*.json")}
+    expected = vote_plans([RankPlan.from_dict(cells[f"llrc__asvd__any-k__0.8__seed{i}"]["plan"])
+                           for i in range(3)])
+    assert v["ranks"] == expected.ranks()
+    summary = report.summary(df)
+    assert summary[summary["method"] == "llrc"]["seeds"].tolist() == [3, 1]
+    assert summary.iloc[1]["ppl_mean"] == pytest.approx(row["ppl_mean"])   # seeds only
+    fig, _ = report.build_figures(df, rows)
+    assert {t.name for t in fig.data} >= {"llrc any-k (asvd)", "llrc any-k vote 0,1,2 (asvd)"}
+
 
 @pytest.mark.parametrize("bad", ["", "0,a"])
 def test_config_rejects_bad_seeds(bad):
     with pytest.raises(ValueError, match="seed"):
         CompareConfig(seeds=bad)
+
+
+def test_a_vote_with_a_failed_seed_is_an_error_naming_the_seed():
+    cell = {"method": "llrc", "decomposition": "whiten", "selection": "any-k",
+            "target_ratio": 0.6, "vote": "0,1"}
+    ok = {**{k: v for k, v in cell.items() if k != "vote"}, "seed": 0, "seconds": 1.0,
+          "plan": {"version": 1, "total_params": 10, "layers": {"l": {"shape": [4, 4],
+                                                                       "kept": [0]}}}}
+    failed = {**ok, "seed": 1, "error": "RuntimeError: NaN loss", "plan": None}
+    with pytest.raises(ValueError, match=r"seed\(s\) \[1\] failed"):
+        compare.voted(cell, [ok, failed])
+    other_ratio = {**ok, "seed": 1, "target_ratio": 0.8}
+    with pytest.raises(ValueError, match=r"\[1\]"):
+        compare.voted(cell, [ok, other_ratio])
+    assert compare.voted(cell, [ok, {**ok, "seed": 1}])["seconds"] == 2.0
