@@ -50,8 +50,12 @@ def test_a_variant_may_set_its_own_window_length_and_gets_its_own_reference():
     """``seq_len`` in a variant overrides ``--seq-len`` for LLRC and for the SVD-LLM reference
     row of its calibration; a variant without it follows the flag."""
     args = ablations.argparse.Namespace(ratios=(0.6,), seeds=(0,), steps=None, seq_len=128,
-                                        eval_windows=16, out="unused", refit=False)
+                                        eval_windows=16, out="unused", refit=False,
+                                        vote=False)
     assert ablations.variant_config("whiten-seq256", args).seq_len == 256
+    assert not ablations.variant_config("whiten", args).vote
+    args_vote = ablations.argparse.Namespace(**{**vars(args), "vote": True})
+    assert ablations.variant_config("whiten", args_vote).vote
     assert ablations.variant_config("whiten-seq256", args, "svdllm").seq_len == 256
     assert ablations.variant_config("whiten-calib-64-seq256", args).n_calib == 64
     assert ablations.variant_config("whiten", args).seq_len == 128
