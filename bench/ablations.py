@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llrc_core.compare import CompareConfig, run_compare   # noqa: E402
+from llrc_core.compare import CompareConfig, run_compare, vote_key   # noqa: E402
 from llrc_core.report import summary, tidy                  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -159,10 +159,9 @@ def run_variant(name: str, args, method: str = "llrc") -> list[dict]:
     cfg = variant_config(name, args, method)
     run_compare(cfg, out, log=lambda msg: print(f"[{name}] {msg}", file=sys.stderr))
     rows = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
-    vote = ",".join(map(str, cfg.seeds))
     return [r for r in rows if r["method"] == "dense" or (
         r["target_ratio"] in cfg.ratios and (r.get("seed", 0) in cfg.seeds if "vote" not in r
-                                             else cfg.vote and r["vote"] == vote))]
+                                             else cfg.vote and r["vote"] == vote_key(cfg.seeds)))]
 
 
 def table(results: dict[str, list[dict]], ratios) -> str:

@@ -142,8 +142,13 @@ def grid(cfg: CompareConfig) -> list[dict]:
                 for seed in seeds:
                     cells.append(cell if seed is None else {**cell, "seed": seed})
                 if cfg.vote and len(seeds) > 1 and None not in seeds:
-                    cells.append({**cell, "vote": ",".join(map(str, seeds))})
+                    cells.append({**cell, "vote": vote_key(seeds)})
     return cells
+
+
+def vote_key(seeds) -> str:
+    """A vote cell's ``vote`` field: the seeds it votes over, ``0,1,2``."""
+    return ",".join(map(str, seeds))
 
 
 def _hash(obj) -> str:

@@ -10,19 +10,17 @@ top-k plans vote for prefixes and get a prefix back (their votes never rise with
 Measured (``bench/README.md``, "A vote of three seeds"): on the demo model, LLRC any-k on
 whitened factors, each vote of three seeds was below its seeds' mean perplexity at rho 0.9
 and 0.6 (three triples at 0.6, as selected and refitted, on 16 windows and on the whole test
-set), by less than 2 sd of the single seeds unpaired, and level with them at 0.8. On MiniLM (top-k on ASVD factors) the vote was worse than its seeds'
-mean, for LLRC and ARS alike: prefixes voted layer by layer lose how each seed spread the
-budget over the blocks. So it is an option, not a default.
+set), by less than 2 sd of the single seeds unpaired, and level with them at 0.8. On MiniLM
+(top-k on ASVD factors) the vote was worse than its seeds' mean, for LLRC and ARS alike:
+prefixes voted layer by layer lose how each seed spread the budget over the blocks. So it is
+an option, not a default.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from . import gates
 from .plan import LayerPlan, RankPlan
-from .selectors.base import land_on_budget
+from .selectors.base import kept_on_budget
 
 
 def votes(plans: list[RankPlan], name: str) -> torch.Tensor:
@@ -60,17 +58,10 @@ def vote_plans(plans: list[RankPlan], method: str | None = None) -> RankPlan:
     first = plans[0]
     shapes = {n: (lp.m, lp.n) for n, lp in first.layers.items()}
     budget = sum(p.kept_linear for p in plans) // len(plans)
-    scores = {}
-    for n, (m, k_in) in shapes.items():
-        full = min(m, k_in)
-        scores[n] = votes(plans, n) - torch.arange(full) / full   # ties: the lower index
-    majority = {n: max(1, int((votes(plans, n) > len(plans) / 2).sum())) for n in shapes}
-    ranked = {n: s.sort(descending=True).values for n, s in scores.items()}
-    counts = land_on_budget(
-        majority, shapes, budget,
-        gain=lambda n, k: float(ranked[n][k]) if k < len(ranked[n]) else -math.inf,
-        loss=lambda n, k: float(ranked[n][k - 1]))
-    kept = gates.kept_by_score(scores, counts, first.selection)
+    count = {n: votes(plans, n) for n in shapes}
+    scores = {n: v - torch.arange(len(v)) / len(v) for n, v in count.items()}  # ties: lower index
+    majority = {n: max(1, int((v > len(plans) / 2).sum())) for n, v in count.items()}
+    kept = kept_on_budget(scores, majority, shapes, budget, first.selection)
     layers = {n: LayerPlan(m, k_in, kept[n]) for n, (m, k_in) in shapes.items()}
     return RankPlan(layers, first.total_params, method or f"{first.method} vote",
                     first.decomposition, first.selection,

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import gates
 from ..config import ConfigMixin, option
 from ..counting import break_even, check_ratio, check_scope, layer_cost, linear_budget, ratios
 from ..plan import LayerPlan, RankPlan
@@ -138,6 +139,22 @@ def land_on_budget(ranks: dict[str, int], shapes: dict[str, tuple[int, int]], bu
         if k + 1 < break_even(*shapes[n]):
             heapq.heappush(heap, (-gain(n, k + 1), n))
     return ranks
+
+
+def kept_on_budget(scores: dict[str, torch.Tensor], counts: dict[str, int],
+                   shapes: dict[str, tuple[int, int]], budget: int,
+                   selection: str) -> dict[str, list[int]]:
+    """Land per-layer ``counts`` on ``budget`` in the order of ``scores`` (one score per
+    singular value: a layer drops its lowest-scored kept value, adds its highest-scored
+    one not kept), then keep each layer's best-scored values (any-k) or its prefix
+    (top-k, ``gates.kept_by_score``). How LLRC's gates (scores: the logits) and a vote of
+    plans (``vote.py``) end on the budget."""
+    ranked = {n: s.sort(descending=True).values for n, s in scores.items()}
+    counts = land_on_budget(
+        counts, shapes, budget,
+        gain=lambda n, k: float(ranked[n][k]) if k < len(ranked[n]) else -math.inf,
+        loss=lambda n, k: float(ranked[n][k - 1]))
+    return gates.kept_by_score(scores, counts, selection)
 
 
 def bisect_monotone(cost: Callable[[float], int], budget: int, lo: float = 0.0,

@@ -48,7 +48,7 @@ from .. import distill, gates
 from ..config import option
 from ..counting import break_even
 from ..models import find_blocks
-from .base import SelectionContext, land_on_budget
+from .base import SelectionContext, kept_on_budget
 from .learned import MaskTrainer, TrainConfig, achieved, check_fields, register_learned
 from .objective import Objective, step_generator
 from .uniform import uniform_ranks
@@ -264,13 +264,9 @@ class LLRCTrainer(MaskTrainer):
         gate with the lowest logit; then open the closed gate with the highest logit while it
         fits (top-k: the prefix follows the count)."""
         theta = {n: t.detach().cpu() for n, t in zip(self.names, self.theta)}
-        ranked = {n: t.sort(descending=True).values for n, t in theta.items()}
         counts = {n: len(k) for n, k in self.kept().items()}
-        counts = land_on_budget(
-            counts, self.ctx.shapes, self.budget,
-            gain=lambda n, k: float(ranked[n][k]) if k < len(ranked[n]) else -math.inf,
-            loss=lambda n, k: float(ranked[n][k - 1]))
-        return gates.kept_by_score(theta, counts, self.cfg.selection), {}
+        return kept_on_budget(theta, counts, self.ctx.shapes, self.budget,
+                              self.cfg.selection), {}
 
     def state_dict(self) -> dict:
         return {"theta": [t.detach().cpu() for t in self.theta], "phase": self.phase,
