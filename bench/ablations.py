@@ -97,6 +97,10 @@ VARIANTS.update({
     # masks the plan keeps; to 0.3), the hard gates being sampled at noise scale 1 otherwise.
     "whiten-noise0": {"decomposition": "whiten", "options": {"noise_final": 0.0}},
     "whiten-noise03": {"decomposition": "whiten", "options": {"noise_final": 0.3}},
+    # A vote of the held steps' deterministic masks inside one run (hold_vote): each value
+    # scores the share of the holding it was open, as a vote of seeds does over seeds.
+    "whiten-calib-128-hold-vote": {"decomposition": "whiten", "n_calib": 128,
+                                   "options": {"hold_vote": 1.0}},
     # Start from the uniform ranks on the budget (SVD-LLM's allocation on whitened factors):
     # training then only moves the budget between layers.
     "whiten-init-uniform": {"decomposition": "whiten", "options": {"init": "uniform"}},

@@ -351,3 +351,52 @@ def test_noise_shrinks_over_the_holding_to_noise_final(tiny):
     assert {e["noise"] for e in events if e["type"] == "step"} == {1.0}   # default: none
     with pytest.raises(ValueError, match="noise_final must be in"):
         LLRCConfig(noise_final=1.5)
+
+
+def test_hold_vote_keeps_the_values_open_in_most_held_steps(tiny):
+    """``hold_vote``: the plan keeps, per layer, the values open in most of the held steps,
+    whatever the final logits say; on the same counts it lands where the logits' plan does."""
+    from llrc_core.pipeline import make_context
+    from llrc_core.selectors.llrc import LLRCTrainer
+    model, dec, windows = tiny
+    cfg = LLRCConfig(ratio=0.5, hold_vote=1.0, **{k: v for k, v in FAST.items()
+                                                  if k != "mask_every"})
+    ctx = make_context(model, dec, windows)
+    trainer = LLRCTrainer(ctx, cfg, ctx.reachable_budget(cfg))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in trainer.theta:
+            t.copy_(torch.randn(t.shape, generator=gen))
+    by_logits, meta = trainer.finalise()                 # no held step voted yet
+    assert meta == {}
+    chosen = {}
+    for n in trainer.names:
+        order = torch.randperm(trainer.open_steps[n].numel(), generator=gen)
+        chosen[n] = sorted(order[:len(by_logits[n])].tolist())
+        trainer.open_steps[n].fill_(1.0)                 # open in 1 of the 4 held steps
+        trainer.open_steps[n][chosen[n]] = 3.0           # open in 3 of 4: a majority
+    trainer.votes = 4
+    voted, meta = trainer.finalise()
+    assert meta == {"hold_votes": 4}
+    assert voted == chosen and voted != by_logits
+    with pytest.raises(ValueError, match="hold_vote must be in"):
+        LLRCConfig(hold_vote=1.5)
+
+
+def test_hold_vote_counts_the_held_steps_and_resumes_to_the_same_plan(tiny, tmp_path):
+    model, dec, windows = tiny
+    full, events = run(tiny, ratio=0.6, hold_vote=1.0, hold_steps=10)
+    held = [e for e in events if e["type"] == "step" and e["phase"] == "hold"]
+    assert full.meta["hold_votes"] == len(held) >= 10          # every held step voted
+    assert abs(full.ratio("linear") - 0.6) <= 0.005
+    half, _ = run(tiny, ratio=0.6, hold_vote=0.5, hold_steps=10)
+    assert 5 <= half.meta["hold_votes"] < full.meta["hold_votes"]
+    first_held = held[0]["step"]
+    ckpt, seen = str(tmp_path / "mask.pt"), []
+    select_plan(model, dec, "llrc", windows, callback=seen.append, ratio=0.6, hold_vote=1.0,
+                checkpoint=ckpt, should_stop=lambda: len(seen) >= first_held + 3,
+                **{**FAST, "hold_steps": 10, "mask_every": 0})
+    resumed = select_plan(model, dec, "llrc", windows, ratio=0.6, hold_vote=1.0,
+                          checkpoint=ckpt, **{**FAST, "hold_steps": 10})
+    assert resumed.to_dict()["layers"] == full.to_dict()["layers"]
+    assert resumed.meta["hold_votes"] == full.meta["hold_votes"]

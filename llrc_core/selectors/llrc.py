@@ -30,7 +30,8 @@ Once the deterministic ratio (gates ``theta > 0``, break-even rule applied) reac
 ``tau`` is (``tau`` only shapes the straight-through gradient), so ``noise_final`` < 1
 shrinks the noise over the holding towards the deterministic gates the plan keeps. The
 final plan keeps exactly the open indices, nudged by logit order onto the parameter budget
-(``land_on_budget``). The loop, events and checkpoints
+(``land_on_budget``); with ``hold_vote`` the deterministic masks of the last held steps
+vote instead, a vote of seeds (``vote.py``) inside one run. The loop, events and checkpoints
 are the shared ones (``learned.train_masks``); noise and batches are seeded per step, so a
 stopped run resumes to the same plan.
 """
@@ -89,6 +90,10 @@ class LLRCConfig(TrainConfig):
     noise_final: float = option(1.0, "scale of the gates' logistic noise reached, by a cosine, "
                                 "at the end of holding (1: no annealing; 0: the last steps "
                                 "train the deterministic masks the plan keeps)")
+    hold_vote: float = option(0.0, "share of the holding, at its end, whose deterministic "
+                              "masks vote on the plan: each value scores the share of those "
+                              "steps it was open, each layer starts from its majority (0: the "
+                              "final logits alone)")
     tolerance: float = option(0.005, "allowed ratio drift above the target while holding")
     batch_size: int = option(4, "calibration windows per step")
     train_seq_len: int = option(128, "tokens of each window used per step (0: whole window)")
@@ -107,6 +112,9 @@ class LLRCConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         check_fields(self, positive=("tau",))
+        if not 0.0 <= self.hold_vote <= 1.0:
+            raise ValueError(f"hold_vote must be in [0, 1] (a share of the holding), got "
+                             f"{self.hold_vote}")
         if not 0.0 <= self.noise_final <= 1.0:
             raise ValueError(f"noise_final must be in [0, 1] (a scale of the gates' noise), got "
                              f"{self.noise_final}")
@@ -161,6 +169,9 @@ class LLRCTrainer(MaskTrainer):
         self.theta = nn.ParameterList(nn.Parameter(t.to(device)) for t in logits)
         self.optimizer = torch.optim.AdamW(self.theta.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.phase, self.held, self.step = "compress", 0, 0
+        # hold_vote: per value, the held steps it was open in (CPU: a count per gate)
+        self.open_steps = {n: torch.zeros(ctx.factors[n].rank) for n in self.names}
+        self.votes = 0
         _, self.blocks = find_blocks(ctx.model)  # before the swap: blocks hold nn.Linear
         self.break_even = {n: break_even(*ctx.shapes[n]) for n in self.names}
 
@@ -239,7 +250,8 @@ class LLRCTrainer(MaskTrainer):
 
     def update(self):
         cfg = self.cfg
-        counts = {n: len(k) for n, k in self.kept().items()}
+        kept = self.kept()
+        counts = {n: len(k) for n, k in kept.items()}
         r = achieved(self.ctx, counts)[cfg.scope]
         if self.phase == "compress" and r <= cfg.ratio:
             # Momentum would carry the push past the target: start holding from rest.
@@ -251,6 +263,11 @@ class LLRCTrainer(MaskTrainer):
                 self.phase = "compress"
             else:
                 self.held += 1
+        if self.phase == "hold" and cfg.hold_vote > 0 and \
+                self.held >= (1.0 - cfg.hold_vote) * cfg.hold_steps:
+            for n, idx in kept.items():
+                self.open_steps[n][idx] += 1
+            self.votes += 1
         return counts, {"phase": self.phase}
 
     def finished(self) -> bool:
@@ -262,21 +279,33 @@ class LLRCTrainer(MaskTrainer):
     def finalise(self):
         """The open gates, landed on the budget by logit order: while over it, close the open
         gate with the lowest logit; then open the closed gate with the highest logit while it
-        fits (top-k: the prefix follows the count)."""
+        fits (top-k: the prefix follows the count). With ``hold_vote``, the held steps'
+        deterministic masks vote instead: each layer starts from the values open in most of
+        them and lands by the share of steps a value was open, ties by logit."""
         theta = {n: t.detach().cpu() for n, t in zip(self.names, self.theta)}
-        counts = {n: len(k) for n, k in self.kept().items()}
-        return kept_on_budget(theta, counts, self.ctx.shapes, self.budget,
-                              self.cfg.selection), {}
+        if not self.votes:
+            counts = {n: len(k) for n, k in self.kept().items()}
+            return kept_on_budget(theta, counts, self.ctx.shapes, self.budget,
+                                  self.cfg.selection), {}
+        share = {n: c / self.votes for n, c in self.open_steps.items()}
+        # a tie-break under one vote's weight (1 / votes): the order of shares stays
+        scores = {n: share[n] + torch.sigmoid(theta[n]) / (self.votes + 1) for n in share}
+        counts = {n: max(1, int((s > 0.5).sum())) for n, s in share.items()}
+        return kept_on_budget(scores, counts, self.ctx.shapes, self.budget,
+                              self.cfg.selection), {"hold_votes": self.votes}
 
     def state_dict(self) -> dict:
         return {"theta": [t.detach().cpu() for t in self.theta], "phase": self.phase,
-                "held": self.held}
+                "held": self.held, "open_steps": [self.open_steps[n] for n in self.names],
+                "votes": self.votes}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             for t, s in zip(self.theta, state["theta"]):
                 t.copy_(s)
         self.phase, self.held = state["phase"], state["held"]
+        self.open_steps = {n: t.cpu() for n, t in zip(self.names, state["open_steps"])}
+        self.votes = state["votes"]
 
 
 # Whitened factors by measurement, not the paper's ASVD: on the demo model, 3 seeds, ppl
