@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .plan import LayerPlan, RankPlan
-from .selectors.base import kept_on_budget
+from .selectors.base import majority_on_budget
 
 
 def votes(plans: list[RankPlan], name: str) -> torch.Tensor:
@@ -59,9 +59,8 @@ def vote_plans(plans: list[RankPlan], method: str | None = None) -> RankPlan:
     shapes = {n: (lp.m, lp.n) for n, lp in first.layers.items()}
     budget = sum(p.kept_linear for p in plans) // len(plans)
     count = {n: votes(plans, n) for n in shapes}
-    scores = {n: v - torch.arange(len(v)) / len(v) for n, v in count.items()}  # ties: lower index
-    majority = {n: max(1, int((v > len(plans) / 2).sum())) for n, v in count.items()}
-    kept = kept_on_budget(scores, majority, shapes, budget, first.selection)
+    tie = {n: -torch.arange(len(v)) / len(v) for n, v in count.items()}    # the lower index
+    kept = majority_on_budget(count, len(plans), tie, shapes, budget, first.selection)
     layers = {n: LayerPlan(m, k_in, kept[n]) for n, (m, k_in) in shapes.items()}
     return RankPlan(layers, first.total_params, method or f"{first.method} vote",
                     first.decomposition, first.selection,

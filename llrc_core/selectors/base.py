@@ -157,6 +157,18 @@ def kept_on_budget(scores: dict[str, torch.Tensor], counts: dict[str, int],
     return gates.kept_by_score(scores, counts, selection)
 
 
+def majority_on_budget(count: dict[str, torch.Tensor], voters: int,
+                       tie: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
+                       budget: int, selection: str) -> dict[str, list[int]]:
+    """A vote landed on ``budget``: ``count[name]`` is how many of ``voters`` kept each
+    singular value. Each layer starts from the values a majority kept, then lands by count,
+    ties by ``tie`` (each ``|tie| < 1``, so it never outweighs one vote). The vote of seeds'
+    plans (``vote.py``) and LLRC's vote of its held steps (``hold_vote``)."""
+    scores = {n: c + tie[n] for n, c in count.items()}
+    majority = {n: max(1, int((c > voters / 2).sum())) for n, c in count.items()}
+    return kept_on_budget(scores, majority, shapes, budget, selection)
+
+
 def bisect_monotone(cost: Callable[[float], int], budget: int, lo: float = 0.0,
                     hi: float = 1.0, iters: int = 50) -> float:
     """Largest ``x`` in [lo, hi] with ``cost(x) <= budget`` for a non-decreasing ``cost``."""

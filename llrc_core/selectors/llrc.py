@@ -49,7 +49,7 @@ from .. import distill, gates
 from ..config import option
 from ..counting import break_even
 from ..models import find_blocks
-from .base import SelectionContext, kept_on_budget
+from .base import SelectionContext, kept_on_budget, majority_on_budget
 from .learned import MaskTrainer, TrainConfig, achieved, check_fields, register_learned
 from .objective import Objective, step_generator
 from .uniform import uniform_ranks
@@ -287,12 +287,10 @@ class LLRCTrainer(MaskTrainer):
             counts = {n: len(k) for n, k in self.kept().items()}
             return kept_on_budget(theta, counts, self.ctx.shapes, self.budget,
                                   self.cfg.selection), {}
-        share = {n: c / self.votes for n, c in self.open_steps.items()}
-        # a tie-break under one vote's weight (1 / votes): the order of shares stays
-        scores = {n: share[n] + torch.sigmoid(theta[n]) / (self.votes + 1) for n in share}
-        counts = {n: max(1, int((s > 0.5).sum())) for n, s in share.items()}
-        return kept_on_budget(scores, counts, self.ctx.shapes, self.budget,
-                              self.cfg.selection), {"hold_votes": self.votes}
+        v = self.votes
+        tie = {n: torch.sigmoid(t) * v / (v + 1) for n, t in theta.items()}   # by logit
+        return majority_on_budget(self.open_steps, v, tie, self.ctx.shapes, self.budget,
+                                  self.cfg.selection), {"hold_votes": v}
 
     def state_dict(self) -> dict:
         return {"theta": [t.detach().cpu() for t in self.theta], "phase": self.phase,
