@@ -122,7 +122,8 @@ def variant_config(name: str, args, method: str = "llrc") -> CompareConfig:
         decompositions=(v["decomposition"] if method == "llrc" else "whiten",),
         calib=_piqa_text(args.out) if v["calib"] == str(PIQA) else v["calib"],
         n_calib=v["n_calib"], seq_len=v.get("seq_len", args.seq_len), seeds=args.seeds,
-        max_eval_windows=args.eval_windows, refit=args.refit, vote=args.vote,
+        max_eval_windows=args.eval_windows, eval_sample=args.eval_sample, refit=args.refit,
+        vote=args.vote,
         options={method: options} if method == "llrc" else {})
 
 
@@ -193,14 +194,16 @@ def table(results: dict[str, list[dict]], ratios) -> str:
     return "\n".join(lines)
 
 
-def _session(grid: Path):
+def _session(grid: Path, **override):
     """A ``compare`` session rebuilt from a compare folder's ``config.json`` (relative paths
-    from the repository root, where it ran; ``minilm`` stays a name)."""
+    from the repository root, where it ran; ``minilm`` stays a name), with ``override``
+    fields changed (``bench/eval_sampling.py``: the whole evaluation text)."""
     from llrc_core.compare import Session
     raw = json.loads((grid / "config.json").read_text())
     at = lambda f: f if not f or "/" not in f else str(ROOT / f)   # noqa: E731
     cfg = CompareConfig.from_dict({**raw, **{k: at(raw[k]) for k in ("model", "calib",
-                                                                      "eval_text")}})
+                                                                      "eval_text")},
+                                   **override})
     return Session(cfg, log=lambda msg: print(msg, file=sys.stderr))
 
 
@@ -267,6 +270,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="LLRC steps (default: its own)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--eval-sample", default="first", choices=("first", "spread"),
+                    help="first: the test text's first --eval-windows windows (one article; "
+                    "the tables above); spread: that many evenly over the whole test set")
     ap.add_argument("--refit", action="store_true", help="refit every plan's output factors "
                     "to the compressed model's inputs (llrc_core/refit.py): on a copy of a "
                     "finished --out, the cached plans are evaluated again, not re-selected")

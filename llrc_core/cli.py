@@ -149,7 +149,7 @@ def cmd_compress(args) -> dict | None:
         from .models import context_length   # windows longer than the context crash
         ev = eval_windows(loaded.tokenizer, args.eval_text,
                           min(args.eval_seq_len, context_length(loaded.model)),
-                          args.max_eval_windows)
+                          args.max_eval_windows, args.eval_sample)
     resuming = bool(args.checkpoint) and Path(args.checkpoint).exists()
     log = JsonlLog(args.log, append=resuming) if args.log and main else None
     with _EventBar(args.method) as bar:
@@ -165,7 +165,7 @@ def cmd_compress(args) -> dict | None:
               "selection": args.selection, "target_ratio": args.ratio,
               "ratio_scope": args.ratio_scope, **res.plan.summary(),
               **({"ppl_before": res.ppl_before, "ppl_after": res.ppl_after,
-                  **eval_info(ev, args.eval_text)} if ev is not None else {}),
+                  **eval_info(ev, args.eval_text, args.eval_sample)} if ev is not None else {}),
               "stopped": res.stopped, "select_seconds": res.select_seconds,
               **res.refit, **({"vote_seeds": list(vote_seeds)} if vote_seeds else {}),
               "seconds": time.time() - t0, "placement": memory.placement.to_dict(),
@@ -264,9 +264,10 @@ def cmd_eval(args) -> dict:
         loaded = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
         model, tok = loaded.model, loaded.tokenizer
     from .models import context_length      # windows longer than the context crash
-    ev = eval_windows(tok, args.text, min(args.seq_len, context_length(model)), args.max_windows)
+    ev = eval_windows(tok, args.text, min(args.seq_len, context_length(model)), args.max_windows,
+                      args.sample)
     return {**perplexity(model, ev, args.batch_size, progress=_bar("eval")),
-            **eval_info(ev, args.text)}
+            **eval_info(ev, args.text, args.sample)}
 
 
 def cmd_plan_memory(args) -> dict | None:
@@ -297,6 +298,7 @@ def cmd_compare(args) -> dict:
         selections=args.selection, decompositions=args.decomposition, scope=args.ratio_scope,
         calib=args.calib, n_calib=args.n_calib, seq_len=args.seq_len, eval_text=args.eval_text,
         eval_seq_len=args.eval_seq_len, max_eval_windows=args.max_eval_windows,
+        eval_sample=args.eval_sample,
         tasks=args.tasks or (), task_limit=args.limit, options=options,
         allow_compressed=args.allow_compressed, seeds=args.seeds,
         batch_size=args.batch_size, device=args.device, refit=args.refit,

@@ -6,6 +6,9 @@ import argparse
 
 from .decompose import DECOMPOSITIONS
 
+SAMPLE_HELP = ("which windows a capped evaluation takes: first (the text's first ones) or "
+               "spread (evenly over the whole text: a truer sample for the same cost)")
+
 
 def _common(p: argparse.ArgumentParser, calib_required: bool = False,
             decomposition: str = "svd") -> None:
@@ -65,7 +68,7 @@ def _placement_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .counting import SCOPES
-    from .evaluate import EVAL_SEQ_LEN, EVAL_WINDOWS
+    from .evaluate import EVAL_SAMPLES, EVAL_SEQ_LEN, EVAL_WINDOWS
     from .selectors import SELECTORS, any_k_methods
     from .selectors.base import SELECTIONS
     ap = argparse.ArgumentParser(prog="llrc", description="Low-rank compression of language "
@@ -100,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seq-len", type=int, default=EVAL_SEQ_LEN,
                    help="tokens per evaluation window")
     p.add_argument("--max-eval-windows", type=int, default=EVAL_WINDOWS,
-                   help="evaluation windows (the first ones of the text)")
+                   help="evaluation windows (see --eval-sample)")
+    p.add_argument("--eval-sample", default="first", choices=list(EVAL_SAMPLES),
+                   help=SAMPLE_HELP)
     p.add_argument("--shard-factors", action="store_true",
                    help="under torchrun --nproc_per_node N: split the factors over the N "
                    "processes (FSDP2) while masks train, instead of offloading them")
@@ -120,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", required=True)
     p.add_argument("--seq-len", type=int, default=EVAL_SEQ_LEN, help="tokens per window")
     p.add_argument("--max-windows", type=int, default=EVAL_WINDOWS,
-                   help="windows evaluated (the first ones of the text)")
+                   help="windows evaluated (see --sample)")
+    p.add_argument("--sample", default="first", choices=list(EVAL_SAMPLES), help=SAMPLE_HELP)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
@@ -166,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-text", default=d.eval_text)
     p.add_argument("--eval-seq-len", type=int, default=d.eval_seq_len)
     p.add_argument("--max-eval-windows", type=int, default=d.max_eval_windows)
+    p.add_argument("--eval-sample", default=d.eval_sample, choices=list(EVAL_SAMPLES),
+                   help=SAMPLE_HELP)
     p.add_argument("--tasks", help="comma list of zero-shot tasks (causal LMs)")
     p.add_argument("--limit", type=int, default=None, help="docs per task")
     p.add_argument("--opt", action="append", metavar="[METHOD.]KEY=VALUE",

@@ -39,7 +39,7 @@ from .config import ConfigMixin, option
 from .counting import check_ratio, check_scope
 from .decompose import DECOMPOSITIONS
 from .errors import Stopped
-from .evaluate import EVAL_SEQ_LEN, EVAL_WINDOWS
+from .evaluate import EVAL_SAMPLES, EVAL_SEQ_LEN, EVAL_WINDOWS
 from .files import atomic_json
 from .selectors.base import SELECTIONS
 from .zeroshot import DEFAULT_DATA_DIR
@@ -63,6 +63,8 @@ class CompareConfig(ConfigMixin):
     eval_text: str = option(str(WIKI / "test.txt"), "perplexity / fidelity text")
     eval_seq_len: int = option(EVAL_SEQ_LEN, "tokens per evaluation window")
     max_eval_windows: int | None = option(EVAL_WINDOWS, "evaluation windows (None: whole text)")
+    eval_sample: str = option("first", "which evaluation windows when capped: 'first' (the "
+                              "text's first ones) or 'spread' (evenly over the whole text)")
     fidelity_lines: int = option(256, "WikiText lines embedded for encoder fidelity")
     tasks: tuple = option((), "zero-shot tasks (zeroshot.TASKS); causal LMs only")
     task_limit: int | None = option(None, "docs per task (quick runs)")
@@ -101,6 +103,9 @@ class CompareConfig(ConfigMixin):
                              f"got {sorted(bad)}")
         if not self.ratios:
             raise ValueError("give at least one ratio, e.g. ratios=[0.8]")
+        if self.eval_sample not in EVAL_SAMPLES:
+            raise ValueError(f"eval_sample must be one of {EVAL_SAMPLES}, got "
+                             f"{self.eval_sample!r}")
         if min(self.n_calib or 1, self.seq_len, self.eval_seq_len, self.batch_size) < 1:
             raise ValueError("n_calib, seq_len, eval_seq_len and batch_size must be >= 1")
 
@@ -162,16 +167,18 @@ def cell_id(cell: dict) -> str:
             f"{cell['target_ratio']:g}{seed}")
 
 
-EVAL_FIELDS = ("eval_text", "eval_seq_len", "max_eval_windows", "fidelity_lines", "tasks",
-               "task_limit", "refit")
+EVAL_FIELDS = ("eval_text", "eval_seq_len", "max_eval_windows", "eval_sample",
+               "fidelity_lines", "tasks", "task_limit", "refit")
+#: Fields added after grids were cached: fingerprinted only away from these values, so the
+#: cells of a grid cached before a field existed stay valid.
+LATER_FIELDS = {"refit": False, "eval_sample": "first"}
 
 
 def _fingerprint(cfg: CompareConfig, method: str, skip: tuple = ()) -> str:
-    # ``refit`` only when on: the cells of a grid cached before it existed stay valid.
     common = {k: v for k, v in cfg.to_dict().items()
               if k not in ("methods", "ratios", "selections", "decompositions", "options",
                            "device", "batch_size", "allow_compressed", "seeds", "vote") + skip
-              and not (k == "refit" and not v)}
+              and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
     return _hash({"common": common, "options": method_options(method, cfg)
                    if method != "dense" else {}})
 
@@ -220,7 +227,8 @@ class Session:
         from .evaluate import eval_windows
         cfg, model, tok = self.cfg, self.loaded.model, self.loaded.tokenizer
         if self.loaded.causal:
-            return eval_windows(tok, cfg.eval_text, cfg.eval_seq_len, cfg.max_eval_windows)
+            return eval_windows(tok, cfg.eval_text, cfg.eval_seq_len, cfg.max_eval_windows,
+                                cfg.eval_sample)
         lines = fidelity.wiki_lines(cfg.eval_text, cfg.fidelity_lines)
         return lines, fidelity.embed(model, tok, lines)
 
@@ -245,7 +253,7 @@ class Session:
         else:
             from .evaluate import eval_info, perplexity
             out = {"ppl": perplexity(model, self._eval, cfg.batch_size)["ppl"],
-                   **eval_info(self._eval, cfg.eval_text)}
+                   **eval_info(self._eval, cfg.eval_text, cfg.eval_sample)}
             if cfg.tasks:
                 from .zeroshot import evaluate_tasks
                 res = evaluate_tasks(model, tok, cfg.tasks, limit=cfg.task_limit,

@@ -18,29 +18,49 @@ from .losses import next_token_loss, ppl_of
 
 EVAL_SEQ_LEN = 256      # tokens per evaluation window
 EVAL_WINDOWS = 16       # windows evaluated (the first ones of the text)
+#: Which windows a capped evaluation takes: the first ones of the text, or that many spread
+#: evenly over all of it (the first and the last among them). Measured on the demo model
+#: (bench/README.md, "How far 16 windows carry"): the first 16 windows of WikiText-2 test
+#: (its first article) gave each of six LLRC plans 0.16-0.24 more of SVD-LLM's gap to dense
+#: than the whole test set did; over every sample of the text, the share measured on 16
+#: spread windows varied about half as much as on 16 consecutive ones (sd 0.08-0.10
+#: against 0.14-0.18), and so on 128 (0.02-0.04 against 0.04-0.09).
+EVAL_SAMPLES = ("first", "spread")
 
 
-def eval_info(windows: torch.Tensor, text: str | Path | None = None) -> dict:
-    """What a perplexity was measured on: window length and count, tokens, the text."""
+def eval_info(windows: torch.Tensor, text: str | Path | None = None,
+              sample: str | None = None) -> dict:
+    """What a perplexity was measured on: window length and count, tokens, the text, and
+    (where the caller knows it) which windows of the text (``EVAL_SAMPLES``)."""
     return {"eval_text": None if text is None else str(text),
             "eval_seq_len": int(windows.shape[1]), "eval_windows": int(windows.shape[0]),
-            "eval_tokens": int(windows.numel())}
+            "eval_tokens": int(windows.numel()),
+            **({"eval_sample": sample} if sample is not None else {})}
 
 
 def eval_windows(tokenizer, text_path: str | Path, seq_len: int,
-                 max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows (k, seq_len) of the text's tokens (the tail is dropped)."""
+                 max_windows: int | None = None, sample: str = "first") -> torch.Tensor:
+    """Non-overlapping windows (k, seq_len) of the text's tokens (the tail is dropped):
+    the first ``max_windows`` of them, or (``sample="spread"``) that many at evenly spaced
+    positions over the whole text. ``None`` takes them all."""
+    if sample not in EVAL_SAMPLES:
+        raise ValueError(f"evaluation sample must be one of {EVAL_SAMPLES}, got {sample!r}")
     path = Path(text_path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"evaluation text not found: {str(path)!r}")
     ids = tokenize(tokenizer, read_local_text(path))
-    k = ids.numel() // seq_len
-    if max_windows is not None:
-        k = min(k, max_windows)
-    if k == 0:
+    total = ids.numel() // seq_len
+    if total == 0:
         raise ValueError(f"{str(path)!r} has {ids.numel()} tokens, fewer than one window of "
                          f"{seq_len}; use a longer text or a smaller --seq-len")
-    return ids[:k * seq_len].view(k, seq_len)
+    windows = ids[:total * seq_len].view(total, seq_len)
+    k = total if max_windows is None else min(total, max_windows)
+    if k < 1:
+        raise ValueError(f"evaluate at least one window, got max_windows={max_windows}")
+    if sample == "first" or k == total:
+        return windows[:k]
+    # distinct indices: consecutive linspace points are >= 1 apart when k <= total
+    return windows[torch.linspace(0, total - 1, k).round().long()]
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress=lambda it: it

@@ -12,7 +12,7 @@ from .files import atomic_json, atomic_write
 COLUMNS = ["method", "decomposition", "selection", "scope", "target_ratio", "seed", "vote",
            "achieved_ratio_linear", "achieved_ratio_model", "ppl", "fidelity", "seconds",
            "decompose_seconds", "eval_seconds", "refit", "refit_seconds", "dense_layers",
-           "ranks", "error", "eval_seq_len", "eval_windows"]
+           "ranks", "error", "eval_seq_len", "eval_windows", "eval_sample"]
 
 
 def tidy(rows: list[dict]):
@@ -22,6 +22,8 @@ def tidy(rows: list[dict]):
     for c in COLUMNS:
         if c not in df.columns:
             df[c] = None
+    # rows cached before ``eval_sample`` existed were evaluated on the text's first windows
+    df.loc[df["eval_windows"].notna() & df["eval_sample"].isna(), "eval_sample"] = "first"
     return df[COLUMNS[:10] + extra + COLUMNS[10:]]
 
 

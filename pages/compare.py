@@ -28,7 +28,7 @@ def label(row) -> str:
 
 
 def make_config(methods, ratios, both, scope, decomp, steps, seeds, n_eval, tasks, limit,
-                refit=False, vote=False):
+                refit=False, vote=False, spread=False):
     """The ``CompareConfig`` of this session's model and calibration."""
     loaded, calib, windows = common.current(), st.session_state["calib"], common.windows()
     return compare.CompareConfig(
@@ -37,6 +37,7 @@ def make_config(methods, ratios, both, scope, decomp, steps, seeds, n_eval, task
         decompositions=(DECOMPS[decomp],), scope=scope, calib=calib["key"],
         n_calib=int(windows.shape[0]), seq_len=int(windows.shape[1]),
         eval_text=str(common.WIKI_TEST), eval_seq_len=EVAL_SEQ_LEN, max_eval_windows=int(n_eval),
+        eval_sample="spread" if spread else "first",
         tasks=tuple(tasks), task_limit=int(limit) if tasks else None,
         options={"*": {"steps": int(steps)}}, seeds=tuple(range(int(seeds))), refit=refit,
         vote=vote)
@@ -99,6 +100,10 @@ with common.error_box():
                                 "worse for top-k on MiniLM (bench/README.md)")
         n_eval = c3.number_input(f"Perplexity windows ({EVAL_SEQ_LEN} tokens)", 1, 256,
                                  EVAL_WINDOWS, key="cmp_eval")
+        spread = c3.checkbox("Spread them over the test set", key="cmp_spread",
+                             help="evenly spaced windows over the whole text instead of its "
+                                  "first ones (one article): measured, the first 16 favoured "
+                                  "LLRC over SVD-LLM; spread ones are a truer sample")
         tasks = c3.multiselect("Zero-shot tasks (lm-eval, local files)", list(TASKS),
                                key="cmp_tasks")
         limit = c3.number_input("Questions per task", 1, 10000, 50, key="cmp_limit",
@@ -113,7 +118,7 @@ with common.error_box():
         if not methods or not ratios:
             raise ValueError("pick at least one method and one ratio")
         start_grid(make_config(methods, ratios, both, scope, decomp, steps, seeds, n_eval,
-                               tasks, limit, refit, vote))
+                               tasks, limit, refit, vote, spread))
 
 
 def grid_panel():

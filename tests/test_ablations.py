@@ -1,5 +1,6 @@
 """The ablation bench's own arithmetic (``bench/ablations.py``), on rows made by hand: the
-seed overlap of kept indices and the mean +- sd table. The bench itself runs in
+seed overlap of kept indices and the mean +- sd table, and ``bench/eval_sampling.py``'s gap
+closed per sample of windows. The benches themselves run in
 ``--smoke`` mode by hand (minutes), not in CI."""
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ def test_a_variant_may_set_its_own_window_length_and_gets_its_own_reference():
     """``seq_len`` in a variant overrides ``--seq-len`` for LLRC and for the SVD-LLM reference
     row of its calibration; a variant without it follows the flag."""
     args = ablations.argparse.Namespace(ratios=(0.6,), seeds=(0,), steps=None, seq_len=128,
-                                        eval_windows=16, out="unused", refit=False,
-                                        vote=False)
+                                        eval_windows=16, eval_sample="first",
+                                        out="unused", refit=False, vote=False)
     assert ablations.variant_config("whiten-seq256", args).seq_len == 256
     assert not ablations.variant_config("whiten", args).vote
     args_vote = ablations.argparse.Namespace(**{**vars(args), "vote": True})
@@ -66,3 +67,27 @@ def test_a_variant_may_set_its_own_window_length_and_gets_its_own_reference():
     args.refit = True                                 # --refit: every row refits, the reference too
     assert ablations.variant_config("whiten", args).refit
     assert ablations.variant_config("whiten", args, "svdllm").refit
+
+
+def test_eval_sampling_gap_closed_on_each_sample_of_k_windows():
+    """``bench/eval_sampling.py``'s arithmetic on per-token scores made by hand, 8 windows:
+    dense at ppl 1, the reference at ppl 3, a plan at ppl 2 on the first 4 windows and as bad
+    as the reference on the last 4."""
+    import math
+
+    import torch
+
+    import eval_sampling
+    nll = {"dense": torch.zeros(8, 5), "ref": torch.full((8, 5), math.log(3)),
+           "a": torch.cat([torch.full((4, 5), math.log(2)), torch.full((4, 5), math.log(3))])}
+    assert eval_sampling.gap_closed(nll, "a", "ref", torch.arange(4)) == pytest.approx(0.5)
+    assert eval_sampling.gap_closed(nll, "a", "ref", torch.arange(4, 8)) == pytest.approx(0)
+    mixed = (3 - math.sqrt(6)) / 2                   # half the tokens at ppl 2, half at 3
+    (r,) = eval_sampling.sampling_table(nll, "ref", [4])
+    assert (r["plan"], r["k"]) == ("a", 4)
+    assert r["first"] == pytest.approx(0.5) and r["whole"] == pytest.approx(mixed)
+    # two blocks of 4 consecutive windows: 0.5 and 0
+    assert (r["blocks_mean"], r["blocks_sd"]) == pytest.approx((0.25, math.sqrt(0.125)))
+    # spread samples (0, 2, 4, 6) and (1, 3, 5, 7) each hold two of each kind
+    assert (r["spread_mean"], r["spread_sd"]) == pytest.approx((mixed, 0), abs=1e-6)
+    assert [len(i) for i in eval_sampling.samples(1169, 16)["spread"]] == [16] * 73

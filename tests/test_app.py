@@ -280,6 +280,18 @@ def test_compare_page_grid_cache_and_accuracy(at):
     cells = [e for e in job.events_since(0, "cell") if e["row"]["method"] != "dense"]
     assert len(cells) == 6 and not any(e["cached"] or e["reselected"] for e in cells)
     assert all(e["row"]["refit"] and e["row"]["refit_seconds"] > 0 for e in cells)
+    # Windows spread over the test set: the stored plans evaluated again on other windows.
+    at.checkbox(key="cmp_refit").uncheck()
+    at.checkbox(key="cmp_spread").check()
+    at.button(key="FormSubmitter:compare_form-Run comparison").click().run()
+    job = wait_job(at, "compare_job")
+    assert job.status == "done", job.error
+    events = job.events_since(0, "cell")
+    assert len(events) == 7 and all(e["row"]["eval_sample"] == "spread" for e in events)
+    assert not any(e["cached"] or e["reselected"] for e in events
+                   if e["row"]["method"] != "dense")
+    spread_dense = next(e["row"]["ppl"] for e in events if e["row"]["method"] == "dense")
+    assert spread_dense != pytest.approx(dense_ppl, rel=1e-3)   # the first and last windows
 
 
 def test_compare_page_seeds_their_spread_and_their_vote(at):

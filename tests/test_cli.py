@@ -204,6 +204,13 @@ def test_compress_end_to_end_on_the_demo_model(tmp_path, shared_data, capsys):
     ev = json.loads(capsys.readouterr().out)
     assert (ev["eval_seq_len"], ev["eval_windows"], ev["eval_tokens"]) == (256, 4, 1024)
     assert ev["ppl"] == pytest.approx(report["ppl_after"], rel=1e-4)
+    assert report["eval_sample"] == ev["eval_sample"] == "first"
+    # the same 4 windows spread over the whole text: other windows, and the report says so
+    assert main(["eval", "--model", str(out), "--text", str(WIKI_TEST), "--max-windows",
+                 "4", "--sample", "spread"]) == 0
+    spread = json.loads(capsys.readouterr().out)
+    assert (spread["eval_windows"], spread["eval_sample"]) == (4, "spread")
+    assert spread["ppl"] != pytest.approx(ev["ppl"], rel=1e-3)
 
 
 def test_windows_longer_than_the_context_are_clamped(calib_txt, tmp_path, capsys):

@@ -126,6 +126,21 @@ def test_demo_grid_resumes_and_writes_tidy_results(tmp_path, monkeypatch):
     assert fit["ppl"][~low].tolist() == one["ppl"][~low].tolist()       # dense: unchanged
     assert all(a != b for a, b in zip(fit["ppl"][low], one["ppl"][low]))
 
+    # Windows spread over the text instead of its first ones: a new evaluation of the stored
+    # plans as well; a grid on the first windows keeps its cache (the field is left out of
+    # its fingerprint, as before the field existed).
+    spread_cfg = CompareConfig.from_dict({**cfg.to_dict(), "methods": ["uniform", "svdllm"],
+                                          "eval_sample": "spread"})
+    assert compare.select_fingerprint(spread_cfg, "svdllm") == \
+        compare.select_fingerprint(cfg, "svdllm")
+    assert compare.fingerprint(spread_cfg, "svdllm") != compare.fingerprint(cfg, "svdllm")
+    spread = run_compare(spread_cfg, tmp_path, log=lambda _: None)
+    assert spread["error"].isna().all() and set(spread["eval_sample"]) == {"spread"}
+    assert spread["seconds"].tolist() == again["seconds"].tolist()
+    assert all(a != b for a, b in zip(spread["ppl"], again["ppl"]))
+    with pytest.raises(ValueError, match="eval_sample"):
+        CompareConfig(eval_sample="last")
+
 
 def test_grid_events_stop_and_resume(tmp_path, monkeypatch):
     """The app's use: a session made on demand, progress events, a stop inside a cell (not

@@ -327,6 +327,28 @@ def demo_runs(shared_data):
         torch.set_num_threads(threads)
 
 
+def test_eval_windows_first_or_spread_evenly_over_the_text():
+    """A capped evaluation takes the text's first windows, or as many spread evenly over all
+    of it: the first and the last window among them, distinct, evenly spaced."""
+    tok = tiny_tokenizer()
+    full = eval_windows(tok, WIKI_TEST, 64)
+    total = len(full)
+    assert total > 500
+    assert torch.equal(eval_windows(tok, WIKI_TEST, 64, 8), full[:8])
+    spread = eval_windows(tok, WIKI_TEST, 64, 8, "spread")
+    where = {tuple(row.tolist()): i for i, row in enumerate(full)}
+    index = [where[tuple(row.tolist())] for row in spread]
+    assert index[0] == 0 and index[-1] == total - 1
+    gaps = torch.tensor(index).diff()
+    step = (total - 1) / 7
+    assert gaps.min() >= math.floor(step) and gaps.max() <= math.ceil(step)
+    assert torch.equal(eval_windows(tok, WIKI_TEST, 64, total + 5, "spread"), full)
+    with pytest.raises(ValueError, match="first"):
+        eval_windows(tok, WIKI_TEST, 64, 8, "random")
+    with pytest.raises(ValueError, match="at least one window"):
+        eval_windows(tok, WIKI_TEST, 64, 0)
+
+
 def _demo_runs() -> dict:
     loaded = load_model(DEMO, device="cpu", dtype="float32")
     model = loaded.model
