@@ -7,7 +7,8 @@ import argparse
 from .decompose import DECOMPOSITIONS
 
 SAMPLE_HELP = ("which windows a capped evaluation takes: first (the text's first ones) or "
-               "spread (evenly over the whole text: a truer sample for the same cost)")
+               "spread (evenly over the whole text; on the demo model half the sampling "
+               "noise of as many consecutive windows, bench/README.md)")
 
 
 def _common(p: argparse.ArgumentParser, calib_required: bool = False,
