@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llrc_core.compare import CompareConfig, run_compare, vote_key   # noqa: E402
+from llrc_core.evaluate import EVAL_SAMPLES                     # noqa: E402
 from llrc_core.report import summary, tidy                  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -270,7 +271,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="LLRC steps (default: its own)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=16)
-    ap.add_argument("--eval-sample", default="first", choices=("first", "spread"),
+    ap.add_argument("--eval-sample", default="first", choices=EVAL_SAMPLES,
                     help="first: the test text's first --eval-windows windows (one article; "
                     "the tables above); spread: that many evenly over the whole test set")
     ap.add_argument("--refit", action="store_true", help="refit every plan's output factors "

@@ -72,6 +72,7 @@ def score(s, plan_path: Path | None) -> torch.Tensor:
     """Next-token NLL of every token of the session's evaluation windows  # (windows, T - 1)"""
     from llrc_core.apply import restore_
     from llrc_core.blocks import inference_mode
+    from llrc_core.losses import next_token_loss
     from llrc_core.pipeline import compress_
     from llrc_core.plan import RankPlan
     model = s.loaded.model
@@ -82,9 +83,8 @@ def score(s, plan_path: Path | None) -> torch.Tensor:
         out = []
         with inference_mode(model):
             for ids in s._eval.split(s.cfg.batch_size):
-                logits = model(input_ids=ids).logits[:, :-1].float()
-                out.append(torch.nn.functional.cross_entropy(
-                    logits.transpose(1, 2), ids[:, 1:], reduction="none"))
+                nll = next_token_loss(model(input_ids=ids).logits, ids, "none")
+                out.append(nll.view(len(ids), -1))
         return torch.cat(out)
     finally:
         restore_(model)
@@ -102,8 +102,11 @@ def main(argv=None) -> int:
     nll = {}
     for name, path in [("dense", None), *((p.stem, p) for p in [args.ref, *args.cells])]:
         f = args.out / f"{name}.pt"
-        nll[name] = torch.load(f) if f.exists() else score(s, path)
-        torch.save(nll[name], f)
+        if f.exists():
+            nll[name] = torch.load(f, weights_only=True)
+        else:
+            nll[name] = score(s, path)
+            torch.save(nll[name], f)
         print(f"{name}: ppl {float(nll[name].mean().exp()):.3f} over "
               f"{nll[name].shape[0]} windows", file=sys.stderr)
     rows = sampling_table(nll, args.ref.stem, [int(k) for k in args.k.split(",")])
