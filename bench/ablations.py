@@ -124,7 +124,7 @@ def variant_config(name: str, args, method: str = "llrc") -> CompareConfig:
         calib=_piqa_text(args.out) if v["calib"] == str(PIQA) else v["calib"],
         n_calib=v["n_calib"], seq_len=v.get("seq_len", args.seq_len), seeds=args.seeds,
         max_eval_windows=args.eval_windows, eval_sample=args.eval_sample, refit=args.refit,
-        vote=args.vote,
+        vote=args.vote, polish=args.polish,
         options={method: options} if method == "llrc" else {})
 
 
@@ -277,6 +277,9 @@ def main(argv=None) -> int:
     ap.add_argument("--refit", action="store_true", help="refit every plan's output factors "
                     "to the compressed model's inputs (llrc_core/refit.py): on a copy of a "
                     "finished --out, the cached plans are evaluated again, not re-selected")
+    ap.add_argument("--polish", type=int, default=0, metavar="ROUNDS", help="polish every "
+                    "plan, the reference's too (llrc_core/polish.py): a new selection, cached "
+                    "apart from the unpolished one")
     ap.add_argument("--vote", action="store_true", help="also each LLRC variant's vote of "
                     "its seeds' plans (llrc_core/vote.py), a row of its own")
     ap.add_argument("--smoke", action="store_true", help="2 variants, 1 ratio, 2 seeds, 4 steps")

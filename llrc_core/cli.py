@@ -55,6 +55,29 @@ def _decompose(args, loaded, placement=None):
     return dec, windows
 
 
+def _polish_config(args):
+    """``compress --polish``: its config (checked before anything loads), or None."""
+    from .polish import PolishConfig
+    if args.polish == 0:
+        return None
+    try:
+        return PolishConfig(rounds=args.polish, windows=args.polish_windows,
+                            seq_len=args.polish_seq_len)
+    except ValueError as exc:
+        raise LLRCError(f"{exc}; e.g. --polish 12, or 0 for none") from exc
+
+
+def _polish_windows(args, cfg, loaded):
+    """The polish's windows of the calibration text (None without --polish)."""
+    from .polish import polish_windows
+    if cfg is None:
+        return None
+    if not loaded.causal:
+        raise LLRCError("--polish lowers a next-token loss and this model is an encoder: "
+                        "drop --polish")
+    return polish_windows(loaded, args.calib, cfg, args.seed)
+
+
 def cmd_spectra(args) -> dict:
     import pandas as pd
     from .pipeline import spectra_rows
@@ -96,6 +119,9 @@ class _EventBar:
             self.bar.close()
 
     def __call__(self, event: dict) -> None:
+        if event.get("type") == "polish":
+            tqdm.write(f"polish round {event['round']}: {event['moves']} of {event['tried']} "
+                       f"moves kept, loss {event['loss']:.4f}", file=sys.stderr)
         if event.get("type") != "step":
             return
         if self.bar is None:   # a total (steps at most) gives the bar its time left
@@ -129,6 +155,7 @@ def cmd_compress(args) -> dict | None:
         raise LLRCError(f"--shard-factors splits the factors that masks train on; {args.method} "
                         "trains none: use a learned method (llrc, ars, ara) or drop it")
     vote_seeds = _vote_seeds(args)
+    polish = _polish_config(args)
     if args.shard_factors and distributed.world_size() < 2:
         raise LLRCError("--shard-factors splits the factors over processes: launch with "
                         "torchrun --nproc_per_node N (N > 1), or drop --shard-factors")
@@ -143,6 +170,7 @@ def cmd_compress(args) -> dict | None:
         refit=args.refit)
     t0 = time.time()
     loaded = _load(args, memory)
+    polish_ids = _polish_windows(args, polish, loaded)
     dec, windows = _decompose(args, loaded, memory.placement)
     ev = None
     if args.eval_text and main:
@@ -156,8 +184,8 @@ def cmd_compress(args) -> dict | None:
         res = compress(loaded.model, dec, args.method, windows, eval_ids=ev,
                        emit=fan_out(bar, log) if main else (lambda e: None),
                        eval_batch_size=args.batch_size, release_factors=True,
-                       refit=args.refit, vote_seeds=vote_seeds,
-                       checkpoint=args.checkpoint, **opts)
+                       refit=args.refit, vote_seeds=vote_seeds, polish=polish,
+                       polish_windows=polish_ids, checkpoint=args.checkpoint, **opts)
     if not main:                      # the same plan as rank 0's; rank 0 writes it
         distributed.barrier()
         return None
@@ -167,7 +195,8 @@ def cmd_compress(args) -> dict | None:
               **({"ppl_before": res.ppl_before, "ppl_after": res.ppl_after,
                   **eval_info(ev, args.eval_text, args.eval_sample)} if ev is not None else {}),
               "stopped": res.stopped, "select_seconds": res.select_seconds,
-              **res.refit, **({"vote_seeds": list(vote_seeds)} if vote_seeds else {}),
+              **res.refit, **res.polish,
+              **({"vote_seeds": list(vote_seeds)} if vote_seeds else {}),
               "seconds": time.time() - t0, "placement": memory.placement.to_dict(),
               "warnings": [*early, *res.warnings]}
     disable_(loaded.model)                      # sequentially onloaded: all in CPU memory
@@ -302,7 +331,7 @@ def cmd_compare(args) -> dict:
         tasks=args.tasks or (), task_limit=args.limit, options=options,
         allow_compressed=args.allow_compressed, seeds=args.seeds,
         batch_size=args.batch_size, device=args.device, refit=args.refit,
-        vote=args.vote)
+        vote=args.vote, polish=args.polish)
     bar, cell = tqdm(desc="compare", unit="cell", leave=False), [""]
 
     def progress(e: dict) -> None:   # cells done, the running cell and its training step

@@ -67,6 +67,20 @@ def _placement_args(p: argparse.ArgumentParser) -> None:
                    "(the model's on a GPU, float32 on a CPU), float32, bfloat16, float16")
 
 
+def _polish_args(p: argparse.ArgumentParser) -> None:
+    from .polish import PolishConfig
+    d = PolishConfig()
+    p.add_argument("--polish", type=int, default=0, metavar="ROUNDS",
+                   help="after selection, move singular values between layers for up to "
+                   "ROUNDS rounds while that lowers the next-token loss on windows of the "
+                   f"calibration text (llrc_core/polish.py; causal LMs; {d.rounds} is the "
+                   "measured setting; 0: off)")
+    p.add_argument("--polish-windows", type=int, default=d.windows,
+                   help="calibration windows the polish measures its loss on")
+    p.add_argument("--polish-seq-len", type=int, default=d.seq_len,
+                   help="tokens per polish window")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .counting import SCOPES
     from .evaluate import EVAL_SAMPLES, EVAL_SEQ_LEN, EVAL_WINDOWS
@@ -94,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refit", action="store_true", help="refit each low-rank layer's output "
                    "factor to the compressed model's own inputs on the calibration windows "
                    "(closed form; same ranks and size)")
+    _polish_args(p)
     p.add_argument("--vote-seeds", metavar="S1,S2,...", help="learned methods: run once per "
                    "seed and keep the vote of their plans (the values most keep, on the same "
                    "budget; llrc_core/vote.py): N times the selection time")
@@ -186,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "gives mean and sd per cell")
     p.add_argument("--vote", action="store_true", help="with 2+ seeds: also evaluate the vote "
                    "of each learned cell's seed plans (the values most keep, same budget)")
+    p.add_argument("--polish", type=int, default=d.polish, metavar="ROUNDS",
+                   help="polish every selected plan for up to ROUNDS rounds (compress --polish)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--device", default=None)
     p.add_argument("--allow-compressed", action="store_true",

@@ -81,6 +81,8 @@ class CompareConfig(ConfigMixin):
                          "stored plans, not a new selection")
     vote: bool = option(False, "also evaluate, per learned cell with 2+ seeds, the vote of its "
                         "seeds' plans (vote.py): no new selection")
+    polish: int = option(0, "rounds of polish.py on every selected plan (causal LMs; 0: off; "
+                         "windows and moves at PolishConfig's defaults): a new selection")
 
     def __post_init__(self):
         for name in ("methods", "ratios", "selections", "decompositions", "tasks", "seeds"):
@@ -108,6 +110,8 @@ class CompareConfig(ConfigMixin):
                              f"{self.eval_sample!r}")
         if min(self.n_calib or 1, self.seq_len, self.eval_seq_len, self.batch_size) < 1:
             raise ValueError("n_calib, seq_len, eval_seq_len and batch_size must be >= 1")
+        if self.polish < 0:
+            raise ValueError(f"polish is a number of rounds (0: off), got {self.polish}")
 
 
 
@@ -171,7 +175,7 @@ EVAL_FIELDS = ("eval_text", "eval_seq_len", "max_eval_windows", "eval_sample",
                "fidelity_lines", "tasks", "task_limit", "refit")
 #: Fields added after grids were cached: fingerprinted only away from these values, so the
 #: cells of a grid cached before a field existed stay valid.
-LATER_FIELDS = {"refit": False, "eval_sample": "first"}
+LATER_FIELDS = {"refit": False, "eval_sample": "first", "polish": 0}
 
 
 def _fingerprint(cfg: CompareConfig, method: str, skip: tuple = ()) -> str:
@@ -217,7 +221,22 @@ class Session:
             self.loaded, cfg.calib, n_calib, cfg.seq_len, cfg.seed)
         self.decs: dict = dict(decs or {})
         self.out: Path | None = None
+        if cfg.polish and not self.loaded.causal:
+            raise ValueError("polish lowers a next-token loss and this model is an encoder: "
+                             "set polish to 0")
+        self._polish = None
         self._eval = self._eval_data()      # now, while the model is still dense
+
+    def polish(self):
+        """``(PolishConfig, its windows)`` when the grid polishes (made on first need), or
+        ``(None, None)``."""
+        from .polish import PolishConfig, polish_windows
+        if not self.cfg.polish:
+            return None, None
+        if self._polish is None:
+            pc = PolishConfig(rounds=self.cfg.polish)
+            self._polish = pc, polish_windows(self.loaded, self.cfg.calib, pc, self.cfg.seed)
+        return self._polish
 
     def _eval_data(self):
         """Perplexity windows (causal LM), or the lines and their reference embeddings from
@@ -277,18 +296,21 @@ def run_cell(s: Session, cell: dict, emit: Callable[[dict], None] | None = None,
             "scope": cfg.scope, "selection": cell["selection"]}
     if "seed" in cell:                      # the seed axis wins over a seed in ``options``
         opts["seed"] = cell["seed"]
+    # a reused plan (a cached row's, or a vote of polished plans) is polished already
+    polish, polish_ids = s.polish() if reuse is None else (None, None)
     try:
         res = compress(s.loaded.model, dec, cell["method"], s.windows, evaluate=s.evaluate,
                        before=False, plan=RankPlan.from_dict(reuse["plan"]) if reuse else None,
                        partial=False, emit=emit or (lambda e: None), should_stop=should_stop,
-                       cache_dir=str(Path(s.out) / "cache"), refit=cfg.refit, **opts)
+                       cache_dir=str(Path(s.out) / "cache"), refit=cfg.refit, polish=polish,
+                       polish_windows=polish_ids, **opts)
     finally:
         restore_(s.loaded.model)
     plan, ev = res.plan, res.after
     seconds = reuse["seconds"] if reuse else res.select_seconds
     return {**cell, "scope": cfg.scope, "achieved_ratio_linear": plan.ratio("linear"),
             "achieved_ratio_model": plan.ratio("model"), **ev, "seconds": seconds,
-            **res.refit,
+            **res.refit, **res.polish,
             "decompose_seconds": dec.seconds, "dense_layers": plan.summary()["dense_layers"],
             "ranks": plan.ranks(), "shapes": {n: [lp.m, lp.n] for n, lp in plan.layers.items()},
             "plan": plan.to_dict()}

@@ -24,6 +24,7 @@ from .errors import Stopped
 from .evaluate import eval_info, perplexity
 from .pipeline import Decomposed, compress_, decompose_model, select_plan, select_voted
 from .plan import RankPlan
+from .polish import PolishConfig, polish_plan
 from .refit import refit_
 from .selectors import get_selector
 
@@ -59,6 +60,12 @@ class CompressionResult:
         """``{"refit": bool}`` and, when it ran, ``refit_seconds``: for the callers' reports."""
         return {k: v for k, v in self.report.items() if k.startswith("refit")}
 
+    @property
+    def polish(self) -> dict:
+        """``{"polish": config or None}`` and, when it ran, its loss before and after, moves
+        and seconds (``polish_*``): for the callers' reports."""
+        return {k: v for k, v in self.report.items() if k.startswith("polish")}
+
 
 def decompose_copy(base_model, decomposition: str, windows=None, **kw) -> Decomposed:
     """Decompose the targets of ``base_model`` without touching it: data-aware methods hook a
@@ -72,7 +79,8 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
              plan: RankPlan | None = None, copy: bool = False, partial: bool = True,
              emit: Emit = lambda e: None, should_stop: Callable[[], bool] = lambda: False,
              eval_batch_size: int = EVAL_BATCH_SIZE, release_factors: bool = False,
-             refit: bool = False, vote_seeds: tuple = (), **options) -> CompressionResult:
+             refit: bool = False, vote_seeds: tuple = (), polish: PolishConfig | None = None,
+             polish_windows: torch.Tensor | None = None, **options) -> CompressionResult:
     """Select a plan with ``method`` (or take ``plan``), apply it and evaluate.
 
     ``evaluate(model) -> dict`` measures a model (default with ``eval_ids`` (k, L): its
@@ -85,7 +93,9 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
     ``refit``: once applied, each low-rank layer's output factor is refitted to the inputs the
     compressed model feeds it, on ``windows`` (``refit.py``). ``vote_seeds`` (two or more): a
     learned ``method`` runs once per seed and the vote of their plans is kept
-    (``pipeline.select_voted``)."""
+    (``pipeline.select_voted``). ``polish``: before it is applied, the plan (selected or
+    given) moves singular values between layers while that lowers the next-token loss on
+    ``polish_windows`` (``polish.py``)."""
     t0 = time.time()
     if copy:
         emit({"type": "phase", "phase": "copy"})
@@ -114,6 +124,12 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
             raise Stopped(f"{method} was stopped before its plan was final")
         if not get_selector(method).trains:   # no training loop: no done event of its own
             emit({"type": "done", "step": 0, "plan": plan.to_dict(), "stopped": stopped})
+    polished = {}
+    if polish is not None:
+        plan = polish_plan(model, dec, plan, polish_windows, polish, emit)
+        p = plan.meta["polish"]
+        polished = {"polish_loss_before": p["loss_before"], "polish_loss_after": p["loss_after"],
+                    "polish_moves": p["moves"], "polish_seconds": p["seconds"]}
     emit({"type": "phase", "phase": "apply"})
     compress_(model, dec, plan, release=release_factors)
     refit_seconds = None
@@ -136,6 +152,7 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
               **_suffixed(metrics_before, metrics_after),
               "stopped": stopped, "select_seconds": select_seconds,
               "refit": refit, **({"refit_seconds": refit_seconds} if refit else {}),
+              "polish": None if polish is None else polish.to_dict(), **polished,
               **({"vote_seeds": list(vote_seeds)} if len(vote_seeds) > 1 else {}),
               **(eval_info(eval_ids) if eval_ids is not None else {}),
               "seconds": time.time() - t0, "warnings": warnings}

@@ -52,7 +52,7 @@ def test_a_variant_may_set_its_own_window_length_and_gets_its_own_reference():
     row of its calibration; a variant without it follows the flag."""
     args = ablations.argparse.Namespace(ratios=(0.6,), seeds=(0,), steps=None, seq_len=128,
                                         eval_windows=16, eval_sample="first",
-                                        out="unused", refit=False, vote=False)
+                                        out="unused", refit=False, vote=False, polish=0)
     assert ablations.variant_config("whiten-seq256", args).seq_len == 256
     assert not ablations.variant_config("whiten", args).vote
     args_vote = ablations.argparse.Namespace(**{**vars(args), "vote": True})
@@ -67,6 +67,9 @@ def test_a_variant_may_set_its_own_window_length_and_gets_its_own_reference():
     args.refit = True                                 # --refit: every row refits, the reference too
     assert ablations.variant_config("whiten", args).refit
     assert ablations.variant_config("whiten", args, "svdllm").refit
+    assert ablations.variant_config("whiten", args).polish == 0
+    args.polish = 12                                  # --polish: every row, the reference too
+    assert ablations.variant_config("whiten", args, "svdllm").polish == 12
 
 
 def test_eval_sampling_gap_closed_on_each_sample_of_k_windows():

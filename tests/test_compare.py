@@ -297,3 +297,16 @@ def test_a_vote_with_a_failed_seed_is_an_error_naming_the_seed():
     with pytest.raises(ValueError, match=r"\[1\]"):
         compare.voted(cell, [ok, other_ratio])
     assert compare.voted(cell, [ok, {**ok, "seed": 1}])["seconds"] == 2.0
+
+
+def test_polish_is_a_new_selection_left_out_of_fingerprints_when_off(monkeypatch):
+    """Polishing changes the plans, so it enters the plan's fingerprint; at 0 (off) it is
+    left out, so grids cached before the field existed keep their cells."""
+    cfg = CompareConfig(methods=("uniform",))
+    pol = CompareConfig(methods=("uniform",), polish=3)
+    assert compare.select_fingerprint(pol, "uniform") != compare.select_fingerprint(cfg, "uniform")
+    before = compare.select_fingerprint(cfg, "uniform")
+    monkeypatch.setattr(compare, "LATER_FIELDS", {"refit": False, "eval_sample": "first"})
+    assert compare.select_fingerprint(cfg, "uniform") != before     # counted, it would differ
+    with pytest.raises(ValueError, match="polish"):
+        CompareConfig(polish=-1)

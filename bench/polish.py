@@ -1,0 +1,90 @@
+"""Polish stored plans (``llrc_core/polish.py``) and score each before and after.
+
+    python bench/polish.py --out out/polish --variant whiten-calib-128 \\
+        --eval-windows 128 --eval-sample spread \\
+        out/abl/whiten-calib-128/cells/llrc__whiten__any-k__0.6__seed{0,1,2}.json \\
+        out/abl/svdllm-whiten-calib-128/cells/svdllm__whiten__top-k__0.6.json
+
+The plans (``llrc compare`` cells, or any JSON with a ``plan``) must come from the variant's
+calibration (``bench/ablations.py``'s ``VARIANTS``), whose whitened factors they index. Each
+is polished on windows of that calibration text (``PolishConfig``'s defaults unless
+``--rounds`` / ``--windows`` / ``--seq-len``, seeded by the variant's calibration seed, as
+``compress --polish`` and ``compare --polish`` take them), then scored as selected and polished
+on the evaluation windows. A row per plan goes to stdout and ``OUT/rows.jsonl``, the
+polished plan to ``OUT/<cell name>``. No selection runs: polishing a plan the grid already
+has is cheaper than ``compare --polish``, which selects again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from ablations import VARIANTS, variant_config                  # noqa: E402
+from llrc_core.apply import restore_                            # noqa: E402
+from llrc_core.compare import Session                           # noqa: E402
+from llrc_core.evaluate import EVAL_SAMPLES                     # noqa: E402
+from llrc_core.files import atomic_json                         # noqa: E402
+from llrc_core.plan import RankPlan                             # noqa: E402
+from llrc_core.polish import PolishConfig, polish_plan, polish_windows   # noqa: E402
+from llrc_core.workflow import compress                         # noqa: E402
+
+
+def score(s: Session, dec, plan: RankPlan) -> float:
+    """Perplexity of ``plan`` on the session's evaluation windows (the model restored)."""
+    try:
+        compress(s.loaded.model, dec, plan.method, s.windows, before=False, plan=plan)
+        return s.evaluate()["ppl"]
+    finally:
+        restore_(s.loaded.model)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("cells", nargs="+", help="JSON files with a 'plan'")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--variant", default="whiten-calib-128", choices=list(VARIANTS))
+    ap.add_argument("--seq-len", type=int, default=128, help="calibration window length "
+                    "(a variant's own wins)")
+    ap.add_argument("--eval-windows", type=int, default=128)
+    ap.add_argument("--eval-sample", default="spread", choices=EVAL_SAMPLES)
+    d = PolishConfig()
+    ap.add_argument("--rounds", type=int, default=d.rounds)
+    ap.add_argument("--windows", type=int, default=d.windows)
+    ap.add_argument("--polish-seq-len", type=int, default=d.seq_len)
+    args = ap.parse_args(argv)
+    cfg = variant_config(args.variant, argparse.Namespace(
+        ratios=(0.6,), seeds=(0,), steps=None, seq_len=args.seq_len,
+        eval_windows=args.eval_windows, eval_sample=args.eval_sample, refit=False,
+        vote=False, polish=0, out=args.out))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    s = Session(cfg, print)
+    pcfg = PolishConfig(rounds=args.rounds, windows=args.windows, seq_len=args.polish_seq_len)
+    ids = polish_windows(s.loaded, cfg.calib, pcfg, cfg.seed)
+    for cell in map(Path, args.cells):
+        plan = RankPlan.from_dict(json.loads(cell.read_text())["plan"])
+        dec = s.dec(plan.decomposition)
+        t0 = time.time()
+        polished = polish_plan(s.loaded.model, dec, plan, ids, pcfg)
+        seconds = time.time() - t0
+        atomic_json(out / cell.name, {"plan": polished.to_dict()})
+        p = polished.meta["polish"]
+        row = {"cell": str(cell), "ppl": score(s, dec, plan),
+               "ppl_polished": score(s, dec, polished),
+               "loss_before": p["loss_before"], "loss_after": p["loss_after"],
+               "moves": p["moves"], "rounds_run": p["rounds_run"], "polish_seconds": seconds,
+               "eval_windows": args.eval_windows, "eval_sample": args.eval_sample}
+        print(json.dumps(row), flush=True)
+        with open(out / "rows.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Polish (``llrc_core/polish.py``): the moves it may make, their first-order ranking, and a
+polished plan on the demo model that keeps its budget and lowers the loss it reports."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import DEMO, WIKI_TEST, WIKI_VALID
+from llrc_core.apply import restore_
+from llrc_core.blocks import inference_mode
+from llrc_core.cli import main
+from llrc_core.losses import next_token_loss
+from llrc_core.pipeline import calibrate, compress_, decompose_model, select_plan
+from llrc_core.polish import PolishConfig, grown, moves, polish_plan, ranked_pairs, shrunk
+
+S = torch.tensor([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0])       # a whitened spectrum
+
+
+def test_moves_keep_a_prefix_a_prefix_and_stop_short_of_break_even():
+    k = frozenset(range(4))
+    assert grown(k, S, 2) == frozenset(range(6)) and shrunk(k, S, 2) == frozenset(range(2))
+    anyk = frozenset({0, 2, 5})                              # an any-k set: largest dropped,
+    assert grown(anyk, S, 1) == {0, 1, 2, 5} and shrunk(anyk, S, 1) == {0, 2}   # smallest kept
+    shapes = {"a": (8, 8), "b": (8, 8)}                     # break-even 4; 1 value = 16 params
+    grow, shrink = moves({"a": frozenset({0, 1, 2}), "b": frozenset({0})}, shapes,
+                         {"a": S, "b": S}, chunk=16)
+    assert grow == {"b": (frozenset({0, 1}), 16)}            # a at 4 would reach break-even...
+    assert shrink == {"a": (frozenset({0, 1}), 16)}          # ...and b cannot drop its last
+
+
+def test_pairs_are_ranked_by_the_first_order_change_within_the_freed_parameters():
+    """Adding value i changes the loss by +g_i, dropping it by -g_i: the best move takes from
+    the layer whose smallest kept value matters least and gives where a dropped one helps
+    most; moves predicted to raise the loss, or costing more than was freed, are left out."""
+    kept = {"a": frozenset(range(3)), "b": frozenset(range(3))}
+    grad = {"a": torch.tensor([-5.0, -5, -5, -9, -1, -1, -1, -1]),    # a's next value helps
+            "b": torch.tensor([-5.0, -5, -0.01, -0.02, -1, -1, -1, -1])}
+    grow, shrink = moves(kept, {"a": (16, 16), "b": (16, 16)}, {"a": S, "b": S}, chunk=32)
+    pairs = ranked_pairs(grad, kept, grow, shrink, slack=0)
+    assert [(i, j) for _, i, j in pairs] == [("b", "a")]          # a -> b would raise it
+    assert pairs[0][0] == pytest.approx(0.01 - 9.0)
+    dear = {"a": (grow["a"][0], grow["a"][1] + 1)}                 # one parameter too many
+    assert ranked_pairs(grad, kept, dear, shrink, slack=0) == []
+    assert len(ranked_pairs(grad, kept, dear, shrink, slack=1)) == 1
+
+
+def _loss_of(model, windows) -> float:
+    with inference_mode(model):
+        return float(next_token_loss(model(input_ids=windows).logits, windows))
+
+
+def test_polish_lowers_the_loss_on_its_windows_within_the_budget(shared_data, demo):
+    """Uniform ranks on whitened factors at rho 0.6: polishing moves values between layers,
+    the loss it reports is the applied plan's, lower than the start's; the plan costs no more
+    (equal moves on this model: exactly as much); the model comes back dense."""
+    model = demo.model
+    windows = calibrate(demo, WIKI_VALID, 16, 128, seed=0)
+    polish_ids = calibrate(demo, WIKI_VALID, 4, 128, seed=1)
+    with torch.no_grad():
+        dense_logits = model(input_ids=polish_ids[:1]).logits
+    dec = decompose_model(model, "whiten", windows)
+    start = select_plan(model, dec, "uniform", ratio=0.6)
+    events = []
+    out = polish_plan(model, dec, start, polish_ids, PolishConfig(rounds=2, pairs=3),
+                      events.append)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=polish_ids[:1]).logits, dense_logits)
+    meta = out.meta["polish"]
+    assert meta["moves"] >= 1 and meta["rounds_run"] >= 1
+    assert meta["loss_after"] < meta["loss_before"]
+    assert [e["round"] for e in events if e["type"] == "polish"] == \
+        list(range(meta["rounds_run"]))
+    changed = [n for n in start.layers if out.layers[n].kept != start.layers[n].kept]
+    assert len(changed) >= 2 and all(out.layers[n].is_prefix for n in out.layers)
+    assert out.kept_linear == start.kept_linear
+    assert (out.method, out.decomposition, out.selection) == \
+        (start.method, start.decomposition, start.selection)
+    for plan, key in ((start, "loss_before"), (out, "loss_after")):
+        compress_(model, dec, plan)
+        try:
+            assert _loss_of(model, polish_ids) == pytest.approx(meta[key], abs=1e-4)
+        finally:
+            restore_(model)
+
+
+def test_polish_refuses_an_encoder_and_bad_settings():
+    with pytest.raises(ValueError, match="causal LM"):
+        polish_plan(torch.nn.Linear(2, 2), None, None, torch.zeros(1, 4, dtype=torch.long),
+                    PolishConfig())
+    for bad in ({"rounds": 0}, {"pairs": -1}, {"seq_len": 1}):
+        with pytest.raises(ValueError, match="polish"):
+            PolishConfig(**bad)
+
+
+def test_compress_polish_reports_it_and_exports_the_polished_plan(shared_data, tmp_path,
+                                                                   capsys):
+    out = tmp_path / "out"
+    assert main(["compress", "--model", str(DEMO), "--method", "uniform", "--ratio", "0.6",
+                 "--decomposition", "whiten", "--calib", str(WIKI_VALID), "--n-calib", "16",
+                 "--seq-len", "128", "--polish", "1", "--polish-windows", "4",
+                 "--polish-seq-len", "128", "--eval-text", str(WIKI_TEST),
+                 "--max-eval-windows", "2", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["polish"]["rounds"] == 1 and report["polish"]["windows"] == 4
+    assert report["polish_moves"] >= 1
+    assert report["polish_loss_after"] < report["polish_loss_before"]
+    assert abs(report["achieved_ratio_linear"] - 0.6) <= 0.005
+    plan = json.loads((out / "rank_plan.json").read_text())
+    ranks = {n: len(lp["kept"]) for n, lp in plan["layers"].items() if lp["kept"]}
+    assert len(set(ranks.values())) > 2          # no longer uniform (q/k/v/o and MLP ranks)
+    assert "polish round 0" in capsys.readouterr().err
+    # checked before anything loads
+    assert main(["compress", "--model", str(DEMO), "--method", "uniform", "--ratio", "0.6",
+                 "--calib", str(WIKI_VALID), "--polish", "-2", "--out",
+                 str(tmp_path / "bad")]) != 0
+    assert "polish rounds must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_polish_windows_are_spread_over_a_local_calibration_text(shared_data, demo):
+    """From a local text: non-overlapping windows from its first to its last full one."""
+    from llrc_core.calibration import read_local_text, tokenize
+    from llrc_core.polish import polish_windows
+    w = polish_windows(demo, str(WIKI_VALID), PolishConfig(windows=3, seq_len=64))
+    ids = tokenize(demo.tokenizer, read_local_text(WIKI_VALID))
+    last = ids.numel() // 64 - 1
+    assert w.shape == (3, 64)
+    assert torch.equal(w[0], ids[:64]) and torch.equal(w[2], ids[last * 64:(last + 1) * 64])
