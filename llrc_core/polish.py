@@ -28,7 +28,8 @@ instead of a forward pass per layer and direction; measured on the demo model in
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -69,14 +70,25 @@ def polish_windows(loaded, source: str, cfg: PolishConfig, seed: int = 0) -> tor
     ``evaluate.eval_windows(sample="spread")``); from a Hub set or ``selfgen``, seeded random
     ones (``pipeline.calibrate``). On the demo model, spread windows moved more and gave a
     lower held-out perplexity than random ones (one seed; bench/README.md, "Polish")."""
-    from .calibration import local_text
     from .evaluate import eval_windows
     from .models import context_length
     from .pipeline import calibrate
     seq_len = min(cfg.seq_len, context_length(loaded.model))
-    if source != "selfgen" and local_text(source, seq_len) is not None:
+    if Path(source).expanduser().exists():     # (one read; calibrate checks any other source)
         return eval_windows(loaded.tokenizer, source, seq_len, cfg.windows, "spread")
     return calibrate(loaded, source, cfg.windows, seq_len, seed)
+
+
+def polish_report(plan: RankPlan) -> dict:
+    """A report's polish fields, from the plan itself (``meta["polish"]``): ``polish`` (the
+    config, or None) and, when polished, its loss before and after, moves and seconds. Read
+    from the plan, a stored polished plan evaluated again reports them too."""
+    p = plan.meta.get("polish")
+    if p is None:
+        return {"polish": None}
+    return {"polish": {f.name: p[f.name] for f in fields(PolishConfig)},
+            "polish_loss_before": p["loss_before"], "polish_loss_after": p["loss_after"],
+            "polish_moves": p["moves"], "polish_seconds": p["seconds"]}
 
 
 # --- moves (pure: indices and counts) -------------------------------------------------------

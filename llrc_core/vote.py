@@ -64,4 +64,6 @@ def vote_plans(plans: list[RankPlan], method: str | None = None) -> RankPlan:
     layers = {n: LayerPlan(m, k_in, kept[n]) for n, (m, k_in) in shapes.items()}
     return RankPlan(layers, first.total_params, method or f"{first.method} vote",
                     first.decomposition, first.selection,
-                    {**first.meta, "vote_of": len(plans)})
+                    {**{k: v for k, v in first.meta.items() if k != "polish"},
+                     "vote_of": len(plans)})   # a vote of polished plans is not polished
+                                               # itself: their polish figures are not its

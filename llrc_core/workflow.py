@@ -24,7 +24,7 @@ from .errors import Stopped
 from .evaluate import eval_info, perplexity
 from .pipeline import Decomposed, compress_, decompose_model, select_plan, select_voted
 from .plan import RankPlan
-from .polish import PolishConfig, polish_plan
+from .polish import PolishConfig, polish_plan, polish_report
 from .refit import refit_
 from .selectors import get_selector
 
@@ -124,12 +124,8 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
             raise Stopped(f"{method} was stopped before its plan was final")
         if not get_selector(method).trains:   # no training loop: no done event of its own
             emit({"type": "done", "step": 0, "plan": plan.to_dict(), "stopped": stopped})
-    polished = {}
     if polish is not None:
         plan = polish_plan(model, dec, plan, polish_windows, polish, emit)
-        p = plan.meta["polish"]
-        polished = {"polish_loss_before": p["loss_before"], "polish_loss_after": p["loss_after"],
-                    "polish_moves": p["moves"], "polish_seconds": p["seconds"]}
     emit({"type": "phase", "phase": "apply"})
     compress_(model, dec, plan, release=release_factors)
     refit_seconds = None
@@ -152,7 +148,7 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
               **_suffixed(metrics_before, metrics_after),
               "stopped": stopped, "select_seconds": select_seconds,
               "refit": refit, **({"refit_seconds": refit_seconds} if refit else {}),
-              "polish": None if polish is None else polish.to_dict(), **polished,
+              **polish_report(plan),
               **({"vote_seeds": list(vote_seeds)} if len(vote_seeds) > 1 else {}),
               **(eval_info(eval_ids) if eval_ids is not None else {}),
               "seconds": time.time() - t0, "warnings": warnings}

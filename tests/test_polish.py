@@ -13,7 +13,9 @@ from llrc_core.blocks import inference_mode
 from llrc_core.cli import main
 from llrc_core.losses import next_token_loss
 from llrc_core.pipeline import calibrate, compress_, decompose_model, select_plan
-from llrc_core.polish import PolishConfig, grown, moves, polish_plan, ranked_pairs, shrunk
+from llrc_core.plan import RankPlan
+from llrc_core.polish import (PolishConfig, grown, moves, polish_plan, polish_report,
+                               ranked_pairs, shrunk)
 
 S = torch.tensor([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0])       # a whitened spectrum
 
@@ -75,6 +77,10 @@ def test_polish_lowers_the_loss_on_its_windows_within_the_budget(shared_data, de
     changed = [n for n in start.layers if out.layers[n].kept != start.layers[n].kept]
     assert len(changed) >= 2 and all(out.layers[n].is_prefix for n in out.layers)
     assert out.kept_linear == start.kept_linear
+    # a report reads the polish from the plan, so a stored plan evaluated again keeps it
+    stored = polish_report(RankPlan.from_dict(out.to_dict()))
+    assert stored["polish_moves"] == meta["moves"] and stored["polish"]["rounds"] == 2
+    assert polish_report(start) == {"polish": None}
     assert (out.method, out.decomposition, out.selection) == \
         (start.method, start.decomposition, start.selection)
     for plan, key in ((start, "loss_before"), (out, "loss_after")):
