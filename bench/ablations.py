@@ -199,7 +199,7 @@ def _session(grid: Path, **override):
     """A ``compare`` session rebuilt from a compare folder's ``config.json`` (relative paths
     from the repository root, where it ran; ``minilm`` stays a name), with ``override``
     fields changed (``bench/eval_sampling.py``: the whole evaluation text)."""
-    from llrc_core.compare import Session
+    from llrc_core.session import Session
     raw = json.loads((grid / "config.json").read_text())
     at = lambda f: f if not f or "/" not in f else str(ROOT / f)   # noqa: E731
     cfg = CompareConfig.from_dict({**raw, **{k: at(raw[k]) for k in ("model", "calib",

@@ -4,7 +4,9 @@ A Llama-shaped model with random weights is built from a config in its dtype, th
 compression runs as ``llrc compress`` runs it: statistics and decomposition (block by block,
 factors stored as the placement says), LLRC mask training for a few steps (whole windows, so
 that the planner's activation estimate is for the same tokens), apply (factors released
-layer by layer), with ``--refit`` the refit pass (``--batch-size`` windows a batch), one
+layer by layer), with ``--polish`` one polish round (``polish.py``: one backward and one
+checked move over the calibration windows, ``--batch-size`` a batch) before apply, with
+``--refit`` the refit pass (``--batch-size`` windows a batch), one
 evaluation batch, the export (``--max-shard-size``: one shard at a
 time; ``--export-dtype``: cast as written, as a source stored in another dtype is). A sampling thread reads the process's resident
 memory every 10 ms; each phase's peak, less the memory before the model was built, is
@@ -55,7 +57,8 @@ PRESETS = {
 }
 DEFAULT_CASES = [("llama-small", "float32"), ("llama-medium", "float32")]
 COMPARED = {"load": ("load",), "decomposition": ("statistics", "decomposition"),
-            "selection": ("selection",), "apply": ("apply",), "refit": ("refit",),
+            "selection": ("selection",), "polish": ("polish",), "apply": ("apply",),
+            "refit": ("refit",),
             "evaluate": ("evaluate",), "export": ("export",)}
 
 
@@ -128,7 +131,8 @@ def worker(a) -> dict:
                        max_shard_size=a.max_shard_size,
                        shard_over=distributed.world_size() if a.shard > 1 else 1,
                        processes=distributed.world_size(),
-                       refit_batch_size=a.batch_size if a.refit else None)
+                       refit_batch_size=a.batch_size if a.refit else None,
+                       polish_tokens=a.batch_size * a.seq_len if a.polish else None)
     placement = plan.placement
     windows = torch.randint(0, cfg.vocab_size, (a.n_calib, a.seq_len),
                             generator=torch.Generator().manual_seed(0))
@@ -154,6 +158,12 @@ def worker(a) -> dict:
                                 callback=lambda e: e["type"] == "step" and stamps.append(
                                     time.perf_counter()))
         select_s = time.perf_counter() - t
+        if a.polish:
+            from llrc_core.polish import PolishConfig, polish_plan
+            peaks.enter("polish")
+            rank_plan = polish_plan(model, dec, rank_plan, windows, PolishConfig(
+                rounds=1, pairs=1, windows=a.n_calib, seq_len=a.seq_len,
+                batch_size=a.batch_size))
         peaks.enter("apply")
         compress_(model, dec, rank_plan, release=True)
         if a.refit:
@@ -209,6 +219,8 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=1, metavar="N",
                     help="N replicated torchrun processes (data parallel, not sharded)")
     ap.add_argument("--refit", action="store_true", help="refit after apply (compress --refit)")
+    ap.add_argument("--polish", action="store_true", help="a polish round before apply "
+                    "(compress --polish)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -227,7 +239,7 @@ def main() -> None:
                 "--n-calib", str(a.n_calib), "--seq-len", str(a.seq_len),
                 "--batch-size", str(a.batch_size), "--steps", str(a.steps),
                 "--max-shard-size", a.max_shard_size, "--shard", str(a.shard),
-                *(["--refit"] if a.refit else []),
+                *(["--refit"] if a.refit else []), *(["--polish"] if a.polish else []),
                 *(["--export-dtype", a.export_dtype] if a.export_dtype else [])]
         proc = subprocess.run(args, capture_output=True, text=True,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})

@@ -10,8 +10,8 @@ calibration (``bench/ablations.py``'s ``VARIANTS``), whose whitened factors they
 is polished on windows of that calibration text (``PolishConfig``'s defaults unless
 ``--rounds`` / ``--windows`` / ``--seq-len``, seeded by the variant's calibration seed, as
 ``compress --polish`` and ``compare --polish`` take them), then scored as selected and polished
-on the evaluation windows. A row per plan goes to stdout and ``OUT/rows.jsonl``, the
-polished plan to ``OUT/<cell name>``. No selection runs: polishing a plan the grid already
+on the evaluation windows (with ``--refit``, the polished plan refitted too). A row per plan
+goes to stdout and ``OUT/rows.jsonl``, the polished plan to ``OUT/<cell name>``. No selection runs: polishing a plan the grid already
 has is cheaper than ``compare --polish``, which selects again.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from ablations import VARIANTS, variant_config                  # noqa: E402
 from llrc_core.apply import restore_                            # noqa: E402
-from llrc_core.compare import Session                           # noqa: E402
+from llrc_core.session import Session                           # noqa: E402
 from llrc_core.evaluate import EVAL_SAMPLES                     # noqa: E402
 from llrc_core.files import atomic_json                         # noqa: E402
 from llrc_core.plan import RankPlan                             # noqa: E402
@@ -36,10 +36,12 @@ from llrc_core.polish import PolishConfig, polish_plan, polish_windows   # noqa:
 from llrc_core.workflow import compress                         # noqa: E402
 
 
-def score(s: Session, dec, plan: RankPlan) -> float:
-    """Perplexity of ``plan`` on the session's evaluation windows (the model restored)."""
+def score(s: Session, dec, plan: RankPlan, refit: bool = False) -> float:
+    """Perplexity of ``plan`` (with ``refit``: refitted on the calibration windows, as
+    ``compress --refit``) on the session's evaluation windows (the model restored)."""
     try:
-        compress(s.loaded.model, dec, plan.method, s.windows, before=False, plan=plan)
+        compress(s.loaded.model, dec, plan.method, s.windows, before=False, plan=plan,
+                 refit=refit)
         return s.evaluate()["ppl"]
     finally:
         restore_(s.loaded.model)
@@ -58,6 +60,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=d.rounds)
     ap.add_argument("--windows", type=int, default=d.windows)
     ap.add_argument("--polish-seq-len", type=int, default=d.seq_len)
+    ap.add_argument("--refit", action="store_true", help="also score the polished plan "
+                    "refitted (ppl_polished_refit)")
     args = ap.parse_args(argv)
     cfg = variant_config(args.variant, argparse.Namespace(
         ratios=(0.6,), seeds=(0,), steps=None, seq_len=args.seq_len,
@@ -81,6 +85,8 @@ def main(argv=None) -> None:
                "loss_before": p["loss_before"], "loss_after": p["loss_after"],
                "moves": p["moves"], "rounds_run": p["rounds_run"], "polish_seconds": seconds,
                "eval_windows": args.eval_windows, "eval_sample": args.eval_sample}
+        if args.refit:
+            row["ppl_polished_refit"] = score(s, dec, polished, refit=True)
         print(json.dumps(row), flush=True)
         with open(out / "rows.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")

@@ -167,7 +167,7 @@ def cmd_compress(args) -> dict | None:
         dtype=args.dtype, batch_size=args.batch_size, allow_compressed=args.allow_compressed,
         offload=args.offload, factor_dtype=args.factor_dtype, max_shard_size=args.max_shard_size,
         shard_over=distributed.world_size() if args.shard_factors else 1, gpus=args.gpus,
-        refit=args.refit)
+        refit=args.refit, polish_tokens=polish.batch_tokens if polish else None)
     t0 = time.time()
     loaded = _load(args, memory)
     polish_ids = _polish_windows(args, polish, loaded)
@@ -308,7 +308,8 @@ def cmd_plan_memory(args) -> dict | None:
                        args.trust_remote_code, offload=args.offload,
                        factor_dtype=args.factor_dtype, shard_over=args.shard_factors,
                        processes=args.processes,
-                       refit_batch_size=args.batch_size if args.refit else None)
+                       refit_batch_size=args.batch_size if args.refit else None,
+                       polish_tokens=_polish_config(args).batch_tokens if args.polish else None)
     if args.json:
         return plan.to_dict()
     print(plan.table())

@@ -1,6 +1,7 @@
 """Bytes one piece of a compression run holds at once, from layer shapes alone: the memory
 planner's (``planner.py``) formulas for the decomposition of one layer, the layers a process
-holds while the decomposition is dealt out, sharded factors, apply and the refit pass.
+holds while the decomposition is dealt out, sharded factors, apply, the backward pass of a
+training batch, and the refit and polish passes.
 
 ``c`` is the planner's counts of one model at one setting (``planner._counts``).
 """
@@ -80,3 +81,24 @@ def refit_bytes(c: dict, batch_size: int, seq_len: int) -> int:
     tokens = batch_size * seq_len
     return (3 * f["hidden_states_block_bytes"] // 2 + 2 * 8 * n * n + solve
             + tokens * (2 * (8 + b) * n + b * (4 * f["hidden_size"] + 3 * f["intermediate_size"])))
+
+
+def activation_bytes(f: dict, tokens: int) -> int:
+    """Activations kept for the backward pass of one batch of ``tokens`` tokens (an estimate):
+    per token and block, 12 hidden-size and 5 intermediate-size values, and per masked layer
+    (factorised) its two rank-size intermediates ``V x`` and ``s * (V x)``."""
+    return tokens * f["itemsize"] * (f["blocks"] * (12 * f["hidden_size"]
+                                                    + 5 * f["intermediate_size"])
+                                     + 2 * f["spectrum_numbers"])
+
+
+def polish_counts(c: dict, tokens: int) -> dict:
+    """``c`` as a polish round (``polish.py``) needs it, for the planner to count like a
+    learned method's selection: the same masked layers, but no distillation targets and no
+    optimiser state (a 0/1 mask and its gradient per layer); the backward pass of one batch
+    of ``tokens`` tokens with its logits (the loss's float32 copy, their gradients)."""
+    f, b = c["facts"], c["b"]
+    logits = tokens * f["vocab_size"] * 2 * (b + 4)
+    return {**c, "facts": {**f, "activations_bytes_estimate": activation_bytes(f, tokens)
+                           + logits, "distill_targets_bytes": 0,
+                           "mask_state_bytes": 2 * b * f["spectrum_numbers"]}}

@@ -28,6 +28,9 @@ runs today:
   batch's logits; export + at most one shard of tensors made as they are written (cast to the
   stored dtype or multiplied back; ``shards.py``, 5 GB by default): an upper bound, none are
   made when the model is exported factorised in its own dtype.
+* **polish** (``compress --polish``, counted when ``polish_tokens`` is given): a learned
+  method's selection phase without distillation targets or optimiser state, for the backward
+  pass of one polish batch with its logits (``footprint.polish_counts``).
 * **refit** (``compress --refit``, counted when ``refit_batch_size`` is given): the applied
   model + ``footprint.refit_bytes`` (the dense and the compressed hidden states of every
   window at one block, two float64 ``n x n`` sums, one batch's inputs, one layer's solve)
@@ -46,9 +49,7 @@ the refusal when it does not, are ``preflight.check_fits``.
 
 ``peak_gpu_bytes`` is the largest need over the phases on the fullest GPU; ``fits`` compares
 it with ``gpu_memory`` less a 5 % margin. On a CPU-only plan (``gpus=0``) the same numbers
-are host memory. Activations are an estimate
-(per token and block: 12 hidden-size and 5 intermediate-size values, every block, plus two
-rank-size values per masked layer; the tokens a learned method trains on per step) and are
+are host memory. Activations are an estimate (``footprint.activation_bytes``) and are
 labelled so. ``bench/memory.py`` measures each phase's peak against these numbers.
 """
 from __future__ import annotations
@@ -62,8 +63,8 @@ from .shards import DEFAULT_MAX_SHARD, write_buffer_bytes
 from .stats import shared_inputs
 
 GIB = 2 ** 30
-PHASES = ("load", "statistics", "decomposition", "selection", "apply", "refit", "evaluate",
-          "export")
+PHASES = ("load", "statistics", "decomposition", "selection", "polish", "apply", "refit",
+          "evaluate", "export")
 
 
 @dataclass
@@ -156,7 +157,8 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
                 trust_remote_code: bool = False, meta=None, offload: str = "auto",
                 factor_dtype: str | None = None, train_seq_len: int | None = None,
                 max_shard_size: int | str = DEFAULT_MAX_SHARD, shard_over: int = 1,
-                processes: int = 1, refit_batch_size: int | None = None) -> MemoryPlan:
+                processes: int = 1, refit_batch_size: int | None = None,
+                polish_tokens: int | None = None) -> MemoryPlan:
     """Count the memory of compressing ``model`` (a folder or Hub id; only its config is
     read) with ``method`` at these settings. ``meta``: an already built model (meta-device,
     or loaded: only its shapes, parameter count and config are used). ``offload``: one of
@@ -169,7 +171,8 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
     torchrun processes of the run (at least ``shard_over``), which share the statistics pass
     (each holds its share of the windows' hidden states) and deal the decomposition out.
     ``refit_batch_size``: count the refit pass with that many windows a batch (``None``: no
-    refit); it rules out sequential onloading."""
+    refit); it rules out sequential onloading. ``polish_tokens``: count the polish pass with
+    that many tokens a batch (``None``: no polish)."""
     from .selectors import get_selector
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -206,11 +209,14 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
             if not (refit_batch_size is not None and o == "weights")]
     for level in (auto if offload == "auto" else (offload,)):
         placement = Placement.for_run(DTYPES[dtype], device, level, factor_dtype, shard_over)
-        if gpus > 1 and not placement.offload_weights:       # blocks across GPUs
-            phases, host, facts = spread.phases(counts, placement, spec.trains, meta, gpus,
-                                                gpu_memory or float("inf"))
+        phases, host, facts = _placed_phases(counts, placement, spec.trains, meta, gpus,
+                                             gpu_memory)
+        if polish_tokens:          # the masked layers of a learned selection, one batch
+            pol, pol_host, _ = _placed_phases(footprint.polish_counts(counts, polish_tokens),
+                                              placement, True, meta, gpus, gpu_memory)
+            phases["polish"], host["polish"] = pol["selection"], pol_host["selection"]
         else:
-            phases, host, facts = _phases(counts, placement, spec.trains, bool(gpus))
+            host.pop("polish", None)
         if refit_batch_size is None:
             phases.pop("refit", None)
             host.pop("refit", None)
@@ -267,14 +273,11 @@ def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
              "calibration_tokens": tokens,
              "distill_targets_bytes": (2 if two_targets else 1) * tokens * d * b,
              "mask_state_bytes": 3 * 4 * sum(min(t.m, t.n) for t in targets)}  # theta, Adam m, v
-    # Activations kept for the backward pass of one batch (an estimate): per token and block,
-    # 12 hidden-size and 5 intermediate-size values, and per masked layer (factorised) its
-    # two rank-size intermediates ``V x`` and ``s * (V x)``.
     facts["train_tokens_per_step"] = batch_size * step_len
-    facts["activations_bytes_estimate"] = batch_size * step_len * b * (
-        blocks * (12 * d + 5 * inter) + 2 * sum(min(t.m, t.n) for t in targets))
+    facts["activations_bytes_estimate"] = footprint.activation_bytes(facts,
+                                                                     batch_size * step_len)
     # One evaluation batch: its float32 logits and a block's intermediate values.
-    vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+    vocab = facts["vocab_size"] = int(getattr(cfg, "vocab_size", 0) or 0)
     facts["eval_batch_bytes"] = batch_size * seq_len * (4 * vocab + b * (4 * d + 3 * inter))
     return {"b": b, "dtype": DTYPES[dtype], "facts": facts,
             "layers": [(t, layer_factors[t.name]) for t in targets],
@@ -285,6 +288,15 @@ def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
                                                      processes),
             # a layer's kept-rank factors after apply: at most its dense size
             "kept_layer": {t.name: b * min(t.m * t.n, layer_factors[t.name]) for t in targets}}
+
+
+def _placed_phases(c: dict, placement: Placement, trains: bool, meta, gpus: int,
+                   gpu_memory: float | None) -> tuple[dict[str, int], dict[str, int], dict]:
+    """Bytes per phase on the fullest GPU and on the host, and the facts, for one placement:
+    blocks across GPUs (``spread.phases``) or on one device (``_phases``)."""
+    if gpus > 1 and not placement.offload_weights:
+        return spread.phases(c, placement, trains, meta, gpus, gpu_memory or float("inf"))
+    return _phases(c, placement, trains, bool(gpus))
 
 
 def _phases(c: dict, placement: Placement, trains: bool, gpu: bool

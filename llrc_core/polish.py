@@ -15,7 +15,9 @@ against the loss perplexity measures. Each round:
    the loss is kept (a layer moves at most once a round: the predictions were made at the
    round's start).
 
-It stops after ``rounds`` rounds or at a round that keeps no move. The plan never grows: a
+It stops after ``rounds`` rounds or at a round that keeps no move. Under ``torchrun`` the
+processes share the windows and all-reduce the loss and its gradient, so all of them make
+the same moves, those of one process. The plan never grows: a
 move may not cost more than the parameters earlier moves freed (on the demo model every move
 costs the same). Dense layers (at or above break-even) stay as they are, and no layer is
 taken up to break-even. Causal LMs only: an encoder has no next-token loss.
@@ -34,6 +36,7 @@ from typing import Callable
 
 import torch
 
+from . import distributed
 from .counting import break_even
 from .losses import next_token_loss
 from .plan import LayerPlan, RankPlan
@@ -62,6 +65,11 @@ class PolishConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def batch_tokens(self) -> int:
+        """Tokens of one forward and backward pass (the memory planner's polish phase)."""
+        return min(self.batch_size, self.windows) * self.seq_len
 
 
 def polish_windows(loaded, source: str, cfg: PolishConfig, seed: int = 0) -> torch.Tensor:
@@ -159,8 +167,10 @@ def _loss(model, layers: dict, kept: Kept, windows: torch.Tensor, batch_size: in
     device = next(model.parameters()).device
     total, n = 0.0, windows.shape[0]
     with torch.set_grad_enabled(grad):
-        for ids in windows.split(batch_size):
-            ids = ids.to(device)
+        # under torchrun each process takes its part of every global batch (the same number
+        # of passes on every rank, as sharded factors need), and the sums are all-reduced
+        for batch in windows.split(batch_size * distributed.world_size()):
+            ids = distributed.local(batch).to(device)
             loss = next_token_loss(model(input_ids=ids).logits, ids) * (ids.shape[0] / n)
             if grad:
                 loss.backward()
@@ -168,20 +178,29 @@ def _loss(model, layers: dict, kept: Kept, windows: torch.Tensor, batch_size: in
     grads = {name: layers[name].mask.grad.detach().float().cpu() for name in kept} \
         if grad else {}
     _masks(layers, {})
-    return total, grads
+    return distributed.sum_(list(grads.values()), total), grads
 
 
 def polish_plan(model, dec, plan: RankPlan, windows: torch.Tensor, cfg: PolishConfig,
-                emit: Callable[[dict], None] = lambda e: None) -> RankPlan:
+                emit: Callable[[dict], None] = lambda e: None,
+                should_stop: Callable[[], bool] = lambda: False) -> RankPlan:
     """``plan`` with singular values moved between layers while that lowers the next-token
     loss on ``windows`` (n, L) (module docstring). ``model`` is dense; ``dec`` holds the
     factors ``plan`` indexes. The result keeps ``plan``'s method, decomposition and selection;
-    ``meta["polish"]`` records the loss before and after, the moves and the config."""
+    ``meta["polish"]`` records the loss before and after, the moves and the config. When
+    ``should_stop()`` turns true the search ends before its next exact check, with the
+    moves kept so far (``stopped``): every plan it holds is whole and within the budget."""
     if not getattr(model, "can_generate", lambda: False)():
         raise ValueError("polish lowers a next-token loss: it needs a causal LM (an encoder "
                          "has none); drop --polish")
     if windows is None or windows.shape[1] < 2:
         raise ValueError("polish needs calibration windows of at least 2 tokens")
+    world, last = distributed.world_size(), windows.shape[0] % (cfg.batch_size
+                                                                * distributed.world_size())
+    if 0 < last < world:
+        raise ValueError(f"polish's {windows.shape[0]} windows leave a last batch of {last} "
+                         f"for {world} processes: use a multiple of {world} windows "
+                         "(--polish-windows)")
     missing = [n for n in plan.layers if n not in dec.factors]
     if missing:
         raise ValueError(f"polish needs the factors the plan indexes; missing {missing[:3]}")
@@ -195,11 +214,13 @@ def polish_plan(model, dec, plan: RankPlan, windows: torch.Tensor, cfg: PolishCo
         start = base
         emit({"type": "phase", "phase": "polish"})
         for rnd in range(cfg.rounds):
+            if should_stop():
+                break
             _, grad = _loss(model, layers, kept, windows, cfg.batch_size, grad=True)
             grow, shrink = moves(kept, shapes, spectra, cfg.chunk)
             touched, tried, kept_moves = set(), 0, 0
             for _, i, j in ranked_pairs(grad, kept, grow, shrink, slack):
-                if tried >= cfg.pairs:
+                if tried >= cfg.pairs or should_stop():
                     break
                 if i in touched or j in touched or grow[j][1] > shrink[i][1] + slack:
                     continue                   # (slack: what this round's moves left over)
@@ -221,6 +242,7 @@ def polish_plan(model, dec, plan: RankPlan, windows: torch.Tensor, cfg: PolishCo
                   for n, lp in plan.layers.items()}
     meta = {**plan.meta, "polish": {**cfg.to_dict(), "loss_before": start, "loss_after": base,
                                     "moves": done, "rounds_run": len(history),
+                                    "stopped": bool(should_stop()),
                                     "history": history,
                                     "window_shape": list(windows.shape),
                                     "seconds": time.time() - t0}}

@@ -95,7 +95,7 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
     learned ``method`` runs once per seed and the vote of their plans is kept
     (``pipeline.select_voted``). ``polish``: before it is applied, the plan (selected or
     given) moves singular values between layers while that lowers the next-token loss on
-    ``polish_windows`` (``polish.py``)."""
+    ``polish_windows`` (``polish.py``); stopped, it keeps the moves made (``partial``)."""
     t0 = time.time()
     if copy:
         emit({"type": "phase", "phase": "copy"})
@@ -124,8 +124,11 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
             raise Stopped(f"{method} was stopped before its plan was final")
         if not get_selector(method).trains:   # no training loop: no done event of its own
             emit({"type": "done", "step": 0, "plan": plan.to_dict(), "stopped": stopped})
-    if polish is not None:
-        plan = polish_plan(model, dec, plan, polish_windows, polish, emit)
+    if polish is not None and not stopped:
+        plan = polish_plan(model, dec, plan, polish_windows, polish, emit, should_stop)
+        stopped = plan.meta["polish"]["stopped"]
+        if stopped and not partial:
+            raise Stopped("the polish was stopped before its plan was final")
     emit({"type": "phase", "phase": "apply"})
     compress_(model, dec, plan, release=release_factors)
     refit_seconds = None

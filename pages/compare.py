@@ -11,6 +11,7 @@ from llrc_core import SELECTORS, compare, report
 from llrc_core import figures as charts
 from llrc_core.decompose import DECOMPOSITIONS
 from llrc_core.evaluate import EVAL_SEQ_LEN, EVAL_WINDOWS
+from llrc_core.polish import PolishConfig
 from llrc_core.selectors import any_k_methods
 from llrc_core.zeroshot import TASKS
 from studio import common, queued
@@ -28,7 +29,7 @@ def label(row) -> str:
 
 
 def make_config(methods, ratios, both, scope, decomp, steps, seeds, n_eval, tasks, limit,
-                refit=False, vote=False, spread=False):
+                refit=False, vote=False, spread=False, polish=0):
     """The ``CompareConfig`` of this session's model and calibration."""
     loaded, calib, windows = common.current(), st.session_state["calib"], common.windows()
     return compare.CompareConfig(
@@ -40,7 +41,7 @@ def make_config(methods, ratios, both, scope, decomp, steps, seeds, n_eval, task
         eval_sample="spread" if spread else "first",
         tasks=tuple(tasks), task_limit=int(limit) if tasks else None,
         options={"*": {"steps": int(steps)}}, seeds=tuple(range(int(seeds))), refit=refit,
-        vote=vote)
+        vote=vote, polish=int(polish))
 
 
 def start_grid(cfg: compare.CompareConfig):
@@ -54,6 +55,7 @@ def start_grid(cfg: compare.CompareConfig):
     loaded = common.current()
     windows, out = common.windows(), common.compare_dir(cfg)
     make_decs = {d: common.decomposition_job(d) for d in {c["decomposition"] for c in cells}}
+    polish_ids = common.polish_ids(PolishConfig(rounds=cfg.polish)) if cfg.polish else None
 
     def work(emit, should_stop):
         emit({"type": "phase", "phase": "decompose"})
@@ -62,7 +64,7 @@ def start_grid(cfg: compare.CompareConfig):
         def make_session():   # cells compress in place: a private copy, never the shared one
             private = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
             return compare.Session(cfg, common.log.info, loaded=private, windows=windows,
-                                   decs=decs)
+                                   decs=decs, polish_windows=polish_ids)
 
         rows = compare.run_cells(cfg, out, common.log.info, make_session=make_session,
                                  emit=emit, should_stop=should_stop)
@@ -112,13 +114,19 @@ with common.error_box():
                             help="each plan's output factors solved again on the compressed "
                                  "model's inputs before it is evaluated (a grid already run "
                                  "is evaluated again, not selected again)")
+        polish = c3.number_input("Polish rounds (causal LMs; 0: off)", 0, 50, 0,
+                                 key="cmp_polish",
+                                 help="each selected plan is polished: chunks of singular "
+                                      "values move between layers while the calibration "
+                                      "text's next-token loss drops (a new selection, same "
+                                      "size; llrc_core/polish.py)")
         run = st.form_submit_button("Run comparison", type="primary", disabled=busy)
 
     if run:
         if not methods or not ratios:
             raise ValueError("pick at least one method and one ratio")
         start_grid(make_config(methods, ratios, both, scope, decomp, steps, seeds, n_eval,
-                               tasks, limit, refit, vote, spread))
+                               tasks, limit, refit, vote, spread, polish))
 
 
 def grid_panel():

@@ -9,6 +9,7 @@ import streamlit as st
 from llrc_core import SELECTORS, analysis, get_selector
 from llrc_core.evaluate import EVAL_SEQ_LEN, EVAL_WINDOWS
 from llrc_core.pipeline import method_config
+from llrc_core.polish import PolishConfig
 from llrc_core.preflight import check_fits
 from llrc_core.workflow import EVAL_BATCH_SIZE, compress
 from llrc_core import figures as charts
@@ -30,9 +31,15 @@ def start_run(run: dict) -> None:
                batch_size=getattr(cfg, "batch_size", 8), device=loaded.device.type,
                meta=loaded.model,     # shapes and counts of the model already loaded
                train_seq_len=getattr(cfg, "train_seq_len", 0),
-               refit_batch_size=EVAL_BATCH_SIZE if run["plumbing"].get("refit") else None)
+               refit_batch_size=EVAL_BATCH_SIZE if run["plumbing"].get("refit") else None,
+               polish_tokens=PolishConfig().batch_tokens if run["plumbing"].get("polish")
+               else None)
     eval_ids = common.eval_ids(int(run["n_eval"]), EVAL_SEQ_LEN) if run["n_eval"] else None
     plumbing, on_end = dict(run["plumbing"]), None
+    rounds = plumbing.pop("polish", 0)            # recorded as a number; the job gets its
+    if rounds:                                    # config and windows
+        pc = PolishConfig(rounds=rounds)
+        plumbing.update(polish=pc, polish_windows=common.polish_ids(pc))
     if get_selector(method).trains:   # a checkpoint per exact run: a restart resumes it
         calib = st.session_state["calib"]
         ckpt = runs.checkpoint_path(common.model_key(), calib["key"], decomp, method, options)
@@ -115,6 +122,11 @@ def _live_panel():
     if not job.running and job.status != "error":
         st.success(f"{job.status.capitalize()} after {job.seconds:.0f} s ({done_steps} steps).")
 
+    polished = job.events_since(0, "polish")
+    if polished:
+        e = polished[-1]
+        st.caption(f"Polish round {e['round'] + 1}: {sum(p['moves'] for p in polished)} "
+                   f"moves kept so far, calibration loss {e['loss']:.4f}.")
     masks = job.latest("masks")
     if steps or masks:
         left, right = st.columns(2)
@@ -148,6 +160,11 @@ def _live_panel():
             st.caption(f"Perplexity on the first {r['eval_windows']} windows of "
                        f"{r['eval_seq_len']} tokens of WikiText-2 test ({r['eval_tokens']} "
                        "tokens), before and after, same windows.")
+        r = result.report
+        if r.get("polish"):
+            st.caption(f"Polished: {r['polish_moves']} moves in {r['polish_seconds']:.0f} s, "
+                       f"calibration loss {r['polish_loss_before']:.4f} → "
+                       f"{r['polish_loss_after']:.4f}.")
         for w in result.warnings:
             st.warning(w["message"])
         st.page_link("pages/export.py", label="Next: export this model", icon=":material/east:")
@@ -189,6 +206,15 @@ with common.error_box():
                        "output factor is solved again in closed form on the calibration "
                        "windows (same ranks and size; measured gains in bench/README.md)"):
             plumbing["refit"] = True
+        if loaded.causal:
+            polish = st.number_input(
+                "Polish rounds (0: off)", 0, 50, 0, key="compress_polish",
+                help="after selection, equal-cost chunks of singular values move between "
+                     "layers while the next-token loss on the calibration text drops (same "
+                     "size; llrc_core/polish.py). About as slow as LLRC's own selection per "
+                     "few rounds; measured gains in bench/README.md")
+            if polish:
+                plumbing["polish"] = int(polish)
         start = st.form_submit_button("Start compression", type="primary", disabled=busy)
 
     if start:

@@ -200,6 +200,22 @@ def windows() -> torch.Tensor:
     return st.session_state["windows"]
 
 
+def polish_ids(cfg) -> torch.Tensor:
+    """The windows a polish (``PolishConfig`` ``cfg``) measures its loss on: from this
+    session's calibration text (a file or an upload), windows spread over all of it as
+    ``llrc compress --polish`` takes them; from a Hub set or generated text, the session's
+    calibration windows themselves (fetching or generating more would be a second
+    calibration)."""
+    from llrc_core.polish import polish_windows
+    loaded, calib = current(), st.session_state["calib"]
+    if not loaded.causal:
+        raise ValueError("polish lowers a next-token loss and this model is an encoder: set "
+                         "the polish rounds to 0")
+    if calib["kind"] in ("file", "upload"):
+        return polish_windows(loaded, calib["source"], cfg)
+    return windows()
+
+
 def decomposition_job(method: str):
     """A job function computing (or reusing) this session's decomposition by ``method``."""
     base, w = current().model, windows()

@@ -399,3 +399,56 @@ def test_sessions_do_not_share_jobs_or_results(at):
     no_errors(other)
     assert "compress_job" not in other.session_state and not other.session_state["results"]
     assert "Nothing to export yet" in other.info[0].value
+
+
+def test_compress_and_compare_pages_polish_a_plan(at, monkeypatch):
+    """Polish rounds on the Compress page: the job polishes the selected plan on windows
+    spread over the session's calibration text and the page reports its moves; the Compare
+    page polishes its cells on the same windows. (A small polish config, for time.)"""
+    import dataclasses
+    from llrc_core import polish
+
+    @dataclasses.dataclass
+    class Small(polish.PolishConfig):
+        windows: int = 4
+        seq_len: int = 64
+        pairs: int = 2
+    monkeypatch.setattr(polish, "PolishConfig", Small)
+    at.switch_page("pages/compress.py").run()
+    at.selectbox(key="compress_method").set_value("uniform").run()
+    at.selectbox(key="compress_decomp_uniform").set_value("whiten").run()
+    at.slider(key="cfg_uniform_ratio").set_value(0.6)
+    at.number_input(key="n_eval").set_value(2)
+    at.number_input(key="compress_polish").set_value(1)
+    at.button(key="FormSubmitter:compress_form-Start compression").click().run()
+    no_errors(at)
+    job = wait_job(at, "compress_job")
+    assert job.status == "done", job.error
+    at.run()
+    no_errors(at)
+    report, plan = job.result.report, job.result.plan
+    assert report["polish"]["rounds"] == 1 and report["polish_moves"] >= 1
+    assert report["polish_loss_after"] < report["polish_loss_before"]
+    assert plan.meta["polish"]["window_shape"] == [4, 64]        # spread over the text
+    assert abs(plan.ratio("linear") - 0.6) <= 0.005
+    assert len(set(plan.ranks().values())) > 2                   # no longer uniform
+    assert any(c.value.startswith(f"Polished: {report['polish_moves']} moves")
+               for c in at.caption)
+
+    at.switch_page("pages/compare.py").run()
+    at.multiselect(key="cmp_methods").set_value(["uniform"])
+    at.multiselect(key="cmp_ratios").set_value([0.6])
+    at.selectbox(key="cmp_decomp").set_value("whiten")
+    for box in ("cmp_refit", "cmp_vote", "cmp_spread"):
+        at.checkbox(key=box).uncheck()
+    at.number_input(key="cmp_seeds").set_value(1)
+    at.number_input(key="cmp_eval").set_value(2)
+    at.multiselect(key="cmp_tasks").set_value([])
+    at.number_input(key="cmp_polish").set_value(1)
+    at.button(key="FormSubmitter:compare_form-Run comparison").click().run()
+    job = wait_job(at, "compare_job")
+    assert job.status == "done", job.error
+    row = next(e["row"] for e in job.events_since(0, "cell")
+               if e["row"]["method"] == "uniform")
+    assert row["polish"]["rounds"] == 1 and row["polish_moves"] >= 1
+    assert row["ranks"] == plan.ranks()          # the same windows, the same moves

@@ -310,3 +310,9 @@ def test_polish_is_a_new_selection_left_out_of_fingerprints_when_off(monkeypatch
     assert compare.select_fingerprint(cfg, "uniform") != before     # counted, it would differ
     with pytest.raises(ValueError, match="polish"):
         CompareConfig(polish=-1)
+    # The dense cell has no plan to polish or refit: its row stays cached.
+    fit = CompareConfig(methods=("uniform",), refit=True)
+    monkeypatch.undo()
+    assert compare.fingerprint(pol, "dense") == compare.fingerprint(cfg, "dense") == \
+        compare.fingerprint(fit, "dense")
+    assert compare.fingerprint(fit, "uniform") != compare.fingerprint(cfg, "uniform")

@@ -191,6 +191,54 @@ def test_two_gloo_processes_give_the_one_process_plan(tmp_path):
         "ck.pt", "made0.json", "made1.json", "plan0.json", "plan1.json"]
 
 
+def _polished() -> dict:
+    """Uniform ranks at rho 0.6 on the demo model's SVD factors, polished for 2 rounds on 8
+    windows of 64 tokens, 2 a batch: the plan's layers and its loss before and after."""
+    from llrc_core.models import load_model
+    from llrc_core.pipeline import calibrate, decompose_model, select_plan
+    from llrc_core.polish import PolishConfig, polish_plan
+    loaded = load_model(DEMO, "cpu")
+    dec = decompose_model(loaded.model, "svd", None)
+    start = select_plan(loaded.model, dec, "uniform", ratio=0.6)
+    ids = calibrate(loaded, WIKI_TEST, 8, 64, seed=1)
+    plan = polish_plan(loaded.model, dec, start, ids,
+                       PolishConfig(rounds=2, pairs=3, batch_size=2))
+    meta = plan.meta["polish"]
+    return {"layers": plan.to_dict()["layers"], "moves": meta["moves"],
+            "losses": [meta["loss_before"], meta["loss_after"]]}
+
+
+def _polish_worker(rank: int, world: int, port: int, out: str) -> None:
+    with process_group(rank, world, port):
+        with open(os.path.join(out, f"polish{rank}.json"), "w") as f:
+            json.dump(_polished(), f)
+        from llrc_core.polish import PolishConfig, polish_plan
+        with pytest.raises(ValueError, match="last batch of 1 for 2 processes"):
+            polish_plan(_Causal(), None, None, torch.zeros(5, 4, dtype=torch.long),
+                        PolishConfig(batch_size=2))
+
+
+class _Causal(torch.nn.Linear):
+    def __init__(self):
+        super().__init__(2, 2)
+
+    def can_generate(self) -> bool:
+        return True
+
+
+def test_two_processes_polish_to_the_one_process_plan(tmp_path):
+    """Under torchrun each process measures the loss on its part of every batch and the sums
+    are all-reduced: both processes make the one-process moves, the same losses to float
+    rounding; a window count that leaves a process no window in the last batch is refused."""
+    torch.set_num_threads(1)
+    one = _polished()
+    mp.spawn(_polish_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    two = [json.loads((tmp_path / f"polish{r}.json").read_text()) for r in range(2)]
+    assert two[0] == two[1] and one["moves"] >= 1
+    assert two[0]["layers"] == json.loads(json.dumps(one["layers"]))
+    assert two[0]["losses"] == pytest.approx(one["losses"], abs=1e-5)
+
+
 @pytest.mark.slow
 def test_two_processes_share_the_statistics_pass(tmp_path):
     """Each of two processes runs 4 of the 8 calibration windows through every block (one

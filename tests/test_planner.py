@@ -217,6 +217,39 @@ def test_the_refit_pass_is_counted_by_hand(configs, capsys):
     assert json.loads(capsys.readouterr().out)["phases"]["refit"] == plan.phases["refit"]
 
 
+def test_the_polish_pass_is_counted_by_hand(configs, capsys):
+    """``compress --polish`` on Llama-2-7B (bf16, one GPU): the masked layers of a learned
+    selection (the dense originals parked in CPU memory, a bf16 copy of every spectrum) with
+    no distillation targets and no optimiser state, for one polish batch of 8 x 256 tokens:
+    per token 12 hidden-size and 5 intermediate-size values a block and two rank-size values
+    a layer, the logits twice in bf16 and float32, a 0/1 mask and its gradient per layer.
+    Also for a method that trains nothing (SVD-LLM), and only when asked."""
+    d, i, n, v = 4096, 11008, 32, 32000
+    path = str(configs / "7b")
+    _, dense, _, spectrum = by_hand(d, i, n, d)
+    tokens = 8 * 256
+    act = tokens * 2 * (n * (12 * d + 5 * i) + 2 * spectrum) + tokens * v * 2 * (2 + 4)
+    for method in ("llrc", "svdllm"):
+        base = planner.plan_memory(path, method=method, gpu_memory=80, offload="none")
+        plan = planner.plan_memory(path, method=method, gpu_memory=80, offload="none",
+                                   polish_tokens=tokens)
+        assert "polish" not in base.phases and "polish" not in base.cpu_phases
+        assert base.phases == {k: v for k, v in plan.phases.items() if k != "polish"}
+        f = plan.facts
+        assert plan.phases["polish"] == (f["weights_bytes"] - 2 * dense
+                                         + f["factors_stored_bytes"] + 2 * spectrum + act
+                                         + 2 * 2 * spectrum)
+        assert plan.cpu_phases["polish"] == 2 * dense                  # the parked originals
+    assert 39.5 * 2 ** 30 < plan.phases["polish"] < 40.5 * 2 ** 30     # about 40 GiB
+    llrc = planner.plan_memory(path, gpu_memory=80, offload="none")
+    lf = llrc.facts                     # polish: LLRC's selection less its training state
+    assert plan.phases["polish"] - llrc.phases["selection"] == act + 4 * spectrum - (
+        lf["distill_targets_bytes"] + lf["activations_bytes_estimate"] + lf["mask_state_bytes"])
+    assert main(["plan-memory", "--model", path, "--method", "svdllm", "--polish", "12",
+                 "--offload", "none", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["phases"]["polish"] == plan.phases["polish"]
+
+
 def test_sequential_onloading_holds_the_frame_and_one_layer(configs):
     """Llama-2-70B on one 80 GB GPU with its blocks in CPU memory (``onload.py``), counted by
     hand: the device holds the embeddings, LM head and final norm, plus one layer's weights
@@ -292,7 +325,8 @@ def test_cli_plan_memory_json(configs, capsys):
                  "--gpu-memory", "24"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert {"peak_gpu_bytes", "fits", "phases", "placement"} <= set(out)
-    assert set(out["phases"]) == set(planner.PHASES) - {"refit"} and out["fits"] is False
+    assert set(out["phases"]) == set(planner.PHASES) - {"refit", "polish"}
+    assert out["fits"] is False
     assert out["peak_gpu_bytes"] == max(out["phases"].values())
     assert main(["plan-memory", "--model", str(configs / "7b"), "--offload", "targets",
                  "--json"]) == 0

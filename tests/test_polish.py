@@ -83,6 +83,14 @@ def test_polish_lowers_the_loss_on_its_windows_within_the_budget(shared_data, de
     assert polish_report(start) == {"polish": None}
     assert (out.method, out.decomposition, out.selection) == \
         (start.method, start.decomposition, start.selection)
+    assert meta["stopped"] is False
+    # Stopped (the app's Stop button) after its first exact check: it ends there, with the
+    # moves made so far, and says so.
+    calls = []
+    cut = polish_plan(model, dec, start, polish_ids, PolishConfig(rounds=2, pairs=3),
+                      should_stop=lambda: calls.append(1) or len(calls) > 2).meta["polish"]
+    assert cut["stopped"] is True and cut["rounds_run"] == 1
+    assert cut["history"][0]["tried"] == 1 and cut["moves"] <= 1
     for plan, key in ((start, "loss_before"), (out, "loss_after")):
         compress_(model, dec, plan)
         try:
