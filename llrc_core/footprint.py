@@ -96,9 +96,11 @@ def polish_counts(c: dict, tokens: int) -> dict:
     """``c`` as a polish round (``polish.py``) needs it, for the planner to count like a
     learned method's selection: the same masked layers, but no distillation targets and no
     optimiser state (a 0/1 mask and its gradient per layer); the backward pass of one batch
-    of ``tokens`` tokens with its logits (the loss's float32 copy, their gradients)."""
+    of ``tokens`` tokens with its logits: they and their gradient in the model dtype, and
+    four float32 arrays of their size (``losses.next_token_loss``'s shifted copy, its
+    log-softmax and their gradients; measured on llama-medium, bench/README.md)."""
     f, b = c["facts"], c["b"]
-    logits = tokens * f["vocab_size"] * 2 * (b + 4)
+    logits = tokens * f["vocab_size"] * (2 * b + 16)
     return {**c, "facts": {**f, "activations_bytes_estimate": activation_bytes(f, tokens)
                            + logits, "distill_targets_bytes": 0,
                            "mask_state_bytes": 2 * b * f["spectrum_numbers"]}}

@@ -15,12 +15,12 @@ against the loss perplexity measures. Each round:
    the loss is kept (a layer moves at most once a round: the predictions were made at the
    round's start).
 
-It stops after ``rounds`` rounds or at a round that keeps no move. Under ``torchrun`` the
-processes share the windows and all-reduce the loss and its gradient, so all of them make
-the same moves, those of one process. The plan never grows: a
+It stops after ``rounds`` rounds or at a round that keeps no move. The plan never grows: a
 move may not cost more than the parameters earlier moves freed (on the demo model every move
 costs the same). Dense layers (at or above break-even) stay as they are, and no layer is
-taken up to break-even. Causal LMs only: an encoder has no next-token loss.
+taken up to break-even. Causal LMs only: an encoder has no next-token loss. Under
+``torchrun`` the processes share the windows and all-reduce the loss and its gradient, so
+all of them make the moves one process makes.
 
 Why a search of our own: no library moves ranks between layers by a loss. The first-order
 ranking is what makes it affordable, one backward pass and ``pairs`` forward passes a round
@@ -195,8 +195,8 @@ def polish_plan(model, dec, plan: RankPlan, windows: torch.Tensor, cfg: PolishCo
                          "has none); drop --polish")
     if windows is None or windows.shape[1] < 2:
         raise ValueError("polish needs calibration windows of at least 2 tokens")
-    world, last = distributed.world_size(), windows.shape[0] % (cfg.batch_size
-                                                                * distributed.world_size())
+    world = distributed.world_size()
+    last = windows.shape[0] % (cfg.batch_size * world)       # a process must get a window
     if 0 < last < world:
         raise ValueError(f"polish's {windows.shape[0]} windows leave a last batch of {last} "
                          f"for {world} processes: use a multiple of {world} windows "
