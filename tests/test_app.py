@@ -45,6 +45,18 @@ def wait_job(at, key, until=lambda job: not job.running, timeout=240):
     return job
 
 
+def run_job(at, button, key):
+    """Press a form's submit ``button``, wait for the job ``key`` it starts to finish, rerun
+    the page; the finished job, after checking that it and the page raised nothing."""
+    at.button(key=button).click().run()
+    no_errors(at)
+    job = wait_job(at, key)
+    assert job.status == "done", job.error
+    at.run()
+    no_errors(at)
+    return job
+
+
 def settle(at, key, timeout=240):
     """Wait for the session's queued job ``key`` to end, then rerun the page (as the job's
     panel does in a browser)."""
@@ -221,12 +233,7 @@ def test_compare_page_grid_cache_and_accuracy(at):
     at.number_input(key="cmp_eval").set_value(2)
     at.multiselect(key="cmp_tasks").set_value(["piqa"])
     at.number_input(key="cmp_limit").set_value(8)
-    at.button(key="FormSubmitter:compare_form-Run comparison").click().run()
-    no_errors(at)
-    job = wait_job(at, "compare_job")
-    assert job.status == "done", job.error
-    at.run()
-    no_errors(at)
+    run_job(at, "FormSubmitter:compare_form-Run comparison", "compare_job")
     figs = figures(at)
     bars = figs["fig_cmp_bars"]
     assert [t["name"] for t in bars["data"]] == ["uniform", "energy"]
@@ -420,12 +427,7 @@ def test_compress_and_compare_pages_polish_a_plan(at, monkeypatch):
     at.slider(key="cfg_uniform_ratio").set_value(0.6)
     at.number_input(key="n_eval").set_value(2)
     at.number_input(key="compress_polish").set_value(1)
-    at.button(key="FormSubmitter:compress_form-Start compression").click().run()
-    no_errors(at)
-    job = wait_job(at, "compress_job")
-    assert job.status == "done", job.error
-    at.run()
-    no_errors(at)
+    job = run_job(at, "FormSubmitter:compress_form-Start compression", "compress_job")
     report, plan = job.result.report, job.result.plan
     assert report["polish"]["rounds"] == 1 and report["polish_moves"] >= 1
     assert report["polish_loss_after"] < report["polish_loss_before"]
