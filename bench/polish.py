@@ -11,15 +11,15 @@ is polished on windows of that calibration text (``PolishConfig``'s defaults unl
 ``--rounds`` / ``--windows`` / ``--seq-len``, seeded by the variant's calibration seed, as
 ``compress --polish`` and ``compare --polish`` take them), then scored as selected and polished
 on the evaluation windows (with ``--refit``, the polished plan refitted too). A row per plan
-goes to stdout and ``OUT/rows.jsonl``, the polished plan to ``OUT/<cell name>``. No selection runs: polishing a plan the grid already
-has is cheaper than ``compare --polish``, which selects again.
+goes to stdout and ``OUT/rows.jsonl``, the polished plan to ``OUT/<cell name>``. No
+selection runs: polishing a plan the grid already has is cheaper than ``compare --polish``,
+which selects again.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,15 +75,13 @@ def main(argv=None) -> None:
     for cell in map(Path, args.cells):
         plan = RankPlan.from_dict(json.loads(cell.read_text())["plan"])
         dec = s.dec(plan.decomposition)
-        t0 = time.time()
         polished = polish_plan(s.loaded.model, dec, plan, ids, pcfg)
-        seconds = time.time() - t0
         atomic_json(out / cell.name, {"plan": polished.to_dict()})
         p = polished.meta["polish"]
         row = {"cell": str(cell), "ppl": score(s, dec, plan),
                "ppl_polished": score(s, dec, polished),
                "loss_before": p["loss_before"], "loss_after": p["loss_after"],
-               "moves": p["moves"], "rounds_run": p["rounds_run"], "polish_seconds": seconds,
+               "moves": p["moves"], "rounds_run": p["rounds_run"], "polish_seconds": p["seconds"],
                "eval_windows": args.eval_windows, "eval_sample": args.eval_sample}
         if args.refit:
             row["ppl_polished_refit"] = score(s, dec, polished, refit=True)

@@ -218,7 +218,7 @@ def run_cell(s: Session, cell: dict, emit: Callable[[dict], None] | None = None,
     if "seed" in cell:                      # the seed axis wins over a seed in ``options``
         opts["seed"] = cell["seed"]
     # a reused plan (a cached row's, or a vote of polished plans) is not polished again
-    polish, polish_ids = s.polish() if reuse is None else (None, None)
+    polish, polish_ids = s.polish if reuse is None else (None, None)
     try:
         res = compress(s.loaded.model, dec, cell["method"], s.windows, evaluate=s.evaluate,
                        before=False, plan=RankPlan.from_dict(reuse["plan"]) if reuse else None,

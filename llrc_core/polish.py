@@ -72,15 +72,24 @@ class PolishConfig:
         return min(self.batch_size, self.windows) * self.seq_len
 
 
+def require_causal(loaded) -> None:
+    """Refuse an encoder (MiniLM) before any polish work: it has no next-token loss."""
+    if not loaded.causal:
+        raise ValueError("polish lowers a next-token loss and this model is an encoder: "
+                         "turn polish off (--polish 0)")
+
+
 def polish_windows(loaded, source: str, cfg: PolishConfig, seed: int = 0) -> torch.Tensor:
     """The windows ``cfg`` asks for, from the calibration ``source``: (windows, seq_len).
     From a local text, that many non-overlapping windows evenly spread over all of it (as
     ``evaluate.eval_windows(sample="spread")``); from a Hub set or ``selfgen``, seeded random
-    ones (``pipeline.calibrate``). On the demo model, spread windows moved more and gave a
-    lower held-out perplexity than random ones (one seed; bench/README.md, "Polish")."""
+    ones (``pipeline.calibrate``). An encoder is refused (``require_causal``). On the demo
+    model, spread windows moved more and gave a lower held-out perplexity than random ones
+    (one seed; bench/README.md, "Polish")."""
     from .evaluate import eval_windows
     from .models import context_length
     from .pipeline import calibrate
+    require_causal(loaded)
     seq_len = min(cfg.seq_len, context_length(loaded.model))
     if Path(source).expanduser().exists():     # (one read; calibrate checks any other source)
         return eval_windows(loaded.tokenizer, source, seq_len, cfg.windows, "spread")

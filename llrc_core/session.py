@@ -16,8 +16,9 @@ class Session:
     dense) and its decompositions (made lazily, on a cell's first need).
 
     A caller that already holds these (the app: a copy of its cached model, the session's
-    calibration windows, decompositions and polish windows) passes them in; cells then compress ``loaded``
-    in place and restore it after each cell, so pass a model nobody else is using.
+    calibration windows, decompositions and polish windows) passes them in; cells then
+    compress ``loaded`` in place and restore it after each cell, so pass a model nobody else
+    is using.
     """
 
     def __init__(self, cfg: CompareConfig, log: Callable[[str], None], loaded=None,
@@ -33,25 +34,20 @@ class Session:
             self.loaded, cfg.calib, n_calib, cfg.seq_len, cfg.seed)
         self.decs: dict = dict(decs or {})
         self.out: Path | None = None
-        if cfg.polish and not self.loaded.causal:
-            raise ValueError("polish lowers a next-token loss and this model is an encoder: "
-                             "set polish to 0")
-        self._polish_ids = polish_windows   # (the app's: its calibration is not cfg.calib)
-        self._polish = None
+        self.polish = self._polish_setup(polish_windows)   # an encoder is refused here
         self._eval = self._eval_data()      # now, while the model is still dense
 
-    def polish(self):
-        """``(PolishConfig, its windows)`` when the grid polishes (made on first need), or
-        ``(None, None)``."""
-        from .polish import PolishConfig, polish_windows
+    def _polish_setup(self, ids):
+        """``(PolishConfig, its windows)`` when the grid polishes, else ``(None, None)``;
+        ``ids``: windows the caller made (the app: its calibration is not ``cfg.calib``)."""
+        from .polish import PolishConfig, polish_windows, require_causal
         if not self.cfg.polish:
             return None, None
-        if self._polish is None:
-            pc = PolishConfig(rounds=self.cfg.polish)
-            ids = self._polish_ids if self._polish_ids is not None else polish_windows(
-                self.loaded, self.cfg.calib, pc, self.cfg.seed)
-            self._polish = pc, ids
-        return self._polish
+        pc = PolishConfig(rounds=self.cfg.polish)
+        if ids is None:
+            return pc, polish_windows(self.loaded, self.cfg.calib, pc, self.cfg.seed)
+        require_causal(self.loaded)
+        return pc, ids
 
     def _eval_data(self):
         """Perplexity windows (causal LM), or the lines and their reference embeddings from

@@ -25,6 +25,9 @@ def start_run(run: dict) -> None:
     loaded, w = common.current(), common.windows()
     method, decomp, options = run["method"], run["decomposition"], run["options"]
     cfg = method_config(method, decomp, **options)       # errors show here, in the script
+    plumbing, on_end = dict(run["plumbing"]), None
+    rounds = plumbing.pop("polish", 0)            # recorded as a number; the job gets its
+    polish = PolishConfig(rounds=rounds) if rounds else None     # config and windows
     # Memory guard: a run whose plan does not fit this machine is refused, not started.
     check_fits(loaded.source, method, decomp, dtype=str(loaded.dtype).removeprefix("torch."),
                n_calib=int(w.shape[0]), seq_len=int(w.shape[1]),
@@ -32,14 +35,10 @@ def start_run(run: dict) -> None:
                meta=loaded.model,     # shapes and counts of the model already loaded
                train_seq_len=getattr(cfg, "train_seq_len", 0),
                refit_batch_size=EVAL_BATCH_SIZE if run["plumbing"].get("refit") else None,
-               polish_tokens=PolishConfig().batch_tokens if run["plumbing"].get("polish")
-               else None)
+               polish_tokens=polish.batch_tokens if polish else None)
     eval_ids = common.eval_ids(int(run["n_eval"]), EVAL_SEQ_LEN) if run["n_eval"] else None
-    plumbing, on_end = dict(run["plumbing"]), None
-    rounds = plumbing.pop("polish", 0)            # recorded as a number; the job gets its
-    if rounds:                                    # config and windows
-        pc = PolishConfig(rounds=rounds)
-        plumbing.update(polish=pc, polish_windows=common.polish_ids(pc))
+    if polish:
+        plumbing.update(polish=polish, polish_windows=common.polish_ids(polish))
     if get_selector(method).trains:   # a checkpoint per exact run: a restart resumes it
         calib = st.session_state["calib"]
         ckpt = runs.checkpoint_path(common.model_key(), calib["key"], decomp, method, options)

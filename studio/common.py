@@ -206,13 +206,11 @@ def polish_ids(cfg) -> torch.Tensor:
     ``llrc compress --polish`` takes them; from a Hub set or generated text, the session's
     calibration windows themselves (fetching or generating more would be a second
     calibration)."""
-    from llrc_core.polish import polish_windows
+    from llrc_core.polish import polish_windows, require_causal
     loaded, calib = current(), st.session_state["calib"]
-    if not loaded.causal:
-        raise ValueError("polish lowers a next-token loss and this model is an encoder: set "
-                         "the polish rounds to 0")
     if calib["kind"] in ("file", "upload"):
         return polish_windows(loaded, calib["source"], cfg)
+    require_causal(loaded)
     return windows()
 
 

@@ -142,3 +142,28 @@ def test_polish_windows_are_spread_over_a_local_calibration_text(shared_data, de
     last = ids.numel() // 64 - 1
     assert w.shape == (3, 64)
     assert torch.equal(w[0], ids[:64]) and torch.equal(w[2], ids[last * 64:(last + 1) * 64])
+
+
+def test_an_encoder_is_refused_where_the_polish_windows_are_made(shared_data, tmp_path,
+                                                                  capsys):
+    """MiniLM has no next-token loss: ``polish_windows`` refuses it, and so do a compare
+    session that polishes and ``compress --polish`` (after loading, before decomposing),
+    leaving no output folder."""
+    from llrc_core.compare import CompareConfig
+    from llrc_core.fidelity import resolve_model
+    from llrc_core.models import load_model
+    from llrc_core.polish import polish_windows
+    from llrc_core.session import Session
+    minilm = resolve_model("minilm")
+    with pytest.raises(ValueError, match="this model is an encoder"):
+        polish_windows(load_model(minilm, "cpu"), str(WIKI_VALID), PolishConfig())
+    cfg = CompareConfig(model="minilm", methods=("uniform",), calib=str(WIKI_VALID), n_calib=2,
+                        seq_len=64, fidelity_lines=4, polish=1)
+    with pytest.raises(ValueError, match="this model is an encoder"):
+        Session(cfg, lambda _: None)
+    out = tmp_path / "out"
+    assert main(["compress", "--model", str(minilm), "--method", "uniform", "--ratio", "0.8",
+                 "--calib", str(WIKI_VALID), "--n-calib", "2", "--seq-len", "64",
+                 "--polish", "1", "--out", str(out)]) != 0
+    assert "this model is an encoder: turn polish off" in capsys.readouterr().err
+    assert not out.exists()
