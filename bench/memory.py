@@ -117,6 +117,7 @@ def worker(a) -> dict:
     from llrc_core.export import export_model
     from llrc_core.pipeline import compress_, decompose_model, select_plan
     from llrc_core.planner import plan_memory
+    from llrc_core.polish import PolishConfig
     from llrc_core.preflight import device_memory_gib
     dtype, cuda = getattr(torch, a.dtype), a.device == "cuda"
     distributed.init_from_env()                 # --shard N: one of N torchrun processes
@@ -125,6 +126,8 @@ def worker(a) -> dict:
     folder = Path(tempfile.mkdtemp(prefix=f"rank{distributed.rank()}-"))
     cfg.save_pretrained(folder)
     gpus, gib = device_memory_gib(a.device)
+    polish = PolishConfig(rounds=1, pairs=1, windows=a.n_calib, seq_len=a.seq_len,
+                          batch_size=a.batch_size) if a.polish else None
     plan = plan_memory(str(folder), a.dtype, "llrc", a.decomposition, a.n_calib, a.seq_len,
                        a.batch_size, gpus=gpus, gpu_memory=gib if gpus else None,
                        offload=a.offload, factor_dtype=a.factor_dtype, train_seq_len=0,
@@ -132,7 +135,7 @@ def worker(a) -> dict:
                        shard_over=distributed.world_size() if a.shard > 1 else 1,
                        processes=distributed.world_size(),
                        refit_batch_size=a.batch_size if a.refit else None,
-                       polish_tokens=a.batch_size * a.seq_len if a.polish else None)
+                       polish=polish)
     placement = plan.placement
     windows = torch.randint(0, cfg.vocab_size, (a.n_calib, a.seq_len),
                             generator=torch.Generator().manual_seed(0))
@@ -159,11 +162,9 @@ def worker(a) -> dict:
                                     time.perf_counter()))
         select_s = time.perf_counter() - t
         if a.polish:
-            from llrc_core.polish import PolishConfig, polish_plan
+            from llrc_core.polish import polish_plan
             peaks.enter("polish")
-            rank_plan = polish_plan(model, dec, rank_plan, windows, PolishConfig(
-                rounds=1, pairs=1, windows=a.n_calib, seq_len=a.seq_len,
-                batch_size=a.batch_size))
+            rank_plan = polish_plan(model, dec, rank_plan, windows, polish)
         peaks.enter("apply")
         compress_(model, dec, rank_plan, release=True)
         if a.refit:

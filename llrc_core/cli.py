@@ -68,8 +68,7 @@ def _polish_config(args):
 
 
 def _polish_windows(args, cfg, loaded):
-    """The polish's windows of the calibration text (None without --polish; an encoder is
-    refused there)."""
+    """The polish's windows of the calibration text (None without --polish)."""
     from .polish import polish_windows
     return None if cfg is None else polish_windows(loaded, args.calib, cfg, args.seed)
 
@@ -163,7 +162,7 @@ def cmd_compress(args) -> dict | None:
         dtype=args.dtype, batch_size=args.batch_size, allow_compressed=args.allow_compressed,
         offload=args.offload, factor_dtype=args.factor_dtype, max_shard_size=args.max_shard_size,
         shard_over=distributed.world_size() if args.shard_factors else 1, gpus=args.gpus,
-        refit=args.refit, polish_tokens=polish.batch_tokens if polish else None)
+        refit=args.refit, polish=polish)
     t0 = time.time()
     loaded = _load(args, memory)
     polish_ids = _polish_windows(args, polish, loaded)
@@ -305,7 +304,7 @@ def cmd_plan_memory(args) -> dict | None:
                        factor_dtype=args.factor_dtype, shard_over=args.shard_factors,
                        processes=args.processes,
                        refit_batch_size=args.batch_size if args.refit else None,
-                       polish_tokens=_polish_config(args).batch_tokens if args.polish else None)
+                       polish=_polish_config(args))
     if args.json:
         return plan.to_dict()
     print(plan.table())

@@ -72,9 +72,10 @@ def _polish_args(p: argparse.ArgumentParser) -> None:
     d = PolishConfig()
     p.add_argument("--polish", type=int, default=0, metavar="ROUNDS",
                    help="after selection, move singular values between layers for up to "
-                   "ROUNDS rounds while that lowers the next-token loss on windows of the "
-                   f"calibration text (llrc_core/polish.py; causal LMs; {d.rounds} is the "
-                   "measured setting; 0: off)")
+                   "ROUNDS rounds while that lowers the loss on windows of the calibration "
+                   "text (next-token loss; an encoder's: the distance of its pooled output "
+                   f"to the original's; llrc_core/polish.py; {d.rounds} is the measured "
+                   "setting; 0: off)")
     p.add_argument("--polish-windows", type=int, default=d.windows,
                    help="calibration windows the polish measures its loss on")
     p.add_argument("--polish-seq-len", type=int, default=d.seq_len,

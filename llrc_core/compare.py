@@ -81,7 +81,7 @@ class CompareConfig(ConfigMixin):
                          "stored plans, not a new selection")
     vote: bool = option(False, "also evaluate, per learned cell with 2+ seeds, the vote of its "
                         "seeds' plans (vote.py): no new selection")
-    polish: int = option(0, "rounds of polish.py on every selected plan (causal LMs; 0: off; "
+    polish: int = option(0, "rounds of polish.py on every selected plan (0: off; "
                          "windows and moves at PolishConfig's defaults): a new selection")
 
     def __post_init__(self):

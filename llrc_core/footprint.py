@@ -92,15 +92,19 @@ def activation_bytes(f: dict, tokens: int) -> int:
                                      + 2 * f["spectrum_numbers"])
 
 
-def polish_counts(c: dict, tokens: int) -> dict:
-    """``c`` as a polish round (``polish.py``) needs it, for the planner to count like a
-    learned method's selection: the same masked layers, but no distillation targets and no
-    optimiser state (a 0/1 mask and its gradient per layer); the backward pass of one batch
-    of ``tokens`` tokens with its logits: they and their gradient in the model dtype, and
-    four float32 arrays of their size (``losses.next_token_loss``'s shifted copy, its
-    log-softmax and their gradients; measured on llama-medium, bench/README.md)."""
-    f, b = c["facts"], c["b"]
-    logits = tokens * f["vocab_size"] * (2 * b + 16)
+def polish_counts(c: dict, cfg, meta) -> dict:
+    """``c`` as a polish round (``polish.py``, its ``PolishConfig`` ``cfg``) needs it, for the
+    planner to count like a learned method's selection: the same masked layers, no optimiser
+    state (a 0/1 mask and its gradient per layer), the backward pass of one batch of
+    ``cfg.batch_tokens`` tokens. A causal LM's with its logits: they and their gradient in the
+    model dtype, and four float32 arrays of their size (``losses.next_token_loss``'s shifted
+    copy, its log-softmax and their gradients; measured on llama-medium, bench/README.md),
+    and no targets. An encoder (``meta`` has no output embeddings) has no logits; its targets
+    are the dense model's last states of every window, in the model dtype."""
+    f, b, tokens = c["facts"], c["b"], cfg.batch_tokens
+    encoder = getattr(meta, "get_output_embeddings", lambda: None)() is None
+    logits = 0 if encoder else tokens * f["vocab_size"] * (2 * b + 16)
+    targets = cfg.windows * cfg.seq_len * f["hidden_size"] * b if encoder else 0
     return {**c, "facts": {**f, "activations_bytes_estimate": activation_bytes(f, tokens)
-                           + logits, "distill_targets_bytes": 0,
+                           + logits, "distill_targets_bytes": targets,
                            "mask_state_bytes": 2 * b * f["spectrum_numbers"]}}

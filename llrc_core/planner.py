@@ -28,9 +28,9 @@ runs today:
   batch's logits; export + at most one shard of tensors made as they are written (cast to the
   stored dtype or multiplied back; ``shards.py``, 5 GB by default): an upper bound, none are
   made when the model is exported factorised in its own dtype.
-* **polish** (``compress --polish``, counted when ``polish_tokens`` is given): a learned
-  method's selection phase without distillation targets or optimiser state, for the backward
-  pass of one polish batch with its logits (``footprint.polish_counts``).
+* **polish** (``compress --polish``, counted when ``polish`` is given): a learned method's
+  selection phase without optimiser state, for one polish batch's backward pass with its
+  logits (an encoder: the dense last states as targets; ``footprint.polish_counts``).
 * **refit** (``compress --refit``, counted when ``refit_batch_size`` is given): the applied
   model + ``footprint.refit_bytes`` (the dense and the compressed hidden states of every
   window at one block, two float64 ``n x n`` sums, one batch's inputs, one layer's solve)
@@ -158,7 +158,7 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
                 factor_dtype: str | None = None, train_seq_len: int | None = None,
                 max_shard_size: int | str = DEFAULT_MAX_SHARD, shard_over: int = 1,
                 processes: int = 1, refit_batch_size: int | None = None,
-                polish_tokens: int | None = None) -> MemoryPlan:
+                polish=None) -> MemoryPlan:
     """Count the memory of compressing ``model`` (a folder or Hub id; only its config is
     read) with ``method`` at these settings. ``meta``: an already built model (meta-device,
     or loaded: only its shapes, parameter count and config are used). ``offload``: one of
@@ -171,8 +171,8 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
     torchrun processes of the run (at least ``shard_over``), which share the statistics pass
     (each holds its share of the windows' hidden states) and deal the decomposition out.
     ``refit_batch_size``: count the refit pass with that many windows a batch (``None``: no
-    refit); it rules out sequential onloading. ``polish_tokens``: count the polish pass with
-    that many tokens a batch (``None``: no polish)."""
+    refit); it rules out sequential onloading. ``polish``: count the polish pass of that
+    ``PolishConfig`` (``None``: no polish)."""
     from .selectors import get_selector
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -211,8 +211,8 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
         placement = Placement.for_run(DTYPES[dtype], device, level, factor_dtype, shard_over)
         phases, host, facts = _placed_phases(counts, placement, spec.trains, meta, gpus,
                                              gpu_memory)
-        if polish_tokens:          # the masked layers of a learned selection, one batch
-            pol, pol_host, _ = _placed_phases(footprint.polish_counts(counts, polish_tokens),
+        if polish is not None:     # the masked layers of a learned selection, one batch
+            pol, pol_host, _ = _placed_phases(footprint.polish_counts(counts, polish, meta),
                                               placement, True, meta, gpus, gpu_memory)
             phases["polish"], host["polish"] = pol["selection"], pol_host["selection"]
         else:

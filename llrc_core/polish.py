@@ -1,9 +1,11 @@
 """Polish a plan: move equal-cost chunks of singular values between layers while that lowers
-the next-token loss on windows of the calibration text.
+a loss on windows of the calibration text: a causal LM's next-token loss; an encoder's
+distance to the dense model's output (``polish_objective``).
 
 A selector spends the budget by its own signal (LLRC: the distance of hidden states on short
 calibration windows; SVD-LLM: the same rank everywhere). Polishing checks that spending
-against the loss perplexity measures. Each round:
+against the loss perplexity measures (on an encoder, against what its embedding fidelity
+measures). Each round:
 
 1. one forward and backward pass over the windows, the target layers masked as in LLRC's
    training (``masked.py``) with the plan's 0/1 masks, gives the loss's gradient with respect
@@ -18,9 +20,8 @@ against the loss perplexity measures. Each round:
 It stops after ``rounds`` rounds or at a round that keeps no move. The plan never grows: a
 move may not cost more than the parameters earlier moves freed (on the demo model every move
 costs the same). Dense layers (at or above break-even) stay as they are, and no layer is
-taken up to break-even. Causal LMs only: an encoder has no next-token loss. Under
-``torchrun`` the processes share the windows and all-reduce the loss and its gradient, so
-all of them make the moves one process makes.
+taken up to break-even. Under ``torchrun`` the processes share the windows and all-reduce
+the loss and its gradient, so all of them make the moves one process makes.
 
 Why a search of our own: no library moves ranks between layers by a loss. The first-order
 ranking is what makes it affordable, one backward pass and ``pairs`` forward passes a round
@@ -38,9 +39,9 @@ import torch
 
 from . import distributed
 from .counting import break_even
-from .losses import next_token_loss
 from .plan import LayerPlan, RankPlan
 from .selectors.learned import masked_session
+from .selectors.objective import Objective
 
 Kept = dict[str, frozenset]          # layer -> kept singular-value indices (movable layers)
 
@@ -72,24 +73,15 @@ class PolishConfig:
         return min(self.batch_size, self.windows) * self.seq_len
 
 
-def require_causal(loaded) -> None:
-    """Refuse an encoder (MiniLM) before any polish work: it has no next-token loss."""
-    if not loaded.causal:
-        raise ValueError("polish lowers a next-token loss and this model is an encoder: "
-                         "turn polish off (--polish 0)")
-
-
 def polish_windows(loaded, source: str, cfg: PolishConfig, seed: int = 0) -> torch.Tensor:
     """The windows ``cfg`` asks for, from the calibration ``source``: (windows, seq_len).
     From a local text, that many non-overlapping windows evenly spread over all of it (as
     ``evaluate.eval_windows(sample="spread")``); from a Hub set or ``selfgen``, seeded random
-    ones (``pipeline.calibrate``). An encoder is refused (``require_causal``). On the demo
-    model, spread windows moved more and gave a lower held-out perplexity than random ones
-    (one seed; bench/README.md, "Polish")."""
+    ones (``pipeline.calibrate``). On the demo model, spread windows moved more and gave a
+    lower held-out perplexity than random ones (one seed; bench/README.md, "Polish")."""
     from .evaluate import eval_windows
     from .models import context_length
     from .pipeline import calibrate
-    require_causal(loaded)
     seq_len = min(cfg.seq_len, context_length(loaded.model))
     if Path(source).expanduser().exists():     # (one read; calibrate checks any other source)
         return eval_windows(loaded.tokenizer, source, seq_len, cfg.windows, "spread")
@@ -158,6 +150,14 @@ def ranked_pairs(grad: dict, kept: Kept, grow: dict, shrink: dict, slack: int):
 
 
 # --- the search (model, windows) ------------------------------------------------------------
+def polish_objective(model, windows: torch.Tensor, batch_size: int) -> Objective:
+    """What polish lowers (the learned selectors' ``Objective``, built from the dense model):
+    a causal LM's next-token loss, the quantity perplexity measures; for an encoder, which
+    has none, the distance of its output to the dense model's, by the cosine of mean-pooled
+    spans of the last state (what a sentence encoder outputs, and LLRC's encoder default)."""
+    return Objective(model, windows, "auto", batch_size, distance="pooled")
+
+
 def _masks(layers: dict, kept: Kept, grad: bool = False) -> None:
     for name, layer in layers.items():
         if name not in kept:
@@ -168,19 +168,18 @@ def _masks(layers: dict, kept: Kept, grad: bool = False) -> None:
         layer.mask = mask.requires_grad_(grad)
 
 
-def _loss(model, layers: dict, kept: Kept, windows: torch.Tensor, batch_size: int,
+def _loss(layers: dict, kept: Kept, objective, n: int, batch_size: int,
           grad: bool = False) -> tuple[float, dict]:
-    """Mean next-token loss over ``windows`` with the layers masked as ``kept`` says, and,
-    with ``grad``, its gradient with respect to every movable layer's mask."""
+    """Mean loss over the ``n`` windows of ``objective`` with the layers masked as ``kept``
+    says, and, with ``grad``, its gradient with respect to every movable layer's mask."""
     _masks(layers, kept, grad)
-    device = next(model.parameters()).device
-    total, n = 0.0, windows.shape[0]
+    world, total = distributed.world_size(), 0.0
     with torch.set_grad_enabled(grad):
         # under torchrun each process takes its part of every global batch (the same number
-        # of passes on every rank, as sharded factors need), and the sums are all-reduced
-        for batch in windows.split(batch_size * distributed.world_size()):
-            ids = distributed.local(batch).to(device)
-            loss = next_token_loss(model(input_ids=ids).logits, ids) * (ids.shape[0] / n)
+        # of passes on every rank, as sharded factors need; ``Objective`` weights its part by
+        # its share), and the sums are all-reduced
+        for batch in torch.arange(n).split(batch_size * world):
+            loss = objective(batch) * (len(batch) / (n * world))
             if grad:
                 loss.backward()
             total += float(loss.detach())
@@ -193,15 +192,13 @@ def _loss(model, layers: dict, kept: Kept, windows: torch.Tensor, batch_size: in
 def polish_plan(model, dec, plan: RankPlan, windows: torch.Tensor, cfg: PolishConfig,
                 emit: Callable[[dict], None] = lambda e: None,
                 should_stop: Callable[[], bool] = lambda: False) -> RankPlan:
-    """``plan`` with singular values moved between layers while that lowers the next-token
-    loss on ``windows`` (n, L) (module docstring). ``model`` is dense; ``dec`` holds the
-    factors ``plan`` indexes. The result keeps ``plan``'s method, decomposition and selection;
-    ``meta["polish"]`` records the loss before and after, the moves and the config. When
-    ``should_stop()`` turns true the search ends before its next exact check, with the
-    moves kept so far (``stopped``): every plan it holds is whole and within the budget."""
-    if not getattr(model, "can_generate", lambda: False)():
-        raise ValueError("polish lowers a next-token loss: it needs a causal LM (an encoder "
-                         "has none); drop --polish")
+    """``plan`` with singular values moved between layers while that lowers the polish loss
+    (``polish_objective``) on ``windows`` (n, L) (module docstring). ``model`` is dense;
+    ``dec`` holds the factors ``plan`` indexes. The result keeps ``plan``'s method,
+    decomposition and selection; ``meta["polish"]`` records the loss before and after, the
+    moves and the config. When ``should_stop()`` turns true the search ends before its next
+    exact check, with the moves kept so far (``stopped``): every plan it holds is whole and
+    within the budget."""
     if windows is None or windows.shape[1] < 2:
         raise ValueError("polish needs calibration windows of at least 2 tokens")
     world = distributed.world_size()
@@ -218,14 +215,17 @@ def polish_plan(model, dec, plan: RankPlan, windows: torch.Tensor, cfg: PolishCo
     spectra = {n: dec.factors[n].S.float().cpu() for n in plan.layers}
     kept: Kept = {n: frozenset(lp.kept) for n, lp in plan.layers.items() if not lp.dense}
     slack, done, history = 0, 0, []
+    # made before the masks: an encoder's targets are the dense model's states
+    objective = polish_objective(model, windows, cfg.batch_size)
+    count = windows.shape[0]
     with masked_session(model, {n: dec.factors[n] for n in plan.layers}, dec.placement) as layers:
-        base, _ = _loss(model, layers, kept, windows, cfg.batch_size)
+        base, _ = _loss(layers, kept, objective, count, cfg.batch_size)
         start = base
         emit({"type": "phase", "phase": "polish"})
         for rnd in range(cfg.rounds):
             if should_stop():
                 break
-            _, grad = _loss(model, layers, kept, windows, cfg.batch_size, grad=True)
+            _, grad = _loss(layers, kept, objective, count, cfg.batch_size, grad=True)
             grow, shrink = moves(kept, shapes, spectra, cfg.chunk)
             touched, tried, kept_moves = set(), 0, 0
             for _, i, j in ranked_pairs(grad, kept, grow, shrink, slack):
@@ -235,7 +235,7 @@ def polish_plan(model, dec, plan: RankPlan, windows: torch.Tensor, cfg: PolishCo
                     continue                   # (slack: what this round's moves left over)
                 trial = {**kept, i: shrink[i][0], j: grow[j][0]}
                 tried += 1
-                loss, _ = _loss(model, layers, trial, windows, cfg.batch_size)
+                loss, _ = _loss(layers, trial, objective, count, cfg.batch_size)
                 if loss < base:
                     kept, base = trial, loss
                     slack += shrink[i][1] - grow[j][1]

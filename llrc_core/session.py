@@ -34,19 +34,18 @@ class Session:
             self.loaded, cfg.calib, n_calib, cfg.seq_len, cfg.seed)
         self.decs: dict = dict(decs or {})
         self.out: Path | None = None
-        self.polish = self._polish_setup(polish_windows)   # an encoder is refused here
+        self.polish = self._polish_setup(polish_windows)
         self._eval = self._eval_data()      # now, while the model is still dense
 
     def _polish_setup(self, ids):
         """``(PolishConfig, its windows)`` when the grid polishes, else ``(None, None)``;
         ``ids``: windows the caller made (the app: its calibration is not ``cfg.calib``)."""
-        from .polish import PolishConfig, polish_windows, require_causal
+        from .polish import PolishConfig, polish_windows
         if not self.cfg.polish:
             return None, None
         pc = PolishConfig(rounds=self.cfg.polish)
         if ids is None:
             return pc, polish_windows(self.loaded, self.cfg.calib, pc, self.cfg.seed)
-        require_causal(self.loaded)
         return pc, ids
 
     def _eval_data(self):

@@ -114,12 +114,12 @@ with common.error_box():
                             help="each plan's output factors solved again on the compressed "
                                  "model's inputs before it is evaluated (a grid already run "
                                  "is evaluated again, not selected again)")
-        polish = c3.number_input("Polish rounds (causal LMs; 0: off)", 0, 50, 0,
-                                 key="cmp_polish",
+        polish = c3.number_input("Polish rounds (0: off)", 0, 50, 0, key="cmp_polish",
                                  help="each selected plan is polished: chunks of singular "
                                       "values move between layers while the calibration "
-                                      "text's next-token loss drops (a new selection, same "
-                                      "size; llrc_core/polish.py)")
+                                      "text's loss drops (next-token loss; an encoder's: the "
+                                      "distance to the original's pooled output); a new "
+                                      "selection, same size; llrc_core/polish.py")
         run = st.form_submit_button("Run comparison", type="primary", disabled=busy)
 
     if run:

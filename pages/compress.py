@@ -35,7 +35,7 @@ def start_run(run: dict) -> None:
                meta=loaded.model,     # shapes and counts of the model already loaded
                train_seq_len=getattr(cfg, "train_seq_len", 0),
                refit_batch_size=EVAL_BATCH_SIZE if run["plumbing"].get("refit") else None,
-               polish_tokens=polish.batch_tokens if polish else None)
+               polish=polish)
     eval_ids = common.eval_ids(int(run["n_eval"]), EVAL_SEQ_LEN) if run["n_eval"] else None
     if polish:
         plumbing.update(polish=polish, polish_windows=common.polish_ids(polish))
@@ -181,7 +181,7 @@ st.fragment(live_panel, run_every=1.0 if job is not None and job.running else No
 
 
 with common.error_box():
-    loaded = common.current()
+    common.current()                 # the demo model, when none is loaded yet
     methods = sorted(SELECTORS, key=lambda m: (m != "llrc", m))
     job = st.session_state.get("compress_job")
     busy = job is not None and job.running
@@ -205,15 +205,15 @@ with common.error_box():
                        "output factor is solved again in closed form on the calibration "
                        "windows (same ranks and size; measured gains in bench/README.md)"):
             plumbing["refit"] = True
-        if loaded.causal:
-            polish = st.number_input(
-                "Polish rounds (0: off)", 0, 50, 0, key="compress_polish",
-                help="after selection, equal-cost chunks of singular values move between "
-                     "layers while the next-token loss on the calibration text drops (same "
-                     "size; llrc_core/polish.py). About as slow as LLRC's own selection per "
-                     "few rounds; measured gains in bench/README.md")
-            if polish:
-                plumbing["polish"] = int(polish)
+        polish = st.number_input(
+            "Polish rounds (0: off)", 0, 50, 0, key="compress_polish",
+            help="after selection, equal-cost chunks of singular values move between layers "
+                 "while the calibration text's loss drops (next-token loss; an encoder's: "
+                 "the distance of its pooled output to the original's); same size; "
+                 "llrc_core/polish.py. About as slow as LLRC's own selection per few rounds; "
+                 "measured gains in bench/README.md")
+        if polish:
+            plumbing["polish"] = int(polish)
         start = st.form_submit_button("Start compression", type="primary", disabled=busy)
 
     if start:

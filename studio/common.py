@@ -206,11 +206,10 @@ def polish_ids(cfg) -> torch.Tensor:
     ``llrc compress --polish`` takes them; from a Hub set or generated text, the session's
     calibration windows themselves (fetching or generating more would be a second
     calibration)."""
-    from llrc_core.polish import polish_windows, require_causal
+    from llrc_core.polish import polish_windows
     loaded, calib = current(), st.session_state["calib"]
     if calib["kind"] in ("file", "upload"):
         return polish_windows(loaded, calib["source"], cfg)
-    require_causal(loaded)
     return windows()
 
 

@@ -12,6 +12,7 @@ import transformers
 from llrc_core import models, planner, preflight, spread
 from llrc_core.cli import main
 from llrc_core.errors import LLRCError
+from llrc_core.polish import PolishConfig
 
 # name -> (hidden, intermediate, blocks, heads, kv heads, vocab, params as published)
 LLAMA2 = {"7b": (4096, 11008, 32, 32, 32, 32000, 6_738_415_616),
@@ -233,7 +234,7 @@ def test_the_polish_pass_is_counted_by_hand(configs, capsys):
     for method in ("llrc", "svdllm"):
         base = planner.plan_memory(path, method=method, gpu_memory=80, offload="none")
         plan = planner.plan_memory(path, method=method, gpu_memory=80, offload="none",
-                                   polish_tokens=tokens)
+                                   polish=PolishConfig(windows=12))
         assert "polish" not in base.phases and "polish" not in base.cpu_phases
         assert base.phases == {k: v for k, v in plan.phases.items() if k != "polish"}
         f = plan.facts
@@ -249,6 +250,25 @@ def test_the_polish_pass_is_counted_by_hand(configs, capsys):
     assert main(["plan-memory", "--model", path, "--method", "svdllm", "--polish", "12",
                  "--offload", "none", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["phases"]["polish"] == plan.phases["polish"]
+
+
+def test_an_encoders_polish_counts_the_dense_last_states_and_no_logits():
+    """MiniLM (float32, on the host): an encoder's polish keeps the dense model's last state
+    of every polish window as its targets (windows x tokens x 384 x 4 bytes) and has no
+    logits: a bigger batch adds its activations alone (per token 12 hidden-size and 5
+    intermediate-size values a block, two rank-size values a layer), not 30,522 logits a
+    token."""
+    from llrc_core.fidelity import resolve_model
+    minilm = resolve_model("minilm")
+
+    def polish(**kw):
+        return planner.plan_memory(minilm, "float32", "llrc", "asvd", gpus=0, gpu_memory=None,
+                                   polish=PolishConfig(**kw)).phases["polish"]
+    d, i, blocks = 384, 1536, 6
+    spectrum = blocks * (4 * d + 2 * d)                  # q, k, v, o; intermediate, output
+    assert polish(windows=64) - polish(windows=32) == 32 * 256 * d * 4
+    assert polish(windows=64, batch_size=8) - polish(windows=64, batch_size=4) == \
+        4 * 256 * 4 * (blocks * (12 * d + 5 * i) + 2 * spectrum)
 
 
 def test_sequential_onloading_holds_the_frame_and_one_layer(configs):

@@ -99,9 +99,9 @@ def test_polish_lowers_the_loss_on_its_windows_within_the_budget(shared_data, de
             restore_(model)
 
 
-def test_polish_refuses_an_encoder_and_bad_settings():
-    with pytest.raises(ValueError, match="causal LM"):
-        polish_plan(torch.nn.Linear(2, 2), None, None, torch.zeros(1, 4, dtype=torch.long),
+def test_polish_refuses_bad_settings():
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        polish_plan(torch.nn.Linear(2, 2), None, None, torch.zeros(3, 1, dtype=torch.long),
                     PolishConfig())
     for bad in ({"rounds": 0}, {"pairs": -1}, {"seq_len": 1}):
         with pytest.raises(ValueError, match="polish"):
@@ -144,26 +144,45 @@ def test_polish_windows_are_spread_over_a_local_calibration_text(shared_data, de
     assert torch.equal(w[0], ids[:64]) and torch.equal(w[2], ids[last * 64:(last + 1) * 64])
 
 
-def test_an_encoder_is_refused_where_the_polish_windows_are_made(shared_data, tmp_path,
-                                                                  capsys):
-    """MiniLM has no next-token loss: ``polish_windows`` refuses it, and so do a compare
-    session that polishes and ``compress --polish`` (after loading, before decomposing),
-    leaving no output folder."""
+def test_an_encoder_is_polished_on_the_distance_to_its_dense_output(shared_data, tmp_path):
+    """MiniLM has no next-token loss: polish lowers the cosine distance between the
+    mean-pooled 32-token spans of its last states and the dense model's (LLRC's encoder
+    distance). The distance it reports is the applied plan's, the budget holds, and a
+    compare session and ``compress --polish`` polish MiniLM too."""
     from llrc_core.compare import CompareConfig
     from llrc_core.fidelity import resolve_model
+    from llrc_core.losses import pooled_cosine
     from llrc_core.models import load_model
     from llrc_core.polish import polish_windows
     from llrc_core.session import Session
     minilm = resolve_model("minilm")
-    with pytest.raises(ValueError, match="this model is an encoder"):
-        polish_windows(load_model(minilm, "cpu"), str(WIKI_VALID), PolishConfig())
+    loaded = load_model(minilm, "cpu")
+    model = loaded.model
+    ids = polish_windows(loaded, str(WIKI_VALID), PolishConfig(windows=4, seq_len=64))
+    with inference_mode(model):
+        dense = model(input_ids=ids)[0]
+    dec = decompose_model(model, "asvd", calibrate(loaded, WIKI_VALID, 16, 64, seed=0))
+    start = select_plan(model, dec, "uniform", ratio=0.8)
+    out = polish_plan(model, dec, start, ids, PolishConfig(rounds=1, pairs=3))
+    meta = out.meta["polish"]
+    assert meta["moves"] >= 1 and meta["loss_after"] < meta["loss_before"]
+    assert out.kept_linear == start.kept_linear
+    for plan, key in ((start, "loss_before"), (out, "loss_after")):
+        compress_(model, dec, plan)
+        try:
+            with inference_mode(model):
+                h = model(input_ids=ids)[0]
+            assert float(pooled_cosine(h, dense, 32)) == pytest.approx(meta[key], abs=1e-5)
+        finally:
+            restore_(model)
     cfg = CompareConfig(model="minilm", methods=("uniform",), calib=str(WIKI_VALID), n_calib=2,
                         seq_len=64, fidelity_lines=4, polish=1)
-    with pytest.raises(ValueError, match="this model is an encoder"):
-        Session(cfg, lambda _: None)
-    out = tmp_path / "out"
+    assert Session(cfg, lambda _: None).polish[1].shape == (64, 256)
+    dest = tmp_path / "out"
     assert main(["compress", "--model", str(minilm), "--method", "uniform", "--ratio", "0.8",
-                 "--calib", str(WIKI_VALID), "--n-calib", "2", "--seq-len", "64",
-                 "--polish", "1", "--out", str(out)]) != 0
-    assert "this model is an encoder: turn polish off" in capsys.readouterr().err
-    assert not out.exists()
+                 "--decomposition", "asvd", "--calib", str(WIKI_VALID), "--n-calib", "16",
+                 "--seq-len", "64", "--polish", "1", "--polish-windows", "4",
+                 "--polish-seq-len", "64", "--out", str(dest)]) == 0
+    report = json.loads((dest / "report.json").read_text())
+    assert report["polish_moves"] >= 1
+    assert report["polish_loss_after"] < report["polish_loss_before"]
