@@ -195,6 +195,11 @@ def table(results: dict[str, list[dict]], ratios) -> str:
     return "\n".join(lines)
 
 
+def metric_of(s) -> str:
+    """What a compare session's evaluation scores: perplexity, or an encoder's fidelity."""
+    return "ppl" if s.loaded.causal else "fidelity"
+
+
 def _session(grid: Path, **override):
     """A ``compare`` session rebuilt from a compare folder's ``config.json`` (relative paths
     from the repository root, where it ran; ``minilm`` stays a name), with ``override``
@@ -245,7 +250,7 @@ def prefix_check(grid: Path, ratio: float) -> list[dict]:
     from llrc_core.pipeline import compress_
     from llrc_core.plan import LayerPlan, RankPlan
     s, rows = _session(grid), []
-    metric = "ppl" if s.loaded.causal else "fidelity"
+    metric = metric_of(s)
     for path in sorted(grid.glob(f"cells/llrc__*__any-k__{ratio}__seed*.json")):
         plan = RankPlan.from_dict(json.loads(path.read_text())["plan"])
         prefix = RankPlan({n: LayerPlan(lp.m, lp.n, None if lp.kept is None

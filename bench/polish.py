@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from ablations import VARIANTS, variant_config                  # noqa: E402
+from ablations import VARIANTS, metric_of, variant_config       # noqa: E402
 from llrc_core.apply import restore_                            # noqa: E402
 from llrc_core.compare import CompareConfig                     # noqa: E402
 from llrc_core.session import Session                           # noqa: E402
@@ -49,13 +49,9 @@ def score(s: Session, dec, plan: RankPlan, refit: bool = False) -> float:
     try:
         compress(s.loaded.model, dec, plan.method, s.windows, before=False, plan=plan,
                  refit=refit)
-        return s.evaluate()[metric(s)]
+        return s.evaluate()[metric_of(s)]
     finally:
         restore_(s.loaded.model)
-
-
-def metric(s: Session) -> str:
-    return "ppl" if s.loaded.causal else "fidelity"
 
 
 def session_config(args) -> CompareConfig:
@@ -92,7 +88,7 @@ def main(argv=None) -> None:
     s = Session(cfg, print)
     pcfg = PolishConfig(rounds=args.rounds, windows=args.windows, seq_len=args.polish_seq_len)
     ids = polish_windows(s.loaded, cfg.calib, pcfg, cfg.seed)
-    m = metric(s)
+    m = metric_of(s)
     for cell in map(Path, args.cells):
         plan = RankPlan.from_dict(json.loads(cell.read_text())["plan"])
         dec = s.dec(plan.decomposition)

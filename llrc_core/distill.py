@@ -38,6 +38,12 @@ def distill_layers(model: nn.Module, at: str = "middle-last") -> tuple[int, ...]
     return max(n // 2, 1), n
 
 
+def has_lm_head(model: nn.Module) -> bool:
+    """Whether ``model`` has output embeddings (a causal LM's head), as an encoder has not;
+    a model on the meta device answers too."""
+    return getattr(model, "get_output_embeddings", lambda: None)() is not None
+
+
 def output_head(model: nn.Module) -> nn.Module | None:
     """The part of ``model`` that maps the last hidden state to logits (``lm_head``; BERT's
     ``cls``, transform included), or ``None`` for a model without an LM head. It is the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import distributed
 from .counting import break_even
+from .distill import has_lm_head
 from .placement import Placement
 
 
@@ -102,7 +103,7 @@ def polish_counts(c: dict, cfg, meta) -> dict:
     and no targets. An encoder (``meta`` has no output embeddings) has no logits; its targets
     are the dense model's last states of every window, in the model dtype."""
     f, b, tokens = c["facts"], c["b"], cfg.batch_tokens
-    encoder = getattr(meta, "get_output_embeddings", lambda: None)() is None
+    encoder = not has_lm_head(meta)
     logits = 0 if encoder else tokens * f["vocab_size"] * (2 * b + 16)
     targets = cfg.windows * cfg.seq_len * f["hidden_size"] * b if encoder else 0
     return {**c, "facts": {**f, "activations_bytes_estimate": activation_bytes(f, tokens)

@@ -41,6 +41,7 @@ from . import distributed
 from .counting import break_even
 from .plan import LayerPlan, RankPlan
 from .selectors.learned import masked_session
+from .selectors.llrc import distill_setting
 from .selectors.objective import Objective
 
 Kept = dict[str, frozenset]          # layer -> kept singular-value indices (movable layers)
@@ -154,8 +155,10 @@ def polish_objective(model, windows: torch.Tensor, batch_size: int) -> Objective
     """What polish lowers (the learned selectors' ``Objective``, built from the dense model):
     a causal LM's next-token loss, the quantity perplexity measures; for an encoder, which
     has none, the distance of its output to the dense model's, by the cosine of mean-pooled
-    spans of the last state (what a sentence encoder outputs, and LLRC's encoder default)."""
-    return Objective(model, windows, "auto", batch_size, distance="pooled")
+    spans of the last state (what a sentence encoder outputs: LLRC's encoder default,
+    ``distill_setting``; a causal LM's distance is unused)."""
+    return Objective(model, windows, "auto", batch_size,
+                     distance=distill_setting(model, "auto", "auto")[1])
 
 
 def _masks(layers: dict, kept: Kept, grad: bool = False) -> None:

@@ -44,9 +44,8 @@ class Session:
         if not self.cfg.polish:
             return None, None
         pc = PolishConfig(rounds=self.cfg.polish)
-        if ids is None:
-            return pc, polish_windows(self.loaded, self.cfg.calib, pc, self.cfg.seed)
-        return pc, ids
+        return pc, (polish_windows(self.loaded, self.cfg.calib, pc, self.cfg.seed)
+                    if ids is None else ids)
 
     def _eval_data(self):
         """Perplexity windows (causal LM), or the lines and their reference embeddings from

@@ -137,7 +137,7 @@ def distill_setting(model: nn.Module, at: str, loss: str) -> tuple[str, str]:
     states by normalised MSE (demo model); an encoder, the last state by the cosine of its
     mean-pooled spans, what a sentence encoder outputs (MiniLM: 0.861 +- 0.003 embedding
     fidelity at rho 0.8 against 0.819 +- 0.019, 3 seeds)."""
-    encoder = getattr(model, "get_output_embeddings", lambda: None)() is None
+    encoder = not distill.has_lm_head(model)
     return ((("last" if encoder else "middle-last") if at == "auto" else at),
             (("pooled" if encoder else "nmse") if loss == "auto" else loss))
 

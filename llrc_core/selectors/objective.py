@@ -26,7 +26,7 @@ OBJECTIVES = ("auto", "lm", "distill")       # what resolve_objective takes
 
 def resolve_objective(model: nn.Module, objective: str) -> str:
     """``auto``: next-token loss when the model has an LM head, else distillation (encoders)."""
-    has_head = getattr(model, "get_output_embeddings", lambda: None)() is not None
+    has_head = distill.has_lm_head(model)
     if objective == "auto":
         return "lm" if has_head else "distill"
     if objective == "lm" and not has_head:
