@@ -54,6 +54,11 @@ def score(s: Session, dec, plan: RankPlan, refit: bool = False) -> float:
         restore_(s.loaded.model)
 
 
+# None on the command line: --model minilm refuses what was given rather than ignore it.
+DEMO_DEFAULTS = {"variant": "whiten-calib-128", "seq_len": 128, "eval_windows": 128,
+                 "eval_sample": "spread"}
+
+
 def session_config(args) -> CompareConfig:
     """The demo model's ablation variant, or MiniLM at compare's defaults (rho 0.8, ASVD)."""
     if args.model == "minilm":
@@ -70,11 +75,12 @@ def main(argv=None) -> None:
     ap.add_argument("cells", nargs="+", help="JSON files with a 'plan'")
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="demo", choices=("demo", "minilm"))
-    ap.add_argument("--variant", default="whiten-calib-128", choices=list(VARIANTS))
-    ap.add_argument("--seq-len", type=int, default=128, help="calibration window length "
-                    "(a variant's own wins)")
-    ap.add_argument("--eval-windows", type=int, default=128)
-    ap.add_argument("--eval-sample", default="spread", choices=EVAL_SAMPLES)
+    demo = ap.add_argument_group("the demo model only (MiniLM runs at compare's defaults)")
+    demo.add_argument("--variant", choices=list(VARIANTS), help="default whiten-calib-128")
+    demo.add_argument("--seq-len", type=int, help="calibration window length, default 128 "
+                      "(a variant's own wins)")
+    demo.add_argument("--eval-windows", type=int, help="default 128")
+    demo.add_argument("--eval-sample", choices=EVAL_SAMPLES, help="default spread")
     d = PolishConfig()
     ap.add_argument("--rounds", type=int, default=d.rounds)
     ap.add_argument("--windows", type=int, default=d.windows)
@@ -82,6 +88,13 @@ def main(argv=None) -> None:
     ap.add_argument("--refit", action="store_true", help="also score both plans refitted "
                     "(ppl_refit, ppl_polished_refit)")
     args = ap.parse_args(argv)
+    given = [f"--{k.replace('_', '-')}" for k in DEMO_DEFAULTS if getattr(args, k) is not None]
+    if args.model == "minilm" and given:
+        ap.error(f"{', '.join(given)}: only for the demo model (its variant's calibration "
+                 "and evaluation); MiniLM is polished and scored at compare's defaults, so "
+                 "drop them with --model minilm")
+    for k, v in DEMO_DEFAULTS.items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     cfg = session_config(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

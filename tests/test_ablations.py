@@ -1,7 +1,7 @@
 """The ablation bench's own arithmetic (``bench/ablations.py``), on rows made by hand: the
-seed overlap of kept indices and the mean +- sd table, and ``bench/eval_sampling.py``'s gap
-closed per sample of windows. The benches themselves run in
-``--smoke`` mode by hand (minutes), not in CI."""
+seed overlap of kept indices and the mean +- sd table, ``bench/eval_sampling.py``'s gap
+closed per sample of windows, and ``bench/polish.py``'s refusal of flags it would ignore.
+The benches themselves run in ``--smoke`` mode by hand (minutes), not in CI."""
 from __future__ import annotations
 
 import sys
@@ -94,3 +94,21 @@ def test_eval_sampling_gap_closed_on_each_sample_of_k_windows():
     # spread samples (0, 2, 4, 6) and (1, 3, 5, 7) each hold two of each kind
     assert (r["spread_mean"], r["spread_sd"]) == pytest.approx((mixed, 0), abs=1e-6)
     assert [len(i) for i in eval_sampling.samples(1169, 16)["spread"]] == [16] * 73
+
+
+def test_polish_bench_refuses_demo_only_flags_for_minilm(tmp_path, capsys):
+    """``bench/polish.py --model minilm`` runs at compare's MiniLM defaults, so a demo-model
+    setting it would not use is refused by name before anything loads or is written."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("polish_bench", ROOT / "bench" / "polish.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--model", "minilm", "--seq-len", "64", "--eval-sample", "first",
+                    "--out", str(out), str(tmp_path / "cell.json")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--seq-len, --eval-sample: only for the demo model" in err
+    assert "--eval-windows" not in err.split("error:")[1]
+    assert not out.exists()
