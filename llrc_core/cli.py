@@ -187,8 +187,8 @@ def cmd_compress(args) -> dict | None:
     report = {"model": args.model, "method": args.method, "decomposition": args.decomposition,
               "selection": args.selection, "target_ratio": args.ratio,
               "ratio_scope": args.ratio_scope, **res.plan.summary(),
-              **({"ppl_before": res.ppl_before, "ppl_after": res.ppl_after,
-                  **eval_info(ev, args.eval_text, args.eval_sample)} if ev is not None else {}),
+              **({**res.metrics, **eval_info(ev, args.eval_text, args.eval_sample)}
+                 if ev is not None else {}),
               "stopped": res.stopped, "select_seconds": res.select_seconds,
               **res.refit, **res.polish,
               **({"vote_seeds": list(vote_seeds)} if vote_seeds else {}),
@@ -287,6 +287,11 @@ def cmd_eval(args) -> dict:
     else:
         loaded = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
         model, tok = loaded.model, loaded.tokenizer
+    from .distill import has_lm_head
+    if not has_lm_head(model):
+        raise LLRCError(f"{args.model!r} is an encoder (no LM head), so it has no perplexity; "
+                        "score it by embedding fidelity to its dense model instead: llrc "
+                        "compress --eval-text (windows) or llrc compare (sentence lines)")
     from .models import context_length      # windows longer than the context crash
     ev = eval_windows(tok, args.text, min(args.seq_len, context_length(model)), args.max_windows,
                       args.sample)

@@ -13,7 +13,7 @@ SAMPLE_HELP = ("which windows a capped evaluation takes: first (the text's first
 
 def _common(p: argparse.ArgumentParser, calib_required: bool = False,
             decomposition: str = "svd") -> None:
-    p.add_argument("--model", required=True, help="Hub id or local folder")
+    p.add_argument("--model", required=True, help="Hub id, local folder, or 'minilm'")
     p.add_argument("--device", default=None, help="cuda or cpu; unset: cuda when present")
     p.add_argument("--dtype", default=None, help="compute dtype: float32, float16, bfloat16; "
                    "unset (auto): bfloat16 on CUDA, float32 on CPU")
@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan-memory", help="memory per phase of a compression, from the config "
                        "alone (any model size: no weights are read)")
-    p.add_argument("--model", required=True, help="Hub id or folder (config.json is enough)")
+    p.add_argument("--model", required=True,
+                   help="Hub id, folder (config.json is enough), or 'minilm'")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype")
     p.add_argument("--method", default="llrc", help="rank selector")
     p.add_argument("--decomposition", default="whiten", choices=list(DECOMPOSITIONS))

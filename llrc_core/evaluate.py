@@ -80,3 +80,18 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress=lambd
     return {"ppl": ppl_of(mean), "nll": mean, "seq_len": windows.shape[1],
             "tokens": windows.numel(), "windows": windows.shape[0], "seconds": seconds,
             "tokens_per_s": windows.numel() / max(seconds, 1e-9)}
+
+
+def window_evaluator(model, windows: torch.Tensor, batch_size: int = 8):
+    """``evaluate(m) -> dict`` on token windows (k, L), for ``workflow.compress``: a causal
+    LM's perplexity (``{"ppl"}``); an encoder's embedding fidelity (``{"fidelity"}``: the
+    mean cosine between each window's mean-pooled last state and ``model``'s, embedded now,
+    so pass the dense model). Compare scores an encoder on sentence lines instead
+    (``Session.evaluate``); a compress run has only its evaluation windows."""
+    from . import fidelity
+    from .distill import has_lm_head
+    if has_lm_head(model):
+        return lambda m: {"ppl": perplexity(m, windows, batch_size)["ppl"]}
+    reference = fidelity.window_embeddings(model, windows, batch_size)
+    return lambda m: {"fidelity": fidelity.mean_cosine(
+        reference, fidelity.window_embeddings(m, windows, batch_size))}

@@ -70,6 +70,15 @@ def embed(model, tokenizer, sentences: list[str], batch_size: int = 32,
     return torch.cat(out)
 
 
+def window_embeddings(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Mean-pooled last hidden states of full token windows (k, L), (k, d) float32 on CPU:
+    ``embed`` for text already tokenised into windows (no padding to mask)."""
+    device = next(model.parameters()).device
+    with inference_mode(model):
+        return torch.cat([model(input_ids=ids.to(device))[0].float().mean(1).cpu()
+                          for ids in windows.split(batch_size)])
+
+
 def mean_cosine(reference: torch.Tensor, other: torch.Tensor) -> float:
     """Mean over rows of the cosine similarity of two (N, d) embedding matrices."""
     if reference.shape != other.shape:

@@ -99,8 +99,10 @@ def _looks_local(src: str) -> bool:
 
 def resolve_source(source: str | Path) -> str:
     """A local folder (checked at once, with the nearest existing name as a hint) or a Hub
-    id, unchanged."""
-    src = str(source)
+    id, unchanged; ``'minilm'`` names the installed MiniLM package's folder
+    (``fidelity.resolve_model``), so every command and the studio take it."""
+    from .fidelity import resolve_model
+    src = resolve_model(str(source))
     if not _looks_local(src):
         return src
     path = Path(src).expanduser()

@@ -23,12 +23,11 @@ class Session:
 
     def __init__(self, cfg: CompareConfig, log: Callable[[str], None], loaded=None,
                  windows=None, decs: dict | None = None, polish_windows=None):
-        from .fidelity import resolve_model
         from .models import load_model
         from .pipeline import calibrate, full_rank_windows
         self.cfg, self.log = cfg, log
         self.loaded = loaded if loaded is not None else load_model(
-            resolve_model(cfg.model), cfg.device, allow_compressed=cfg.allow_compressed)
+            cfg.model, cfg.device, allow_compressed=cfg.allow_compressed)
         n_calib = cfg.n_calib or full_rank_windows(self.loaded.model, cfg.seq_len)
         self.windows = windows if windows is not None else calibrate(
             self.loaded, cfg.calib, n_calib, cfg.seq_len, cfg.seed)

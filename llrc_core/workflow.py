@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from .errors import Stopped
-from .evaluate import eval_info, perplexity
+from .evaluate import eval_info, window_evaluator
 from .pipeline import Decomposed, compress_, decompose_model, select_plan, select_voted
 from .plan import RankPlan
 from .polish import PolishConfig, polish_plan, polish_report
@@ -56,6 +56,12 @@ class CompressionResult:
         return self.after.get("ppl")
 
     @property
+    def metrics(self) -> dict:
+        """The measured metrics as ``{name}_before`` / ``{name}_after`` (``ppl``, or an
+        encoder's ``fidelity``): for the callers' reports."""
+        return _suffixed(self.before, self.after)
+
+    @property
     def refit(self) -> dict:
         """``{"refit": bool}`` and, when it ran, ``refit_seconds``: for the callers' reports."""
         return {k: v for k, v in self.report.items() if k.startswith("refit")}
@@ -84,7 +90,8 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
     """Select a plan with ``method`` (or take ``plan``), apply it and evaluate.
 
     ``evaluate(model) -> dict`` measures a model (default with ``eval_ids`` (k, L): its
-    perplexity, ``eval_batch_size`` windows at a time); ``before`` measures the dense model
+    perplexity, an encoder's embedding fidelity to the dense model, ``eval_batch_size``
+    windows at a time: ``evaluate.window_evaluator``); ``before`` measures the dense model
     first. ``options``: the method's config fields (its own ``batch_size`` among them) and
     ``select_plan``'s plumbing (``cache_dir``, ``checkpoint``, ...). A stopped
     selection raises ``Stopped`` unless ``partial`` (keep a stopped learned plan).
@@ -101,8 +108,7 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
         emit({"type": "phase", "phase": "copy"})
         model = copy_module.deepcopy(model)
     if evaluate is None and eval_ids is not None:
-        def evaluate(m):
-            return {"ppl": perplexity(m, eval_ids, eval_batch_size)["ppl"]}
+        evaluate = window_evaluator(model, eval_ids, eval_batch_size)
     metrics_before = {}
     if evaluate is not None and before:
         emit({"type": "phase", "phase": "ppl_before"})
@@ -168,9 +174,10 @@ def _suffixed(before: dict, after: dict) -> dict:
 
 @torch.no_grad()
 def max_logit_diff(model_a, model_b, ids: torch.Tensor) -> float:
-    """``max |logits_a - logits_b|`` on token ids (k, L): 0 for identical models."""
-    a = model_a.eval()(input_ids=ids).logits.float()
-    b = model_b.eval()(input_ids=ids.to(next(model_b.parameters()).device)).logits.float()
+    """``max |logits_a - logits_b|`` on token ids (k, L) (an encoder's: of its last hidden
+    states, its first output): 0 for identical models."""
+    a = model_a.eval()(input_ids=ids)[0].float()
+    b = model_b.eval()(input_ids=ids.to(next(model_b.parameters()).device))[0].float()
     return float((a - b.to(a.device)).abs().max())
 
 

@@ -150,16 +150,21 @@ def _live_panel():
         m = st.columns(4)
         m[0].metric("Ratio (target layers)", f"{result.plan.ratio('linear'):.4f}")
         m[1].metric("Ratio (whole model)", f"{result.plan.ratio('model'):.4f}")
+        r = result.report
         if result.ppl_before is not None:
             m[2].metric("Perplexity before", f"{result.ppl_before:.2f}")
             m[3].metric("Perplexity after", f"{result.ppl_after:.2f}",
                         f"{result.ppl_after - result.ppl_before:+.2f}", delta_color="inverse")
-        if result.ppl_before is not None:
-            r = result.report
             st.caption(f"Perplexity on the first {r['eval_windows']} windows of "
                        f"{r['eval_seq_len']} tokens of WikiText-2 test ({r['eval_tokens']} "
                        "tokens), before and after, same windows.")
-        r = result.report
+        elif "fidelity_after" in r:           # an encoder: no next-token loss
+            m[2].metric("Embedding fidelity", f"{r['fidelity_after']:.4f}",
+                        f"{r['fidelity_after'] - 1:+.4f}")
+            st.caption(f"Embedding fidelity: mean cosine between the dense and the compressed "
+                       f"model's mean-pooled last states of the first {r['eval_windows']} "
+                       f"windows of {r['eval_seq_len']} tokens of WikiText-2 test (1 = "
+                       "unchanged).")
         if r.get("polish"):
             st.caption(f"Polished: {r['polish_moves']} moves in {r['polish_seconds']:.0f} s, "
                        f"calibration loss {r['polish_loss_before']:.4f} → "

@@ -47,7 +47,8 @@ def save_job(entry, target: Path, force: bool, merged: bool):
 
 
 def check_job(entry, out: str, storage: dict):
-    """The job reloading ``out`` and measuring its logits against the model in memory."""
+    """The job reloading ``out`` and measuring its logits (an encoder's last hidden states)
+    against the model in memory."""
     build, ids = model_builder(entry), common.windows()[:2, :64]
 
     def work(emit, should_stop):
@@ -127,7 +128,8 @@ with common.error_box():
         if check is not None and check.status == "done" and \
                 st.session_state.get("check_job:inputs") == out:
             diff, rounding = check.result
-            st.metric(f"max |logit difference| (reloaded vs in memory, weights in "
+            what = "logits" if loaded.causal else "last hidden states"   # an encoder's
+            st.metric(f"max |difference of the {what}| (reloaded vs in memory, weights in "
                       f"{storage.get('dtype')})", f"{diff:.2e}")
             if diff <= 1e-4:
                 st.success("The reloaded model gives the same outputs.")
@@ -135,7 +137,7 @@ with common.error_box():
                 st.warning("The reloaded model's outputs differ more than 1e-4.")
             if storage.get("dtype") != storage.get("compute_dtype"):
                 st.caption(f"Stored in {storage.get('dtype')} (computed in "
-                           f"{storage.get('compute_dtype')}): the rounding moves the logits by "
+                           f"{storage.get('compute_dtype')}): the rounding moves the {what} by "
                            f"up to {rounding:.2e}.")
         with st.expander("Model card (README.md)"):
             card = Path(out) / "README.md"

@@ -9,8 +9,9 @@ st.title("Model")
 st.caption("Load a model and its calibration text. Every other page works on this model; "
            "compressions always run on a private copy.")
 
-SOURCES = {"Demo model (MiniLM-L6 decoder, WikiText-2)": "demo", "Local folder": "local",
-           "Hub id": "hub"}
+SOURCES = {"Demo model (MiniLM-L6 decoder, WikiText-2)": "demo",
+           "MiniLM encoder (all-MiniLM-L6-v2, installed package)": "minilm",
+           "Local folder": "local", "Hub id": "hub"}
 CALIB = {"Local text file": "file", "Upload a file": "upload", "Hub dataset": "hub",
          "Self-generated text": "selfgen"}
 
@@ -42,7 +43,7 @@ st.caption("Local folders and files are read only from: "
 
 with common.error_box():
     if submitted:
-        source = {"demo": str(common.DEMO), "local": where.strip(),
+        source = {"demo": str(common.DEMO), "minilm": "minilm", "local": where.strip(),
                   "hub": where.strip()}[SOURCES[kind]]
         if not source:
             raise ValueError("enter a folder or a Hub id in the text box, or pick the demo model")

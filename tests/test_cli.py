@@ -1,5 +1,6 @@
 """The command line: ``spectra`` on a tiny saved model, bad input (exit 2, a clear message,
-nothing written), and one real ``python -m llrc_core compress`` run on the demo model."""
+nothing written), one real ``python -m llrc_core compress`` run on the demo model, and MiniLM
+scored by embedding fidelity."""
 from __future__ import annotations
 
 import json
@@ -250,3 +251,29 @@ def test_log_receives_every_event_for_any_method(method, extra, tiny_dir, calib_
     assert done[0]["plan"]["layers"] == plan["layers"]
     steps = [e["step"] for e in events if e["type"] == "step"]
     assert steps == ([1, 2, 3] if method == "ara" else [])
+
+
+def test_an_encoder_is_scored_by_embedding_fidelity(tmp_path, capsys):
+    """MiniLM by its alias: ``compress --eval-text`` reports the embedding fidelity of the
+    evaluation windows to the dense model (an encoder has no perplexity), and the exported
+    folder, reloaded, gives the same number; ``eval`` refuses an encoder by name."""
+    from llrc_core.evaluate import eval_windows
+    from llrc_core.export import load_compressed
+    from llrc_core.fidelity import mean_cosine, window_embeddings
+    from llrc_core.models import load_model
+    dest = tmp_path / "out"
+    assert main(["compress", "--model", "minilm", "--method", "uniform", "--ratio", "0.8",
+                 "--calib", str(WIKI_VALID), "--n-calib", "4", "--eval-text", str(WIKI_TEST),
+                 "--max-eval-windows", "4", "--out", str(dest)]) == 0
+    report = json.loads((dest / "report.json").read_text())
+    assert "ppl_after" not in report and report["eval_windows"] == 4
+    assert report["fidelity_before"] == pytest.approx(1.0, abs=1e-6)
+    dense = load_model("minilm", "cpu")
+    ids = eval_windows(dense.tokenizer, WIKI_TEST, report["eval_seq_len"], 4)
+    model, _, _ = load_compressed(dest, "cpu")
+    got = mean_cosine(window_embeddings(dense.model, ids), window_embeddings(model, ids))
+    assert 0.3 < report["fidelity_after"] < 0.99
+    assert got == pytest.approx(report["fidelity_after"], abs=1e-5)
+    capsys.readouterr()
+    assert main(["eval", "--model", "minilm", "--text", str(WIKI_TEST)]) == 2
+    assert "is an encoder (no LM head), so it has no perplexity" in capsys.readouterr().err
