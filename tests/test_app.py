@@ -408,10 +408,8 @@ def test_sessions_do_not_share_jobs_or_results(at):
     assert "Nothing to export yet" in other.info[0].value
 
 
-def test_compress_and_compare_pages_polish_a_plan(at, monkeypatch):
-    """Polish rounds on the Compress page: the job polishes the selected plan on windows
-    spread over the session's calibration text and the page reports its moves; the Compare
-    page polishes its cells on the same windows. (A small polish config, for time.)"""
+def small_polish(monkeypatch):
+    """The pages' ``PolishConfig`` made small (4 windows of 64 tokens, 2 pairs), for time."""
     import dataclasses
     from llrc_core import polish
 
@@ -421,6 +419,36 @@ def test_compress_and_compare_pages_polish_a_plan(at, monkeypatch):
         seq_len: int = 64
         pairs: int = 2
     monkeypatch.setattr(polish, "PolishConfig", Small)
+
+
+def polished_uniform_cell(at, ratio: float, decomposition: str) -> dict:
+    """Run a one-cell Compare grid (uniform at ``ratio``, one polish round, no refit, vote,
+    spread or tasks) and return its row."""
+    at.switch_page("pages/compare.py").run()
+    no_errors(at)
+    at.multiselect(key="cmp_methods").set_value(["uniform"])
+    at.multiselect(key="cmp_ratios").set_value([ratio])
+    at.selectbox(key="cmp_decomp").set_value(decomposition)
+    for box in ("cmp_refit", "cmp_vote", "cmp_spread"):
+        at.checkbox(key=box).uncheck()
+    at.number_input(key="cmp_seeds").set_value(1)
+    at.number_input(key="cmp_eval").set_value(2)
+    at.multiselect(key="cmp_tasks").set_value([])
+    at.number_input(key="cmp_polish").set_value(1)
+    at.button(key="FormSubmitter:compare_form-Run comparison").click().run()
+    job = wait_job(at, "compare_job")
+    assert job.status == "done", job.error
+    at.run()
+    no_errors(at)
+    return next(e["row"] for e in job.events_since(0, "cell")
+                if e["row"]["method"] == "uniform")
+
+
+def test_compress_and_compare_pages_polish_a_plan(at, monkeypatch):
+    """Polish rounds on the Compress page: the job polishes the selected plan on windows
+    spread over the session's calibration text and the page reports its moves; the Compare
+    page polishes its cells on the same windows. (A small polish config, for time.)"""
+    small_polish(monkeypatch)
     at.switch_page("pages/compress.py").run()
     at.selectbox(key="compress_method").set_value("uniform").run()
     at.selectbox(key="compress_decomp_uniform").set_value("whiten").run()
@@ -437,20 +465,6 @@ def test_compress_and_compare_pages_polish_a_plan(at, monkeypatch):
     assert any(c.value.startswith(f"Polished: {report['polish_moves']} moves")
                for c in at.caption)
 
-    at.switch_page("pages/compare.py").run()
-    at.multiselect(key="cmp_methods").set_value(["uniform"])
-    at.multiselect(key="cmp_ratios").set_value([0.6])
-    at.selectbox(key="cmp_decomp").set_value("whiten")
-    for box in ("cmp_refit", "cmp_vote", "cmp_spread"):
-        at.checkbox(key=box).uncheck()
-    at.number_input(key="cmp_seeds").set_value(1)
-    at.number_input(key="cmp_eval").set_value(2)
-    at.multiselect(key="cmp_tasks").set_value([])
-    at.number_input(key="cmp_polish").set_value(1)
-    at.button(key="FormSubmitter:compare_form-Run comparison").click().run()
-    job = wait_job(at, "compare_job")
-    assert job.status == "done", job.error
-    row = next(e["row"] for e in job.events_since(0, "cell")
-               if e["row"]["method"] == "uniform")
+    row = polished_uniform_cell(at, 0.6, "whiten")
     assert row["polish"]["rounds"] == 1 and row["polish_moves"] >= 1
     assert row["ranks"] == plan.ranks()          # the same windows, the same moves

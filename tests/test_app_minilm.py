@@ -7,26 +7,17 @@ One fresh app session of its own, so the demo-model session of ``test_app.py`` i
 untouched."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from conftest import ROOT, WIKI_TEST
-from test_app import no_errors, run_job, settle, wait_job
+from test_app import no_errors, polished_uniform_cell, run_job, settle, small_polish
 
 pytestmark = pytest.mark.skipif(not WIKI_TEST.exists(), reason="needs ../shared/data")
 
 
 def test_minilm_is_compressed_and_polished_in_the_studio(tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
-    from llrc_core import polish
-
-    @dataclasses.dataclass
-    class Small(polish.PolishConfig):         # a small polish, for time
-        windows: int = 4
-        seq_len: int = 64
-        pairs: int = 2
-    monkeypatch.setattr(polish, "PolishConfig", Small)
+    small_polish(monkeypatch)
     monkeypatch.setenv("LLRC_STUDIO_WORKSPACE", str(tmp_path / "workspace"))
     monkeypatch.setenv("LLRC_STUDIO_RUNS", str(tmp_path / "runs"))
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
@@ -71,22 +62,6 @@ def test_minilm_is_compressed_and_polished_in_the_studio(tmp_path, monkeypatch):
     assert at.metric[0].label.startswith("max |difference of the last hidden states|")
     assert float(at.metric[0].value) <= 1e-5 and "same outputs" in at.success[-1].value
 
-    at.switch_page("pages/compare.py").run()
-    no_errors(at)
-    at.multiselect(key="cmp_methods").set_value(["uniform"])
-    at.multiselect(key="cmp_ratios").set_value([0.8])
-    at.selectbox(key="cmp_decomp").set_value("asvd")
-    for box in ("cmp_refit", "cmp_vote", "cmp_spread"):
-        at.checkbox(key=box).uncheck()
-    at.number_input(key="cmp_seeds").set_value(1)
-    at.multiselect(key="cmp_tasks").set_value([])
-    at.number_input(key="cmp_polish").set_value(1)
-    at.button(key="FormSubmitter:compare_form-Run comparison").click().run()
-    job = wait_job(at, "compare_job")
-    assert job.status == "done", job.error
-    at.run()
-    no_errors(at)
-    row = next(e["row"] for e in job.events_since(0, "cell")
-               if e["row"]["method"] == "uniform")
+    row = polished_uniform_cell(at, 0.8, "asvd")
     assert row["polish_moves"] >= 1 and 0.5 < row["fidelity"] < 1 and row.get("ppl") is None
     assert row["ranks"] == plan.ranks()          # the same windows, the same moves
