@@ -94,7 +94,8 @@ def main(argv=None) -> None:
                  "and evaluation); MiniLM is polished and scored at compare's defaults, so "
                  "drop them with --model minilm")
     for k, v in DEMO_DEFAULTS.items():
-        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     cfg = session_config(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
