@@ -67,6 +67,17 @@ def _polish_config(args):
         raise LLRCError(f"{exc}; e.g. --polish 12, or 0 for none") from exc
 
 
+def _check_refit_windows(args) -> None:
+    """``compress --refit-windows``: a count, and only with ``--refit`` (else it would be
+    ignored)."""
+    if args.refit_windows < 0:
+        raise LLRCError(f"--refit-windows takes 0 (the calibration windows) or more; got "
+                        f"{args.refit_windows}")
+    if args.refit_windows and not args.refit:
+        raise LLRCError("--refit-windows sets the windows --refit fits on: add --refit, or "
+                        "drop --refit-windows")
+
+
 def _polish_windows(args, cfg, loaded):
     """The polish's windows of the calibration text (None without --polish)."""
     from .polish import polish_windows
@@ -139,6 +150,7 @@ def cmd_compress(args) -> dict | None:
     from .export import export_info, export_model
     from .onload import disable_
     from .preflight import check_compress
+    from .refit import refit_windows
     from .selectors import get_selector
     from .speed import stored_summary
     from .workflow import compress
@@ -151,6 +163,7 @@ def cmd_compress(args) -> dict | None:
                         "trains none: use a learned method (llrc, ars, ara) or drop it")
     vote_seeds = _vote_seeds(args)
     polish = _polish_config(args)
+    _check_refit_windows(args)
     if args.shard_factors and distributed.world_size() < 2:
         raise LLRCError("--shard-factors splits the factors over processes: launch with "
                         "torchrun --nproc_per_node N (N > 1), or drop --shard-factors")
@@ -166,6 +179,7 @@ def cmd_compress(args) -> dict | None:
     t0 = time.time()
     loaded = _load(args, memory)
     polish_ids = _polish_windows(args, polish, loaded)
+    refit_ids = refit_windows(loaded, args.calib, args.refit_windows, args.seq_len, args.seed)
     dec, windows = _decompose(args, loaded, memory.placement)
     ev = None
     if args.eval_text and main:
@@ -179,7 +193,8 @@ def cmd_compress(args) -> dict | None:
         res = compress(loaded.model, dec, args.method, windows, eval_ids=ev,
                        emit=fan_out(bar, log) if main else (lambda e: None),
                        eval_batch_size=args.batch_size, release_factors=True,
-                       refit=args.refit, vote_seeds=vote_seeds, polish=polish,
+                       refit=args.refit, refit_windows=refit_ids, vote_seeds=vote_seeds,
+                       polish=polish,
                        polish_windows=polish_ids, checkpoint=args.checkpoint, **opts)
     if not main:                      # the same plan as rank 0's; rank 0 writes it
         distributed.barrier()
@@ -332,7 +347,7 @@ def cmd_compare(args) -> dict:
         tasks=args.tasks or (), task_limit=args.limit, options=options,
         allow_compressed=args.allow_compressed, seeds=args.seeds,
         batch_size=args.batch_size, device=args.device, refit=args.refit,
-        vote=args.vote, polish=args.polish)
+        refit_windows=args.refit_windows, vote=args.vote, polish=args.polish)
     bar, cell = tqdm(desc="compare", unit="cell", leave=False), [""]
 
     def progress(e: dict) -> None:   # cells done, the running cell and its training step

@@ -79,6 +79,9 @@ class CompareConfig(ConfigMixin):
     refit: bool = option(False, "refit each plan's output factors to the compressed model's "
                          "inputs before evaluating it (refit.py): a new evaluation of the "
                          "stored plans, not a new selection")
+    refit_windows: int = option(0, "with refit: fit on this many fresh windows of the "
+                                "calibration text (refit.refit_windows); 0: on the calibration "
+                                "windows")
     vote: bool = option(False, "also evaluate, per learned cell with 2+ seeds, the vote of its "
                         "seeds' plans (vote.py): no new selection")
     polish: int = option(0, "rounds of polish.py on every selected plan (0: off; "
@@ -95,6 +98,9 @@ class CompareConfig(ConfigMixin):
             raise ValueError(f"seeds must be integers, e.g. seeds=[0, 1, 2]; got {self.seeds}")
         if not self.seeds:
             raise ValueError("give at least one seed, e.g. seeds=[0]")
+        if self.refit_windows < 0 or (self.refit_windows and not self.refit):
+            raise ValueError(f"refit_windows ({self.refit_windows}) is how many fresh windows "
+                             "the refit takes: 0 or more, and with refit on")
         check_scope(self.scope)
         bad = set(self.selections) - set(SELECTIONS)
         if bad or not self.selections:
@@ -172,13 +178,13 @@ def cell_id(cell: dict) -> str:
 
 
 EVAL_FIELDS = ("eval_text", "eval_seq_len", "max_eval_windows", "eval_sample",
-               "fidelity_lines", "tasks", "task_limit", "refit")
+               "fidelity_lines", "tasks", "task_limit", "refit", "refit_windows")
 #: Fields added after grids were cached: fingerprinted only away from these values, so the
 #: cells of a grid cached before a field existed stay valid.
-LATER_FIELDS = {"refit": False, "eval_sample": "first", "polish": 0}
+LATER_FIELDS = {"refit": False, "eval_sample": "first", "polish": 0, "refit_windows": 0}
 #: What only a plan depends on: the dense cell (no plan) leaves them out, so turning refit or
 #: polish on does not evaluate dense again.
-PLAN_FIELDS = ("refit", "polish")
+PLAN_FIELDS = ("refit", "refit_windows", "polish")
 
 
 def _fingerprint(cfg: CompareConfig, method: str, skip: tuple = ()) -> str:
@@ -223,7 +229,8 @@ def run_cell(s: Session, cell: dict, emit: Callable[[dict], None] | None = None,
         res = compress(s.loaded.model, dec, cell["method"], s.windows, evaluate=s.evaluate,
                        before=False, plan=RankPlan.from_dict(reuse["plan"]) if reuse else None,
                        partial=False, emit=emit or (lambda e: None), should_stop=should_stop,
-                       cache_dir=str(Path(s.out) / "cache"), refit=cfg.refit, polish=polish,
+                       cache_dir=str(Path(s.out) / "cache"), refit=cfg.refit,
+                       refit_windows=s.refit_ids, polish=polish,
                        polish_windows=polish_ids, **opts)
     finally:
         restore_(s.loaded.model)

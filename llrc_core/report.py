@@ -11,9 +11,9 @@ from .files import atomic_json, atomic_write
 
 COLUMNS = ["method", "decomposition", "selection", "scope", "target_ratio", "seed", "vote",
            "achieved_ratio_linear", "achieved_ratio_model", "ppl", "fidelity", "seconds",
-           "decompose_seconds", "eval_seconds", "refit", "refit_seconds", "polish_moves",
-           "polish_seconds", "dense_layers",
-           "ranks", "error", "eval_seq_len", "eval_windows", "eval_sample"]
+           "decompose_seconds", "eval_seconds", "refit", "refit_seconds", "refit_windows",
+           "polish_moves", "polish_seconds", "dense_layers", "ranks", "error", "eval_seq_len",
+           "eval_windows", "eval_sample"]
 
 
 def tidy(rows: list[dict]):

@@ -25,6 +25,7 @@ class Session:
                  windows=None, decs: dict | None = None, polish_windows=None):
         from .models import load_model
         from .pipeline import calibrate, full_rank_windows
+        from .refit import refit_windows
         self.cfg, self.log = cfg, log
         self.loaded = loaded if loaded is not None else load_model(
             cfg.model, cfg.device, allow_compressed=cfg.allow_compressed)
@@ -34,6 +35,8 @@ class Session:
         self.decs: dict = dict(decs or {})
         self.out: Path | None = None
         self.polish = self._polish_setup(polish_windows)
+        self.refit_ids = refit_windows(self.loaded, cfg.calib, cfg.refit_windows, cfg.seq_len,
+                                       cfg.seed) if cfg.refit else None
         self._eval = self._eval_data()      # now, while the model is still dense
 
     def _polish_setup(self, ids):

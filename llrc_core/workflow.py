@@ -63,7 +63,8 @@ class CompressionResult:
 
     @property
     def refit(self) -> dict:
-        """``{"refit": bool}`` and, when it ran, ``refit_seconds``: for the callers' reports."""
+        """``{"refit": bool}`` and, when it ran, ``refit_seconds`` and ``refit_windows`` (how
+        many it was fitted on): for the callers' reports."""
         return {k: v for k, v in self.report.items() if k.startswith("refit")}
 
     @property
@@ -85,7 +86,8 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
              plan: RankPlan | None = None, copy: bool = False, partial: bool = True,
              emit: Emit = lambda e: None, should_stop: Callable[[], bool] = lambda: False,
              eval_batch_size: int = EVAL_BATCH_SIZE, release_factors: bool = False,
-             refit: bool = False, vote_seeds: tuple = (), polish: PolishConfig | None = None,
+             refit: bool = False, refit_windows: torch.Tensor | None = None,
+             vote_seeds: tuple = (), polish: PolishConfig | None = None,
              polish_windows: torch.Tensor | None = None, **options) -> CompressionResult:
     """Select a plan with ``method`` (or take ``plan``), apply it and evaluate.
 
@@ -98,7 +100,8 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
     ``release_factors``: each layer's full-rank factors leave ``dec`` once it is applied (a
     one-shot run: they are not needed again, and the memory planner counts on it).
     ``refit``: once applied, each low-rank layer's output factor is refitted to the inputs the
-    compressed model feeds it, on ``windows`` (``refit.py``). ``vote_seeds`` (two or more): a
+    compressed model feeds it, on ``refit_windows`` if given, else on ``windows``
+    (``refit.py``). ``vote_seeds`` (two or more): a
     learned ``method`` runs once per seed and the vote of their plans is kept
     (``pipeline.select_voted``). ``polish``: before it is applied, the plan (selected or
     given) moves singular values between layers while that lowers the next-token loss on
@@ -137,14 +140,15 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
             raise Stopped("the polish was stopped before its plan was final")
     emit({"type": "phase", "phase": "apply"})
     compress_(model, dec, plan, release=release_factors)
-    refit_seconds = None
+    refitted = {}
     if refit:
-        if windows is None:
+        ids = windows if refit_windows is None else refit_windows
+        if ids is None:
             raise ValueError("refit needs the calibration windows: pass --calib")
         emit({"type": "phase", "phase": "refit"})
         t1 = time.time()
-        refit_(model, windows, eval_batch_size)
-        refit_seconds = time.time() - t1
+        refit_(model, ids, eval_batch_size)
+        refitted = {"refit_seconds": time.time() - t1, "refit_windows": int(ids.shape[0])}
     metrics_after = {}
     if evaluate is not None:
         emit({"type": "phase", "phase": "ppl_after"})
@@ -156,7 +160,7 @@ def compress(model, dec: Decomposed, method: str, windows=None, *, eval_ids=None
               **{k: v for k, v in plan.summary().items() if k != "ranks"},
               **_suffixed(metrics_before, metrics_after),
               "stopped": stopped, "select_seconds": select_seconds,
-              "refit": refit, **({"refit_seconds": refit_seconds} if refit else {}),
+              "refit": refit, **refitted,
               **polish_report(plan),
               **({"vote_seeds": list(vote_seeds)} if len(vote_seeds) > 1 else {}),
               **(eval_info(eval_ids) if eval_ids is not None else {}),

@@ -28,6 +28,7 @@ def start_run(run: dict) -> None:
     plumbing, on_end = dict(run["plumbing"]), None
     rounds = plumbing.pop("polish", 0)            # recorded as a number; the job gets its
     polish = PolishConfig(rounds=rounds) if rounds else None     # config and windows
+    n_refit = plumbing.pop("refit_windows", 0)    # the same: a number, then its windows
     # Memory guard: a run whose plan does not fit this machine is refused, not started.
     check_fits(loaded.source, method, decomp, dtype=str(loaded.dtype).removeprefix("torch."),
                n_calib=int(w.shape[0]), seq_len=int(w.shape[1]),
@@ -39,6 +40,8 @@ def start_run(run: dict) -> None:
     eval_ids = common.eval_ids(int(run["n_eval"]), EVAL_SEQ_LEN) if run["n_eval"] else None
     if polish:
         plumbing.update(polish=polish, polish_windows=common.polish_ids(polish))
+    if n_refit:
+        plumbing["refit_windows"] = common.refit_ids(n_refit)
     if get_selector(method).trains:   # a checkpoint per exact run: a restart resumes it
         calib = st.session_state["calib"]
         ckpt = runs.checkpoint_path(common.model_key(), calib["key"], decomp, method, options)
@@ -210,6 +213,11 @@ with common.error_box():
                        "output factor is solved again in closed form on the calibration "
                        "windows (same ranks and size; measured gains in bench/README.md)"):
             plumbing["refit"] = True
+        refit_n = st.number_input(
+            "Refit windows (with refit; 0: the calibration windows)", 0, 4096, 0,
+            key="compress_refit_windows", help="fit the refit on this many fresh windows of "
+            "the calibration text instead (other than the ones the selection saw; on the demo "
+            "model 512 beat the 128 it selects on, bench/README.md)")
         polish = st.number_input(
             "Polish rounds (0: off)", 0, 50, 0, key="compress_polish",
             help="after selection, equal-cost chunks of singular values move between layers "
@@ -220,6 +228,13 @@ with common.error_box():
         if polish:
             plumbing["polish"] = int(polish)
         start = st.form_submit_button("Start compression", type="primary", disabled=busy)
+    if start and refit_n:
+        if not plumbing.get("refit"):
+            st.error("Refit windows are set but the refit is off: tick the refit, or set the "
+                     "refit windows to 0.")
+            start = False
+        else:
+            plumbing["refit_windows"] = int(refit_n)
 
     if start:
         label = (f"{method} {options.get('selection', '')} {options['ratio']:.2f} "

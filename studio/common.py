@@ -213,6 +213,19 @@ def polish_ids(cfg) -> torch.Tensor:
     return windows()
 
 
+def refit_ids(n: int) -> torch.Tensor:
+    """``n`` fresh windows of this session's calibration text or dataset for the refit alone,
+    as ``llrc compress --refit-windows`` draws them (``refit.refit_windows``). Generated
+    calibration text has no more windows than it made: refused with the fix."""
+    from llrc_core.refit import refit_windows
+    loaded, calib, w = current(), st.session_state["calib"], windows()
+    if calib["kind"] == "selfgen":
+        raise ValueError("fresh refit windows are drawn from a calibration text or dataset; "
+                         "this session generated its calibration: set the refit windows to 0 "
+                         "(the calibration windows)")
+    return refit_windows(loaded, calib["source"], n, int(w.shape[1]))
+
+
 def decomposition_job(method: str):
     """A job function computing (or reusing) this session's decomposition by ``method``."""
     base, w = current().model, windows()

@@ -116,6 +116,12 @@ BAD_INPUT = [
     ("refit-onloaded", lambda d, o, c, e, t: _compress(d, t / "out", c, "--ratio", "0.8",
                                                        "--refit", "--offload", "weights"),
      r"--refit needs the weights in memory.*drop --refit"),
+    ("refit-windows-without-refit", lambda d, o, c, e, t: _compress(
+        d, t / "out", c, "--ratio", "0.8", "--refit-windows", "64"),
+     r"--refit-windows sets the windows --refit fits on: add --refit"),
+    ("refit-windows-negative", lambda d, o, c, e, t: _compress(
+        d, t / "out", c, "--ratio", "0.8", "--refit", "--refit-windows", "-1"),
+     r"--refit-windows takes 0 \(the calibration windows\) or more; got -1"),
     ("vote-one-seed", lambda d, o, c, e, t: _compress(d, t / "out", c, "--ratio", "0.8",
                                                       "--method", "llrc", "--vote-seeds", "3"),
      r"--vote-seeds needs two or more seeds.*--opt seed=N"),

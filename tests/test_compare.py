@@ -116,15 +116,25 @@ def test_demo_grid_resumes_and_writes_tidy_results(tmp_path, monkeypatch):
     assert all(a != b for a, b in zip(one["ppl"], again["ppl"]))   # a different window count
 
     # Refitting the output factors is a new evaluation of the stored plans too.
-    fit = run_compare(CompareConfig.from_dict({**cfg.to_dict(), "methods": ["uniform", "svdllm"],
-                                               "max_eval_windows": 1, "refit": True}),
-                      tmp_path, log=lambda _: None)
+    def fit_cfg(c: CompareConfig) -> dict:
+        return {**c.to_dict(), "methods": ["uniform", "svdllm"], "max_eval_windows": 1,
+                "refit": True}
+    fit = run_compare(CompareConfig.from_dict(fit_cfg(cfg)), tmp_path, log=lambda _: None)
     low = fit["method"] != "dense"
     assert fit["error"].isna().all() and fit[low]["refit"].tolist() == [True] * 4
     assert (fit[low]["refit_seconds"] > 0).all()
     assert fit["seconds"].tolist() == one["seconds"].tolist()
     assert fit["ppl"][~low].tolist() == one["ppl"][~low].tolist()       # dense: unchanged
     assert all(a != b for a, b in zip(fit["ppl"][low], one["ppl"][low]))
+
+    # Refitting on fresh windows of the calibration text: again only a new evaluation.
+    fresh = run_compare(CompareConfig.from_dict({**fit_cfg(cfg), "refit_windows": 6}),
+                        tmp_path, log=lambda _: None)
+    assert fresh["error"].isna().all() and fresh[low]["refit_windows"].tolist() == [6] * 4
+    assert fit[low]["refit_windows"].tolist() == [cfg.n_calib] * 4
+    assert fresh["seconds"].tolist() == one["seconds"].tolist()
+    assert fresh["ppl"][~low].tolist() == one["ppl"][~low].tolist()
+    assert all(a != b for a, b in zip(fresh["ppl"][low], fit["ppl"][low]))
 
     # Windows spread over the text instead of its first ones: a new evaluation of the stored
     # plans as well; a grid on the first windows keeps its cache (the field is left out of
@@ -316,3 +326,11 @@ def test_polish_is_a_new_selection_left_out_of_fingerprints_when_off(monkeypatch
     assert compare.fingerprint(pol, "dense") == compare.fingerprint(cfg, "dense") == \
         compare.fingerprint(fit, "dense")
     assert compare.fingerprint(fit, "uniform") != compare.fingerprint(cfg, "uniform")
+    fresh = CompareConfig(methods=("uniform",), refit=True, refit_windows=64)
+    assert compare.fingerprint(fresh, "uniform") != compare.fingerprint(fit, "uniform")
+    assert compare.select_fingerprint(fresh, "uniform") == compare.select_fingerprint(
+        fit, "uniform") and compare.fingerprint(fresh, "dense") == compare.fingerprint(
+        cfg, "dense")
+    for bad in ({"refit_windows": 64}, {"refit": True, "refit_windows": -1}):
+        with pytest.raises(ValueError, match="refit_windows.*0 or more, and with refit on"):
+            CompareConfig(**bad)

@@ -16,7 +16,7 @@ from llrc_core.apply import LowRankLinear, restore_
 from llrc_core.decompose import refit_output
 from llrc_core.models import count_params
 from llrc_core.pipeline import compress_, decompose_model, select_plan
-from llrc_core.refit import refit_
+from llrc_core.refit import refit_, refit_windows
 from test_distributed import _free_port, process_group
 
 
@@ -75,6 +75,22 @@ def test_refit_keeps_the_plan_lowers_the_error_and_restores(shared_data):
         assert torch.equal(model(windows[:2]).logits, dense_logits)
 
 
+def test_refit_windows_are_fresh_windows_of_the_calibration_text(shared_data):
+    """``refit_windows``: n windows of the same length from the calibration text, none of
+    them one the selection calibrated on; 0 is None (the calibration windows)."""
+    from llrc_core.models import load_model
+    from llrc_core.pipeline import calibrate
+    loaded = load_model(DEMO, "cpu")
+    calib = calibrate(loaded, WIKI_VALID, 32, 128, seed=0)
+    fresh = refit_windows(loaded, WIKI_VALID, 64, 128, seed=0)
+    assert fresh.shape == (64, 128) and fresh.dtype == calib.dtype
+    assert not (fresh[:, None, :] == calib[None, :, :]).all(-1).any()
+    assert torch.equal(fresh, refit_windows(loaded, WIKI_VALID, 64, 128, seed=0))  # seeded
+    assert refit_windows(loaded, WIKI_VALID, 0, 128) is None
+    with pytest.raises(ValueError, match="0 .the calibration windows. or more; got -2"):
+        refit_windows(loaded, WIKI_VALID, -2, 128)
+
+
 def _refitted(windows: torch.Tensor) -> dict[str, torch.Tensor]:
     model = tiny_model("llama")
     dec = decompose_model(model, "whiten", windows)
@@ -104,21 +120,25 @@ def test_two_gloo_processes_refit_as_one(tmp_path):
 
 def test_cli_refit_exports_the_refitted_model(tmp_path, shared_data, capsys):
     """``compress --refit``: the report says so and its perplexity is below the same run's
-    without refit; ``eval`` on the export reproduces it (the refitted factors are written)."""
+    without refit, on the calibration windows or on 48 fresh ones (``--refit-windows``);
+    ``eval`` on the export reproduces it (the refitted factors are written)."""
     from llrc_core.cli import main
     common = ["--model", str(DEMO), "--method", "uniform", "--ratio", "0.6",
               "--decomposition", "whiten", "--calib", str(WIKI_VALID), "--n-calib", "16",
               "--seq-len", "128", "--eval-text", str(WIKI_TEST), "--max-eval-windows", "4"]
     reports = {}
-    for flag in ((), ("--refit",)):
+    for flag in ((), ("--refit",), ("--refit", "--refit-windows", "48")):
         out = tmp_path / f"out{len(flag)}"
         assert main(["compress", *common, *flag, "--out", str(out)]) == 0
         capsys.readouterr()
-        reports[bool(flag)] = json.loads((out / "report.json").read_text())
-    on, off = reports[True], reports[False]
+        reports[len(flag)] = json.loads((out / "report.json").read_text())
+    off, on, fresh = reports[0], reports[1], reports[3]
     assert on["refit"] is True and on["refit_seconds"] > 0 and off["refit"] is False
-    assert on["ranks"] == off["ranks"]
-    assert on["ppl_after"] < off["ppl_after"], (on["ppl_after"], off["ppl_after"])
+    assert on["refit_windows"] == 16 and fresh["refit_windows"] == 48
+    assert on["ranks"] == off["ranks"] == fresh["ranks"]
+    for refitted in (on, fresh):
+        assert refitted["ppl_after"] < off["ppl_after"], (refitted, off["ppl_after"])
+    assert fresh["ppl_after"] != on["ppl_after"]          # fitted on other windows
     assert main(["eval", "--model", str(tmp_path / "out1"), "--text", str(WIKI_TEST),
                  "--max-windows", "4"]) == 0
     assert json.loads(capsys.readouterr().out)["ppl"] == pytest.approx(on["ppl_after"],
