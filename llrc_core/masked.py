@@ -9,6 +9,8 @@ trainer sets before each forward pass. Per call it takes the cheaper of
       (``T m n``),
 
 by comparing those counts for the call's token count ``T`` (forward and backward scale alike).
+A plan's exact loss needs no gradient (``polish.py``'s checks): with ``keep_only`` a call
+gathers the kept values' columns and costs the same with ``k`` kept values for ``r``.
 
 Offloaded factors (``placement.Placement.offload_factors``) stay in CPU memory: each forward
 moves the layer's ``U`` and ``V`` to the device, and a ``saved_tensors_hooks`` pair keeps
@@ -51,6 +53,7 @@ class MaskedLowRank(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(device, dtype),
                              persistent=False)
         self.mask: torch.Tensor | None = None    # (r,) set by the trainer; None = all kept
+        self.kept: torch.Tensor | None = None    # keep_only's indices
         self.path = "auto"                       # "auto", "factorised" or "dense"
         self.last_path = ""
         self.fetches = 0                         # offloaded: factor copies moved to the device
@@ -59,13 +62,27 @@ class MaskedLowRank(nn.Module):
     def rank(self) -> int:
         return self.S.numel()
 
-    def choose(self, tokens: int) -> str:
+    def choose(self, tokens: int, r: int | None = None) -> str:
         if self.offloaded:
             return "factorised"
         if self.path != "auto":
             return self.path
-        (m, r), n = self.U.shape, self.V.shape[1]
+        (m, full), n = self.U.shape, self.V.shape[1]
+        r = full if r is None else r
         return "dense" if m * r * n + tokens * m * n < tokens * r * (m + n) else "factorised"
+
+    def keep_only(self, idx) -> bool:
+        """Compute with the singular values ``idx`` alone, without a mask or its gradient: a
+        call gathers ``U[:, idx] diag(S[idx])`` and ``V[idx]`` (one layer's at a time, so
+        nothing is held between calls: the memory planner's polish phase is unchanged) and
+        costs what the full rank's would with ``len(idx)`` for ``r``. ``None`` clears it.
+        Offloaded or sharded factors are whole only inside a forward pass, so there it does
+        nothing and returns False (the caller masks instead)."""
+        if idx is None or self.offloaded or self.sharded:
+            self.kept = None
+            return idx is None
+        self.kept = torch.tensor(sorted(idx), dtype=torch.long, device=self.S.device)
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._forward(x)
@@ -77,9 +94,15 @@ class MaskedLowRank(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         # The mask comes from the trainer's device (the first GPU when blocks are spread
         # over several): autograd carries its gradient back across the move.
+        tokens = x.numel() // x.shape[-1]
+        if self.kept is not None:                             # keep_only: (m, k), (k, n)
+            Us, V = self.U[:, self.kept] * self.S[self.kept], self.V[self.kept]
+            self.last_path = self.choose(tokens, V.shape[0])
+            if self.last_path == "dense":
+                return nn.functional.linear(x, Us @ V, self.bias)
+            return nn.functional.linear(nn.functional.linear(x, V), Us, self.bias)
         s = self.S if self.mask is None else \
             self.S * self.mask.to(self.S.device, self.S.dtype)                   # (r,)
-        tokens = x.numel() // x.shape[-1]
         self.last_path = self.choose(tokens)
         if self.offloaded:
             return self._offloaded(x, s)

@@ -162,9 +162,16 @@ def polish_objective(model, windows: torch.Tensor, batch_size: int) -> Objective
 
 
 def _masks(layers: dict, kept: Kept, grad: bool = False) -> None:
+    """Each movable layer computes with ``kept``'s values: by a 0/1 mask where the gradient
+    is wanted; else by those values alone (``MaskedLowRank.keep_only``: the cost of the kept
+    rank, not the full one)."""
     for name, layer in layers.items():
+        layer.keep_only(None)
         if name not in kept:
             layer.mask = None                                  # dense: every value kept
+            continue
+        if not grad and layer.keep_only(kept[name]):
+            layer.mask = None
             continue
         mask = torch.zeros(layer.rank, device=layer.S.device, dtype=layer.S.dtype)
         mask[list(kept[name])] = 1.0

@@ -53,6 +53,32 @@ def _loss_of(model, windows) -> float:
         return float(next_token_loss(model(input_ids=windows).logits, windows))
 
 
+@pytest.mark.parametrize("path", ["factorised", "dense"])
+def test_a_layer_kept_to_its_values_computes_what_its_mask_does(path):
+    """``keep_only`` (polish's exact checks) gives the 0/1-masked output from the kept
+    columns alone, on either matmul path; ``None`` gives the full rank back; offloaded
+    factors decline it (whole only inside a forward pass) and the caller masks."""
+    from llrc_core.decompose import Factors
+    from llrc_core.masked import MaskedLowRank
+    g = torch.Generator().manual_seed(0)
+    f = Factors(torch.randn(6, 5, generator=g), torch.rand(5, generator=g) + 0.1,
+                torch.randn(5, 7, generator=g))
+    layer = MaskedLowRank(f, torch.randn(6, generator=g))
+    layer.path = path
+    x = torch.randn(3, 4, 7, generator=g)
+    full = layer(x)
+    layer.mask = torch.tensor([1.0, 0, 1, 0, 0])
+    masked = layer(x)
+    layer.mask = None
+    assert layer.keep_only({2, 0}) and layer.kept.tolist() == [0, 2]
+    assert torch.allclose(layer(x), masked, atol=1e-5) and layer.last_path == path
+    assert not torch.allclose(masked, full, atol=1e-3)
+    assert layer.keep_only(None) and layer.kept is None
+    assert torch.equal(layer(x), full)
+    off = MaskedLowRank(f, None, offloaded=True)
+    assert off.keep_only({0}) is False and off.kept is None
+
+
 def test_polish_lowers_the_loss_on_its_windows_within_the_budget(shared_data, demo):
     """Uniform ranks on whitened factors at rho 0.6: polishing moves values between layers,
     the loss it reports is the applied plan's, lower than the start's; the plan costs no more
