@@ -39,16 +39,17 @@ from llrc_core.evaluate import EVAL_SAMPLES                     # noqa: E402
 from llrc_core.files import atomic_json                         # noqa: E402
 from llrc_core.plan import RankPlan                             # noqa: E402
 from llrc_core.polish import PolishConfig, polish_plan, polish_windows   # noqa: E402
+from llrc_core.refit import refit_windows                       # noqa: E402
 from llrc_core.workflow import compress                         # noqa: E402
 
 
-def score(s: Session, dec, plan: RankPlan, refit: bool = False) -> float:
+def score(s: Session, dec, plan: RankPlan, refit: bool = False, refit_ids=None) -> float:
     """Perplexity (an encoder: embedding fidelity) of ``plan`` (with ``refit``: refitted on
-    the calibration windows, as ``compress --refit``) on the session's evaluation data (the
-    model restored)."""
+    ``refit_ids``, else on the calibration windows, as ``compress --refit``) on the session's
+    evaluation data (the model restored)."""
     try:
         compress(s.loaded.model, dec, plan.method, s.windows, before=False, plan=plan,
-                 refit=refit)
+                 refit=refit, refit_windows=refit_ids)
         return s.evaluate()[metric_of(s)]
     finally:
         restore_(s.loaded.model)
@@ -87,12 +88,16 @@ def main(argv=None) -> None:
     ap.add_argument("--polish-seq-len", type=int, default=d.seq_len)
     ap.add_argument("--refit", action="store_true", help="also score both plans refitted "
                     "(ppl_refit, ppl_polished_refit)")
+    ap.add_argument("--refit-windows", type=int, default=0, help="with --refit: fit on this "
+                    "many fresh windows of the calibration text (compress --refit-windows)")
     args = ap.parse_args(argv)
     given = [f"--{k.replace('_', '-')}" for k in DEMO_DEFAULTS if getattr(args, k) is not None]
     if args.model == "minilm" and given:
         ap.error(f"{', '.join(given)}: only for the demo model (its variant's calibration "
                  "and evaluation); MiniLM is polished and scored at compare's defaults, so "
                  "drop them with --model minilm")
+    if args.refit_windows and not args.refit:
+        ap.error("--refit-windows sets the windows --refit fits on: add --refit")
     for k, v in DEMO_DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -102,6 +107,7 @@ def main(argv=None) -> None:
     s = Session(cfg, print)
     pcfg = PolishConfig(rounds=args.rounds, windows=args.windows, seq_len=args.polish_seq_len)
     ids = polish_windows(s.loaded, cfg.calib, pcfg, cfg.seed)
+    refit_ids = refit_windows(s.loaded, cfg.calib, args.refit_windows, cfg.seq_len, cfg.seed)
     m = metric_of(s)
     for cell in map(Path, args.cells):
         plan = RankPlan.from_dict(json.loads(cell.read_text())["plan"])
@@ -116,8 +122,9 @@ def main(argv=None) -> None:
                **({"eval_windows": args.eval_windows, "eval_sample": args.eval_sample}
                   if m == "ppl" else {"fidelity_lines": cfg.fidelity_lines})}
         if args.refit:
-            row[f"{m}_refit"] = score(s, dec, plan, refit=True)
-            row[f"{m}_polished_refit"] = score(s, dec, polished, refit=True)
+            row[f"{m}_refit"] = score(s, dec, plan, True, refit_ids)
+            row[f"{m}_polished_refit"] = score(s, dec, polished, True, refit_ids)
+            row["refit_windows"] = args.refit_windows or len(s.windows)
         print(json.dumps(row), flush=True)
         with open(out / "rows.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")

@@ -175,7 +175,7 @@ def cmd_compress(args) -> dict | None:
         dtype=args.dtype, batch_size=args.batch_size, allow_compressed=args.allow_compressed,
         offload=args.offload, factor_dtype=args.factor_dtype, max_shard_size=args.max_shard_size,
         shard_over=distributed.world_size() if args.shard_factors else 1, gpus=args.gpus,
-        refit=args.refit, polish=polish)
+        refit=args.refit, refit_windows=args.refit_windows, polish=polish)
     t0 = time.time()
     loaded = _load(args, memory)
     polish_ids = _polish_windows(args, polish, loaded)
@@ -292,21 +292,27 @@ def cmd_export(args) -> dict:
             "source_weights_bytes": storage["source"]["weights_bytes"]}
 
 
+def _refuse_encoder(name: str, model) -> None:
+    """``eval`` measures perplexity, which an encoder (no LM head) does not have."""
+    from .distill import has_lm_head
+    if not has_lm_head(model):
+        raise LLRCError(f"{name!r} is an encoder (no LM head), so it has no perplexity; "
+                        "score it by embedding fidelity to its dense model instead: llrc "
+                        "compress --eval-text (windows) or llrc compare (sentence lines)")
+
+
 def cmd_eval(args) -> dict:
     from .evaluate import eval_info, eval_windows, perplexity
     from .export import export_kind, load_compressed
-    from .models import load_model, pick_device, pick_dtype
+    from .models import load_model, pick_device, pick_dtype, skeleton
     if export_kind(args.model):   # computed in the dtype compress computes in (--dtype)
         dev = pick_device(args.device)
         model, tok, _ = load_compressed(args.model, dev, pick_dtype(args.dtype, dev))
-    else:
+        _refuse_encoder(args.model, model)
+    else:                         # refused from its config, before any weight is read
+        _refuse_encoder(args.model, skeleton(args.model, args.trust_remote_code))
         loaded = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
         model, tok = loaded.model, loaded.tokenizer
-    from .distill import has_lm_head
-    if not has_lm_head(model):
-        raise LLRCError(f"{args.model!r} is an encoder (no LM head), so it has no perplexity; "
-                        "score it by embedding fidelity to its dense model instead: llrc "
-                        "compress --eval-text (windows) or llrc compare (sentence lines)")
     from .models import context_length      # windows longer than the context crash
     ev = eval_windows(tok, args.text, min(args.seq_len, context_length(model)), args.max_windows,
                       args.sample)
@@ -317,6 +323,7 @@ def cmd_eval(args) -> dict:
 def cmd_plan_memory(args) -> dict | None:
     """Bytes per phase of compressing ``--model`` (its config only: no weights are read)."""
     from .planner import plan_memory
+    _check_refit_windows(args)
     plan = plan_memory(args.model, args.dtype, args.method, args.decomposition, args.n_calib,
                        args.seq_len, args.batch_size, args.gpus,
                        args.gpu_memory if args.gpus else None,   # a host plan is not checked
@@ -324,7 +331,7 @@ def cmd_plan_memory(args) -> dict | None:
                        factor_dtype=args.factor_dtype, shard_over=args.shard_factors,
                        processes=args.processes,
                        refit_batch_size=args.batch_size if args.refit else None,
-                       polish=_polish_config(args))
+                       refit_windows=args.refit_windows, polish=_polish_config(args))
     if args.json:
         return plan.to_dict()
     print(plan.table())

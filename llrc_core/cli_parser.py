@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "--shard-factors); counts one process")
     p.add_argument("--refit", action="store_true", help="count compress --refit's pass too "
                    "(--batch-size windows a batch); it rules out --offload weights")
+    _refit_windows_arg(p)
     _polish_args(p)        # --polish ROUNDS (any > 0): count compress --polish's pass too
     _placement_args(p)
     p.add_argument("--trust-remote-code", action="store_true")

@@ -65,7 +65,13 @@ def released_apply(c: dict, placement: Placement) -> int:
     return sum(max(fb * n, c["kept_layer"][t.name]) for t, n in c["layers"])
 
 
-def refit_bytes(c: dict, batch_size: int, seq_len: int) -> int:
+def hidden_states_bytes(tokens: int, hidden_size: int, itemsize: int) -> int:
+    """The hidden states of ``tokens`` tokens at one block, twice (a pass's two copies: the
+    statistics' input and output, the refit's dense and compressed states)."""
+    return 2 * tokens * hidden_size * itemsize
+
+
+def refit_bytes(c: dict, batch_size: int, seq_len: int, tokens: int | None = None) -> int:
     """Bytes the refit pass (``refit.py``) holds above the applied model: the dense and the
     compressed hidden states of this process's windows at one block and the next block's
     being made (three states), the two float64 ``n x n`` sums of the widest input, one
@@ -73,15 +79,18 @@ def refit_bytes(c: dict, batch_size: int, seq_len: int) -> int:
     values, and the solve of the largest layer (``W`` in the model dtype and in float64,
     ``W C``, ``B`` and ``B G``, the right-hand side) at the most values a low-rank layer
     keeps: one under break-even, since a layer at or above it stays dense and is not
-    refitted."""
+    refitted. ``tokens``: this process's refit tokens when they are not the calibration's
+    (``compress --refit-windows``)."""
     f, b = c["facts"], c["b"]
+    states = f["hidden_states_block_bytes"] if tokens is None else \
+        hidden_states_bytes(tokens, f["hidden_size"], b)
     ts = [t for t, _ in c["layers"]]
     n = max(t.n for t in ts)
     solve = max((8 * 2 + b) * t.m * t.n + 8 * min(t.m, t.n, break_even(t.m, t.n) - 1)
                 * (2 * t.n + t.m) for t in ts)
-    tokens = batch_size * seq_len
-    return (3 * f["hidden_states_block_bytes"] // 2 + 2 * 8 * n * n + solve
-            + tokens * (2 * (8 + b) * n + b * (4 * f["hidden_size"] + 3 * f["intermediate_size"])))
+    batch = batch_size * seq_len
+    return (3 * states // 2 + 2 * 8 * n * n + solve
+            + batch * (2 * (8 + b) * n + b * (4 * f["hidden_size"] + 3 * f["intermediate_size"])))
 
 
 def activation_bytes(f: dict, tokens: int) -> int:

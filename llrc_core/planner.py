@@ -158,7 +158,7 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
                 factor_dtype: str | None = None, train_seq_len: int | None = None,
                 max_shard_size: int | str = DEFAULT_MAX_SHARD, shard_over: int = 1,
                 processes: int = 1, refit_batch_size: int | None = None,
-                polish=None) -> MemoryPlan:
+                polish=None, refit_windows: int = 0) -> MemoryPlan:
     """Count the memory of compressing ``model`` (a folder or Hub id; only its config is
     read) with ``method`` at these settings. ``meta``: an already built model (meta-device,
     or loaded: only its shapes, parameter count and config are used). ``offload``: one of
@@ -171,8 +171,9 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
     torchrun processes of the run (at least ``shard_over``), which share the statistics pass
     (each holds its share of the windows' hidden states) and deal the decomposition out.
     ``refit_batch_size``: count the refit pass with that many windows a batch (``None``: no
-    refit); it rules out sequential onloading. ``polish``: count the polish pass of that
-    ``PolishConfig`` (``None``: no polish)."""
+    refit); it rules out sequential onloading; ``refit_windows``: the refit's own windows
+    (``compress --refit-windows``; 0: the calibration windows). ``polish``: count the polish
+    pass of that ``PolishConfig`` (``None``: no polish)."""
     from .selectors import get_selector
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -196,7 +197,9 @@ def plan_memory(model: str, dtype: str = "bfloat16", method: str = "llrc",
     counts = _counts(meta, dtype, decomposition, n_calib, seq_len, batch_size, step_len,
                      two_targets=method == "llrc", processes=processes)
     f = counts["facts"]
-    f["refit_bytes"] = footprint.refit_bytes(counts, refit_batch_size or batch_size, seq_len)
+    f["refit_bytes"] = footprint.refit_bytes(
+        counts, refit_batch_size or batch_size, seq_len,
+        -(-refit_windows // processes) * seq_len if refit_windows else None)
     f["write_buffer_bytes"] = write_buffer_bytes(f["weights_bytes"], max_shard_size)
     # Sequential onloading loads a safetensors checkpoint in its own dtype, memory-mapped
     # (onload.load_sequential), and casts each layer as it is onloaded.
@@ -267,7 +270,8 @@ def _counts(meta, dtype: str, decomposition: str, n_calib: int, seq_len: int,
              "dense_linear": sum(t.m * t.n for t in targets),
              "factor_numbers": sum(layer_factors.values()),
              "spectrum_numbers": sum(min(t.m, t.n) for t in targets),
-             "stats_block_bytes": stats, "hidden_states_block_bytes": 2 * my_tokens * d * b,
+             "stats_block_bytes": stats,
+             "hidden_states_block_bytes": footprint.hidden_states_bytes(my_tokens, d, b),
              "svd_work_bytes": max(footprint.decomposition_work(t.m, t.n, decomposition)
                                    for t in targets),
              "calibration_tokens": tokens,

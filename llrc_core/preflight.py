@@ -30,11 +30,12 @@ def check_compress(model: str, method: str, decomposition: str, options: dict, *
                    allow_compressed: bool = False, offload: str = "auto",
                    factor_dtype: str | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD,
                    shard_over: int = 1, gpus: int = 1, refit: bool = False,
-                   polish=None) -> tuple[list[dict], MemoryPlan]:
+                   refit_windows: int = 0, polish=None) -> tuple[list[dict], MemoryPlan]:
     """Raise the first problem (``ValueError``/``LLRCError``/``FileNotFoundError`` naming the
     fix); return the warnings a run should carry (e.g. overlapping calibration windows) and
     the memory plan it fits in (its ``placement`` is the one to run with). ``refit``: the
-    run refits after apply, ``batch_size`` windows a batch (the planner's refit phase).
+    run refits after apply, ``batch_size`` windows a batch (the planner's refit phase), on
+    ``refit_windows`` windows of its own (0: the calibration's).
     ``polish``: the run polishes with this ``PolishConfig`` (its polish phase)."""
     from .models import (context_length, count_params, find_targets, pick_device, pick_dtype,
                          refuse_export, resolve_source, skeleton)
@@ -62,7 +63,7 @@ def check_compress(model: str, method: str, decomposition: str, options: dict, *
                         train_seq_len=getattr(cfg, "train_seq_len", 0),
                         max_shard_size=max_shard_size, shard_over=shard_over, gpus=gpus,
                         refit_batch_size=batch_size if refit else None,
-                        polish=polish)
+                        refit_windows=refit_windows, polish=polish)
     warnings = []
     seq_len = min(seq_len, context_length(meta))         # as ``pipeline.calibrate`` clamps
     if text is not None:
@@ -123,7 +124,7 @@ def check_fits(model: str, method: str, decomposition: str, *, dtype: str, n_cal
                factor_dtype: str | None = None, train_seq_len: int | None = None,
                max_shard_size: int | str = DEFAULT_MAX_SHARD, shard_over: int = 1,
                gpus: int = 1, refit_batch_size: int | None = None,
-               polish=None) -> MemoryPlan:
+               polish=None, refit_windows: int = 0) -> MemoryPlan:
     """The plan of this run on the memory it will have, in each of its processes (its
     ``placement`` is the one the run uses; across ``gpus`` > 1 GPUs, ``spread.placed`` of
     its facts the module map); ``LLRCError`` when it cannot fit."""
@@ -138,7 +139,7 @@ def check_fits(model: str, method: str, decomposition: str, *, dtype: str, n_cal
                        factor_dtype=factor_dtype, train_seq_len=train_seq_len,
                        max_shard_size=max_shard_size, shard_over=shard_over,
                        processes=distributed.world_size(), refit_batch_size=refit_batch_size,
-                       polish=polish)
+                       polish=polish, refit_windows=refit_windows)
     if not plan.fits:
         raise LLRCError(refusal(plan))
     return plan

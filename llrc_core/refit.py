@@ -27,6 +27,8 @@ originals back on its device, one batch's inputs and two float64 ``n x n`` sums.
 planner counts it as the ``refit`` phase (``footprint.refit_bytes``; ``llrc plan-memory
 --refit``, and ``compress --refit`` checks it before loading): for Llama-2-7B (bf16, 64 x 512
 tokens, 8 windows a batch) 18.0 GiB on one GPU, under the decomposition's 37.2 GiB peak.
+Refitted on windows of its own (``refit_windows``, ``--refit-windows``), the states are
+those windows' (``plan-memory --refit --refit-windows N`` counts them).
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ def start_run(run: dict) -> None:
                meta=loaded.model,     # shapes and counts of the model already loaded
                train_seq_len=getattr(cfg, "train_seq_len", 0),
                refit_batch_size=EVAL_BATCH_SIZE if run["plumbing"].get("refit") else None,
-               polish=polish)
+               refit_windows=n_refit, polish=polish)
     eval_ids = common.eval_ids(int(run["n_eval"]), EVAL_SEQ_LEN) if run["n_eval"] else None
     if polish:
         plumbing.update(polish=polish, polish_windows=common.polish_ids(polish))

@@ -222,29 +222,6 @@ def test_compress_page_guards_the_refit_pass_memory(at, monkeypatch):
     assert seen["refit_batch_size"] is None
 
 
-def test_compress_page_refits_on_fresh_windows(at):
-    """Refit windows with the refit off: a message, and no job starts. With the refit on,
-    the run is refitted on that many fresh windows of the session's calibration text."""
-    submit = "FormSubmitter:compress_form-Start compression"
-    at.switch_page("pages/compress.py").run()
-    method = at.selectbox(key="compress_method").value
-    at.selectbox(key="compress_method").set_value("uniform").run()
-    before = at.session_state["compress_job"] if "compress_job" in at.session_state else None
-    at.number_input(key="compress_refit_windows").set_value(12)
-    at.number_input(key="n_eval").set_value(0)
-    at.button(key=submit).click().run()
-    assert "refit is off" in at.error[0].value
-    assert (at.session_state["compress_job"] if "compress_job" in at.session_state
-            else None) is before
-    at.checkbox(key="compress_refit").check()
-    report = run_job(at, submit, "compress_job").result.report
-    assert report["refit"] is True and report["refit_windows"] == 12
-    assert at.session_state["windows"].shape[0] != 12          # not the calibration windows
-    at.checkbox(key="compress_refit").uncheck()
-    at.number_input(key="compress_refit_windows").set_value(0)
-    at.selectbox(key="compress_method").set_value(method).run()
-
-
 def test_compare_page_grid_cache_and_accuracy(at):
     from llrc_core.zeroshot import evaluate_tasks
     from studio import common
@@ -491,3 +468,26 @@ def test_compress_and_compare_pages_polish_a_plan(at, monkeypatch):
     row = polished_uniform_cell(at, 0.6, "whiten")
     assert row["polish"]["rounds"] == 1 and row["polish_moves"] >= 1
     assert row["ranks"] == plan.ranks()          # the same windows, the same moves
+
+
+def test_compress_page_refits_on_fresh_windows(at):
+    """Refit windows with the refit off: a message, and no job starts. With the refit on,
+    the run is refitted on that many fresh windows of the session's calibration text."""
+    submit = "FormSubmitter:compress_form-Start compression"
+    at.switch_page("pages/compress.py").run()
+    method = at.selectbox(key="compress_method").value
+    at.selectbox(key="compress_method").set_value("uniform").run()
+    before = at.session_state["compress_job"] if "compress_job" in at.session_state else None
+    at.number_input(key="compress_refit_windows").set_value(12)
+    at.number_input(key="n_eval").set_value(0)
+    at.button(key=submit).click().run()
+    assert "refit is off" in at.error[0].value
+    assert (at.session_state["compress_job"] if "compress_job" in at.session_state
+            else None) is before
+    at.checkbox(key="compress_refit").check()
+    report = run_job(at, submit, "compress_job").result.report
+    assert report["refit"] is True and report["refit_windows"] == 12
+    assert at.session_state["windows"].shape[0] != 12          # not the calibration windows
+    at.checkbox(key="compress_refit").uncheck()
+    at.number_input(key="compress_refit_windows").set_value(0)
+    at.selectbox(key="compress_method").set_value(method).run()

@@ -259,10 +259,11 @@ def test_log_receives_every_event_for_any_method(method, extra, tiny_dir, calib_
     assert steps == ([1, 2, 3] if method == "ara" else [])
 
 
-def test_an_encoder_is_scored_by_embedding_fidelity(tmp_path, capsys):
+def test_an_encoder_is_scored_by_embedding_fidelity(tmp_path, capsys, monkeypatch):
     """MiniLM by its alias: ``compress --eval-text`` reports the embedding fidelity of the
     evaluation windows to the dense model (an encoder has no perplexity), and the exported
-    folder, reloaded, gives the same number; ``eval`` refuses an encoder by name."""
+    folder, reloaded, gives the same number; ``eval`` refuses an encoder by name, from its
+    config before loading it, and its export."""
     from llrc_core.evaluate import eval_windows
     from llrc_core.export import load_compressed
     from llrc_core.fidelity import mean_cosine, window_embeddings
@@ -281,8 +282,13 @@ def test_an_encoder_is_scored_by_embedding_fidelity(tmp_path, capsys):
     assert 0.3 < report["fidelity_after"] < 0.99
     assert got == pytest.approx(report["fidelity_after"], abs=1e-5)
     capsys.readouterr()
+    # refused from its config: no weights are read (a load would raise here)
+    import llrc_core.models
+    monkeypatch.setattr(llrc_core.models, "load_model", lambda *a, **k: 1 / 0)
     assert main(["eval", "--model", "minilm", "--text", str(WIKI_TEST)]) == 2
     assert "is an encoder (no LM head), so it has no perplexity" in capsys.readouterr().err
+    assert main(["eval", "--model", str(dest), "--text", str(WIKI_TEST)]) == 2   # its export
+    assert "is an encoder (no LM head)" in capsys.readouterr().err
 
 
 def test_minilm_missing_is_a_clear_message(monkeypatch, capsys):

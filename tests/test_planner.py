@@ -216,6 +216,16 @@ def test_the_refit_pass_is_counted_by_hand(configs, capsys):
     assert main(["plan-memory", "--model", path, "--refit", "--batch-size", "8", "--json",
                  "--offload", "none"]) == 0
     assert json.loads(capsys.readouterr().out)["phases"]["refit"] == plan.phases["refit"]
+    # Refitted on 512 windows of its own (--refit-windows): the three block states are of
+    # 512 x 512 tokens; the rest of the pass is the same.
+    own = planner.plan_memory(path, gpu_memory=80, offload="none", refit_batch_size=8,
+                              refit_windows=512)
+    assert own.facts["refit_bytes"] == work + 3 * (512 - 64) * 512 * d * 2
+    assert own.phases["refit"] == plan.phases["refit"] + 3 * (512 - 64) * 512 * d * 2
+    assert {k: v for k, v in own.phases.items() if k != "refit"} == base.phases
+    assert main(["plan-memory", "--model", path, "--refit", "--refit-windows", "512",
+                 "--batch-size", "8", "--json", "--offload", "none"]) == 0
+    assert json.loads(capsys.readouterr().out)["phases"]["refit"] == own.phases["refit"]
 
 
 def test_the_polish_pass_is_counted_by_hand(configs, capsys):
