@@ -35,8 +35,9 @@ class Session:
         self.decs: dict = dict(decs or {})
         self.out: Path | None = None
         self.polish = self._polish_setup(polish_windows)
+        # None unless refit_windows > 0, which CompareConfig allows only with refit on
         self.refit_ids = refit_windows(self.loaded, cfg.calib, cfg.refit_windows, cfg.seq_len,
-                                       cfg.seed) if cfg.refit else None
+                                       cfg.seed)
         self._eval = self._eval_data()      # now, while the model is still dense
 
     def _polish_setup(self, ids):
